@@ -1,0 +1,59 @@
+"""Gates: how much each expert contributes, per task (CGC-LoRA's task-motivated gate) or per token.
+
+TaskGate   -> [T, S+K]  softmax of learned per-task logits (or of a linear map of a task embedding).
+              Independent of the input, so a task's update is a fixed matrix that can be merged.
+TokenGate  -> [M, S+K]  softmax(Wg[t] x_m), PLE's CGC gate; input-dependent, so not mergeable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TaskGate(nn.Module):
+    """Per-task softmax over the S+K experts a task may use.
+
+    Logits start at zero (an even mixture), so a fresh module is plain averaging of its experts.
+    With `embedding_dim`, logits = Linear(embedding_dim, S+K)(task_embedding[t]).
+    """
+
+    def __init__(self, num_tasks: int, num_experts: int, embedding_dim: int | None = None):
+        super().__init__()
+        self.num_tasks, self.num_experts = num_tasks, num_experts
+        if embedding_dim is None:
+            self.logits = nn.Parameter(torch.zeros(num_tasks, num_experts))
+            self.embedding = self.proj = None
+        else:
+            self.logits = None
+            self.embedding = nn.Parameter(torch.randn(num_tasks, embedding_dim) / embedding_dim**0.5)
+            self.proj = nn.Linear(embedding_dim, num_experts)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def task_logits(self) -> torch.Tensor:
+        """[T, S+K] float32 logits."""
+        if self.logits is not None:
+            return self.logits.float()
+        return self.proj(self.embedding.float()).float()
+
+    def forward(self) -> torch.Tensor:
+        """[T, S+K] float32 expert weights; each row sums to 1."""
+        return torch.softmax(self.task_logits(), dim=-1)
+
+
+class TokenGate(nn.Module):
+    """Per-token softmax(Wg[t] x_m) over the experts of the token's task t."""
+
+    def __init__(self, num_tasks: int, num_experts: int, in_features: int):
+        super().__init__()
+        self.num_tasks, self.num_experts = num_tasks, num_experts
+        self.weight = nn.Parameter(torch.zeros(num_tasks, num_experts, in_features))
+
+    def forward(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """x [M, d_in], task_ids [M] in [-1, T) -> [M, S+K] float32 (rows of task -1 are unused)."""
+        T, E = self.num_tasks, self.num_experts
+        # One [M, d_in] x [d_in, T*E] matmul, then pick each token's task: T*E is small.
+        all_logits = (x.float() @ self.weight.reshape(T * E, -1).float().T).view(-1, T, E)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return torch.softmax(all_logits[rows, task_ids.clamp(min=0)], dim=-1)

@@ -1,0 +1,1 @@
+"""Triton kernels for CGC-LoRA and the dispatching op (`function.cgc_lora`)."""
