@@ -282,16 +282,23 @@ class CGCModel(nn.Module):
             self._clusters[name] = removed
             raise
 
-    def load_cluster(self, directory: str | os.PathLike) -> list[str]:
+    def load_cluster(self, directory: str | os.PathLike, name: str | None = None) -> list[str]:
         """Add every cluster saved in `directory` (by save_pretrained / save_cluster), with its
-        weights. Returns the names of the clusters added."""
+        weights; `name` renames a single saved cluster (e.g. two modules both saved as "default").
+        Returns the names of the clusters added."""
         config = CGCLoRAConfig.from_pretrained(directory)
         new = _split_config(config)
+        tensors = _load_file(os.path.join(directory, WEIGHTS_NAME))
+        if name is not None:
+            if len(new) != 1:
+                raise ValueError(f"name= renames one cluster, but {directory} holds {list(new)}")
+            (old_name, ccfg), = new.items()
+            new = OrderedDict([(name, ccfg)])
+            tensors = {_rename_cluster_key(k, old_name, name): v for k, v in tensors.items()}
         for c, ccfg in new.items():
             if c in self._clusters:
                 raise ValueError(f"cluster {c!r} from {directory} already exists; clusters: {self.clusters}")
             _check_compatible(next(iter(self._clusters.values())), ccfg, f"cluster {c!r} from {directory}")
-        tensors = _load_file(os.path.join(directory, WEIGHTS_NAME))
         added = []
         try:
             for c, ccfg in new.items():
@@ -441,10 +448,12 @@ class CGCModel(nn.Module):
     gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
+        if hasattr(type(self.model), "is_activation_checkpointing"):
+            return bool(self.model.is_activation_checkpointing)
         return bool(getattr(self.model, "is_gradient_checkpointing", False))
 
-    is_activation_checkpointing = is_gradient_checkpointing
+    is_gradient_checkpointing = is_activation_checkpointing
 
     # ---- what Trainer and generate read from a model ------------------------------------------
     @property
@@ -649,6 +658,18 @@ class CGCModel(nn.Module):
             cgc.unload()  # leave the caller's model as it was
             raise
         return cgc
+
+
+def _rename_cluster_key(key: str, old: str, new: str) -> str:
+    """A saved tensor key of cluster `old` as cluster `new` (task keys carry no cluster name)."""
+    for kind in (".shared_a", ".shared_b"):
+        if key.endswith(f"{kind}[{old}]"):
+            return key[: -len(f"[{old}]")] + f"[{new}]"
+    for prefix in ("gate", ".gate"):
+        head = f"{prefix}[{old}]."
+        if key.startswith(head) if prefix == "gate" else head in key:
+            return key.replace(head, f"{prefix}[{new}].", 1)
+    return key
 
 
 def _in_features(base: nn.Module) -> int:
