@@ -132,7 +132,9 @@ class CGCModel(nn.Module):
             name for name, m in model.named_modules() if name and module_matches(name, config.target_modules)
         ]
         if not self._layer_names:
-            raise ValueError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+            raise ValueError(
+                f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}"
+            )
         bad = [n for n in self._layer_names if not _is_adaptable(model.get_submodule(n))]
         if bad:
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in bad})
@@ -207,7 +209,9 @@ class CGCModel(nn.Module):
             current = self.model.get_submodule(name)
             old = current if isinstance(current, CGCLoRALinear) else None
             if old is not None and old.merged_task is not None:
-                raise ValueError(f"{name} has task {old.merged_task} merged; unmerge() before changing clusters")
+                raise ValueError(
+                    f"{name} has task {old.merged_task} merged; unmerge() before changing clusters"
+                )
             base = old.base_layer if old is not None else current
             old_tasks = getattr(old, "_task_names", [])
             old_clusters = getattr(old, "_cluster_names", [])
@@ -221,8 +225,10 @@ class CGCModel(nn.Module):
             elif cfg.gate_scope == "model":
                 gate = StackedTaskGate([self._model_gates[c] for c in self._clusters])
             else:
-                parts = [old.gate.parts[old_clusters.index(c)] if c in old_clusters else self._new_task_gate(ccfg)
-                         for c, ccfg in self._clusters.items()]
+                parts = [
+                    old.gate.parts[old_clusters.index(c)] if c in old_clusters else self._new_task_gate(ccfg)
+                    for c, ccfg in self._clusters.items()
+                ]
                 gate = StackedTaskGate(parts)
             layer = CGCLoRALinear(
                 base, len(tasks), S, K, r, cfg.alpha, dropout=cfg.dropout, task_cluster=task_cluster,
@@ -316,7 +322,9 @@ class CGCModel(nn.Module):
         """Check task ids once, on the host: a task name or id for the whole batch, [batch] names
         or ids (one task per sequence), or [batch, seq] ids (per token; -1 = base model)."""
         if task_ids is None:
-            raise ValueError("task_ids is required: a task name or id per sequence (or per token; -1 = base model)")
+            raise ValueError(
+                "task_ids is required: a task name or id per sequence (or per token; -1 = base model)"
+            )
         T = self.num_tasks
         if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
             task_ids = [task_ids] * batch
@@ -348,7 +356,8 @@ class CGCModel(nn.Module):
         if len(self._clusters) == 1:
             return None
         if device not in self._cluster_index_cache:
-            self._cluster_index_cache[device] = torch.tensor(self.task_cluster, dtype=torch.int64, device=device)
+            index = torch.tensor(self.task_cluster, dtype=torch.int64, device=device)
+            self._cluster_index_cache[device] = index
         return self._cluster_index_cache[device]
 
     def _set_routing(self, routing: TaskRouting | None) -> None:
@@ -629,7 +638,9 @@ class CGCModel(nn.Module):
         clusters = list(self._clusters) if clusters is None else list(clusters)
         unknown = [c for c in clusters if c not in self._clusters]
         if unknown or not clusters:
-            raise ValueError(f"clusters to save must be a non-empty subset of {self.clusters}, got {clusters}")
+            raise ValueError(
+                f"clusters to save must be a non-empty subset of {self.clusters}, got {clusters}"
+            )
         config = self._config_of(clusters)
         tensors = {k: v.contiguous() for k, v in self._adapter_tensors(clusters).items()}
         os.makedirs(directory, exist_ok=True)

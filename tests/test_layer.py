@@ -47,7 +47,12 @@ def test_fresh_layer_is_the_base_layer(kind):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
-@pytest.mark.parametrize("S,K,C", [(2, 1, 1), (0, 2, 1), (1, 0, 1), (2, 1, 2)])  # CGC, multi-LoRA, MOELoRA, 2 clusters
+@pytest.mark.parametrize("S,K,C", [
+    (2, 1, 1),  # CGC-LoRA
+    (0, 2, 1),  # multi-LoRA: no shared experts
+    (1, 0, 1),  # MOELoRA-like: shared experts only
+    (2, 1, 2),  # two clusters, each with its own shared experts
+])
 def test_forward_equals_base_plus_reference(kind, S, K, C):
     layer = random_layer(kind, S=S, K=K, C=C)
     x = torch.randn(7, 12, dtype=torch.float64)

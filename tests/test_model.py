@@ -257,7 +257,8 @@ def test_mixed_task_generation_equals_per_task(arch, mode):
     assert mixed.shape == (4 * n, ids.shape[1] + GEN["max_new_tokens"])
     for t in range(3):
         rows = (tids == t).nonzero().squeeze(1)
-        alone = cgc.generate(input_ids=ids[rows], attention_mask=mask[rows], task_ids=[t] * len(rows), **GEN, **mode)
+        alone = cgc.generate(input_ids=ids[rows], attention_mask=mask[rows], task_ids=[t] * len(rows),
+                             **GEN, **mode)
         out_rows = (rows[:, None] * n + torch.arange(n)).reshape(-1)
         assert torch.equal(mixed[out_rows], alone)
     plain = base.generate(input_ids=ids, attention_mask=mask, **GEN, **mode)
