@@ -330,10 +330,12 @@ class CGCModel(nn.Module):
             task_ids = [task_ids] * batch
         if isinstance(task_ids, Sequence) and not isinstance(task_ids, str):
             if any(isinstance(t, str) for t in task_ids):
-                bad = [t for t in task_ids if not isinstance(t, str)]
+                # one entry per sequence: a name, an id, or -1 / None for the base model
+                bad = [t for t in task_ids if t is not None and not isinstance(t, (str, int))]
                 if bad:
-                    raise ValueError(f"task_ids mixes names and other values: {bad[:3]}")
-                task_ids = [self.task_index(t) for t in task_ids]
+                    raise ValueError(f"task_ids entries must be names, ints or None, got {bad[:3]}")
+                task_ids = [-1 if t is None else self.task_index(t) if isinstance(t, str) else t
+                            for t in task_ids]
             try:
                 task_ids = torch.tensor(task_ids, dtype=torch.int64)
             except (TypeError, ValueError) as e:

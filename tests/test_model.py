@@ -92,8 +92,9 @@ def test_mixed_batch_equals_per_task_batches_and_minus_one_is_base(arch):
         differ(alone, base_logits[rows])
     close(mixed[4], base_logits[4])  # task -1: the base model
     # task names are the same request
-    by_name = cgc(input_ids=ids[:4], task_ids=["qa", "sum", "cls", "qa"]).logits
-    close(by_name, mixed[:4])
+    by_name = cgc(input_ids=ids[:5], task_ids=["qa", "sum", "cls", "qa", None]).logits
+    close(by_name, mixed[:5])
+    close(cgc(input_ids=ids[:5], task_ids=["qa", 1, "cls", 0, -1]).logits, mixed[:5])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -443,7 +444,8 @@ def test_bad_task_ids_give_clear_errors():
         (torch.tensor([0.0, 1.0, 1.0, 0.0]), "integer"),
         (torch.zeros(4, 5, dtype=torch.long), r"per-token task_ids are \(4, 5\)"),
         (None, "task_ids is required"),
-        (["qa", 1, "sum", 0], "mixes names"),
+        (["qa", [1], "sum", 0], "names, ints or None"),
+        (["qa", 1, "sum", 7], r"\[-1, 3\).*7"),
     ]
     for tids, msg in cases:
         with pytest.raises(ValueError, match=msg):
