@@ -134,7 +134,7 @@ def test_out_in_place(device, grad):
     _check(y, y_ref, torch.float32, "out")
     if grad:
         _check(gw, gw_ref, torch.float32, "grad W (base producer)")
-        for k, g1, g2 in zip(DIFF, gs, gs_ref):
+        for k, g1, g2 in zip(DIFF, gs, gs_ref, strict=True):
             _check(g1, g2, torch.float32, f"grad {k}")
 
 

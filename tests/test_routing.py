@@ -50,7 +50,7 @@ def test_routing_matches_python(ids, T, cluster, block_m):
     assert rt.order.tolist() == order
     assert rt.counts.tolist() == counts
     assert rt.starts.tolist() == starts
-    got = list(zip(rt.tile_task.tolist(), rt.tile_start.tolist(), rt.tile_end.tolist()))
+    got = list(zip(rt.tile_task.tolist(), rt.tile_start.tolist(), rt.tile_end.tolist(), strict=True))
     assert got == tiles
     assert rt.max_tiles == -(-len(ids) // block_m) + T  # depends on M, T, block only
 

@@ -151,11 +151,13 @@ def _cgc_lora_bwd_tile_kernel(
                 k_ok = kk < d_in
                 acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
                 if HAS_SHARED:
-                    a = tl.load(sa_ptr + c64 * stride_sac + rs[:, None] * stride_sar + kk[None, :] * stride_sak,
+                    a = tl.load(sa_ptr + c64 * stride_sac + rs[:, None] * stride_sar
+                                + kk[None, :] * stride_sak,
                                 mask=rs_ok[:, None] & k_ok[None, :], other=0.0)  # [RS_PAD, BLOCK_K]
                     acc = tl.dot(dzg_s_op, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
                 if HAS_TASK:
-                    a = tl.load(ta_ptr + t64 * stride_tat + rk[:, None] * stride_tar + kk[None, :] * stride_tak,
+                    a = tl.load(ta_ptr + t64 * stride_tat + rk[:, None] * stride_tar
+                                + kk[None, :] * stride_tak,
                                 mask=rk_ok[:, None] & k_ok[None, :], other=0.0)  # [RK_PAD, BLOCK_K]
                     acc = tl.dot(dzg_t_op, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
                 if HAS_DROPOUT:
@@ -220,7 +222,7 @@ def _cgc_lora_bwd_weight_kernel(
         # ---- dA block: [R_PAD, BLOCK_K] = sum over the segment's rows of dzg^T h ----
         kk = blk * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = kk < d_in
-        acc = tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32)
+        acc_a = tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32)
         for tt in range(t_lo, t_hi):
             start = tl.load(starts_ptr + tt)
             end = start + tl.load(counts_ptr + tt)
@@ -239,12 +241,13 @@ def _cgc_lora_bwd_weight_kernel(
                 if HAS_DROPOUT:
                     keep = keep_mask(seed, rows, kk, d_in, p_drop)
                     h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
-                acc = tl.dot(tl.trans(dz.to(op_dtype)), h.to(op_dtype), acc, input_precision=DOT_PRECISION)
+                acc_a = tl.dot(tl.trans(dz.to(op_dtype)), h.to(op_dtype), acc_a,
+                               input_precision=DOT_PRECISION)
         if is_shared:
-            d_ptr = dsa_ptr + owner * stride_dsac + rr[:, None] * stride_dsar + kk[None, :] * stride_dsak
+            da_ptr = dsa_ptr + owner * stride_dsac + rr[:, None] * stride_dsar + kk[None, :] * stride_dsak
         else:
-            d_ptr = dta_ptr + owner * stride_dtat + rr[:, None] * stride_dtar + kk[None, :] * stride_dtak
-        tl.store(d_ptr, acc.to(dsa_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
+            da_ptr = dta_ptr + owner * stride_dtat + rr[:, None] * stride_dtar + kk[None, :] * stride_dtak
+        tl.store(da_ptr, acc_a.to(dsa_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
     else:
         # ---- dB block: [BLOCK_N, R_PAD] = sum over the segment's rows of dy^T zg ----
         nn = (blk - n_a_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -276,45 +279,83 @@ def _cgc_lora_bwd_weight_kernel(
                              mask=row_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
                 acc = tl.dot(tl.trans(dy.to(op_dtype)), zg.to(op_dtype), acc, input_precision=DOT_PRECISION)
         if is_shared:
-            d_ptr = dsb_ptr + owner * stride_dsbc + nn[:, None] * stride_dsbn + rr[None, :] * stride_dsbr
+            db_ptr = dsb_ptr + owner * stride_dsbc + nn[:, None] * stride_dsbn + rr[None, :] * stride_dsbr
         else:
-            d_ptr = dtb_ptr + owner * stride_dtbt + nn[:, None] * stride_dtbn + rr[None, :] * stride_dtbr
-        tl.store(d_ptr, acc.to(dsb_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+            db_ptr = dtb_ptr + owner * stride_dtbt + nn[:, None] * stride_dtbn + rr[None, :] * stride_dtbr
+        tl.store(db_ptr, acc.to(dsb_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
 
 
 # ---- block configuration ---------------------------------------------------------------------
 
-TILE_CONFIGS = {
-    "pinned": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "small_rank": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "large_rank": dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "fp32": dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+# Tiers keyed on padded rank, as in forward.py; each is compiled ahead of time at its largest rank
+# and must not spill. Launch 1 holds dz (and dzg) for BLOCK_M rows of both sides; launch 2 holds a
+# [R_PAD, BLOCK_K] or [BLOCK_N, R_PAD] accumulator for ONE side (R_PAD = the larger side's pad).
+TILE_TIERS = {
+    "half": [
+        (64, "r64", dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)),
+        (128, "r128", dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
+        (2 * common.MAX_RANK_PAD, "r256",
+         dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+    ],
+    "fp32": [
+        (64, "r64", dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+        (2 * common.MAX_RANK_PAD, "r256",
+         dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
+    ],
 }
+TILE_PINNED = (64, "pinned", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))
 
-WEIGHT_CONFIGS = {
-    "pinned": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "small_rank": dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "large_rank": dict(BLOCK_R=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "fp32": dict(BLOCK_R=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2),
+WEIGHT_TIERS = {
+    "half": [
+        (64, "r64", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        (common.MAX_RANK_PAD, "r128", dict(BLOCK_R=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
+    ],
+    "fp32": [
+        (64, "r64", dict(BLOCK_R=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+        (common.MAX_RANK_PAD, "r128", dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
+    ],
 }
+WEIGHT_PINNED = (64, "pinned", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
-def backward_tile_config(M: int, d_in: int, d_out: int, rs_pad: int, rk_pad: int, dtype: torch.dtype) -> dict:
-    """Block sizes for launch 1 (per tile: dz, dgates, dx), from shapes only."""
+def backward_tile_config(M: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype) -> dict:
+    """Block sizes for launch 1 (per tile: dz, dgates, dx), from shapes only; `rank_size` as in
+    forward_config."""
     if common.configs_pinned():
-        return TILE_CONFIGS["pinned"]
-    if dtype == torch.float32:
-        return TILE_CONFIGS["fp32"]
-    return TILE_CONFIGS["small_rank" if rs_pad + rk_pad <= 64 else "large_rank"]
+        return TILE_PINNED[2]
+    return common.pick_tier(TILE_TIERS[common.tier_kind(dtype)], rank_size)[1]
 
 
 def backward_weight_config(M: int, d_in: int, d_out: int, r_pad: int, dtype: torch.dtype) -> dict:
     """Block sizes for launch 2 (grouped dA / dB reductions), from shapes only."""
     if common.configs_pinned():
-        return WEIGHT_CONFIGS["pinned"]
-    if dtype == torch.float32:
-        return WEIGHT_CONFIGS["fp32"]
-    return WEIGHT_CONFIGS["small_rank" if r_pad <= 64 else "large_rank"]
+        return WEIGHT_PINNED[2]
+    return common.pick_tier(WEIGHT_TIERS[common.tier_kind(dtype)], r_pad)[1]
+
+
+def _space(tiers, pinned, dtype_name, consts_for):
+    kind = "fp32" if dtype_name == "fp32" else "half"
+    out = []
+    for limit, name, cfg in tiers[kind]:  # the pinned config is for the interpreter (see forward.py)
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        out.append((name, dict(consts_for(limit), UPCAST=False,
+                               DOT_PRECISION="ieee" if kind == "fp32" else "tf32", **cfg), warps, stages))
+    return out
+
+
+def backward_tile_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
+    """Every config of launch 1 with its heaviest flags and largest rank (ahead-of-time checks)."""
+    return _space(TILE_TIERS, TILE_PINNED, dtype_name, lambda limit: dict(
+        HAS_SHARED=True, HAS_TASK=True, RS_PAD=limit // 2, RK_PAD=limit // 2, E_PAD=16,
+        PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
+        WANT_DZ=True))
+
+
+def backward_weight_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
+    """Every config of launch 2 with its heaviest flags and largest rank (ahead-of-time checks)."""
+    return _space(WEIGHT_TIERS, WEIGHT_PINNED, dtype_name, lambda limit: dict(
+        PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, R_PAD=limit))
 
 
 # ---- launcher --------------------------------------------------------------------------------
@@ -360,7 +401,8 @@ def cgc_lora_backward(
     n_tiles = tile_task.shape[0]
 
     if (need_x or need_gates or need_a) and M > 0 and n_tiles > 0:
-        cfg, warps, stages = _launch_args(backward_tile_config(M, d_in, d_out, rs_pad, rk_pad, x.dtype))
+        rank_size = (rs_pad if RS else 0) + (rk_pad if RK else 0)
+        cfg, warps, stages = _launch_args(backward_tile_config(M, d_in, d_out, rank_size, x.dtype))
         dummy = z
         dxt = dx if dx is not None else x
         dgt = dgates if dgates is not None else z

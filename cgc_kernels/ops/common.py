@@ -14,8 +14,9 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Largest stacked rank per side (S*r or K*r, padded to a power of two) the fused kernels accept:
-# z for one row block lives in registers.
-MAX_RANK_PAD = 256
+# z for one row block lives in registers, and larger ranks spill (checked ahead of time). Larger
+# problems go to the reference path.
+MAX_RANK_PAD = 128
 
 _pinned = os.environ.get("CGC_KERNELS_PIN_CONFIG", "0") not in ("", "0")
 
@@ -63,3 +64,16 @@ def upcast_operands() -> bool:
 
 def triton_dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def tier_kind(dtype: torch.dtype) -> str:
+    """Config tables are keyed by "half" (fp16 / bf16: tensor-core operands) or "fp32"."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def pick_tier(tiers: list[tuple[int, str, dict]], size: int) -> tuple[str, dict]:
+    """The first (limit, name, config) tier whose limit covers `size` (a padded rank)."""
+    for limit, name, cfg in tiers:
+        if size <= limit:
+            return name, cfg
+    raise ValueError(f"padded rank {size} exceeds the largest kernel tier ({tiers[-1][0]})")

@@ -143,26 +143,52 @@ def _cgc_lora_fwd_kernel(
 
 # ---- block configuration ---------------------------------------------------------------------
 
-# The configs the dispatcher can choose (the AOT test compiles each). PINNED serves tests, the
-# interpreter and reproducible benchmarks.
-FORWARD_CONFIGS = {
-    "pinned": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    "small_rank": dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "large_rank": dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "fp32": dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2),
+# Tiers keyed on the padded stacked rank (shared + task side): z for BLOCK_M rows of both sides
+# stays in registers, so BLOCK_M shrinks as the rank grows. Each tier is compiled for sm_80/sm_90 by
+# tests/test_aot_compile.py at its largest rank and must not spill. The choice depends on dtype and
+# rank only (no autotuning), so GPU runs are reproducible. PINNED serves the interpreter and tests
+# (few large blocks: the interpreter pays per program and loop iteration); a GPU never picks it
+# unless pinned explicitly, so the ahead-of-time check covers the tiers only.
+FORWARD_TIERS = {
+    "half": [
+        (64, "r64", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        (128, "r128", dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        (2 * common.MAX_RANK_PAD, "r256",
+         dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2)),
+    ],
+    "fp32": [
+        (2 * common.MAX_RANK_PAD, "r256",
+         dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+    ],
 }
+FORWARD_PINNED = (64, "pinned", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
-def forward_config(M: int, d_in: int, d_out: int, rs_pad: int, rk_pad: int, dtype: torch.dtype) -> dict:
-    """Block sizes for the forward kernel, from shapes only. BLOCK_M is the row sub-block within a
-    routing tile; z for BLOCK_M rows and both sides' padded ranks stays in registers."""
+def _rank_size(rs_pad: int, rk_pad: int, has_shared: bool, has_task: bool) -> int:
+    return (rs_pad if has_shared else 0) + (rk_pad if has_task else 0)
+
+
+def forward_config(M: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype) -> dict:
+    """Block sizes for the forward kernel, from shapes only. `rank_size` = padded S*r + padded K*r
+    (sides that exist). BLOCK_M is the row sub-block within a routing tile."""
     if common.configs_pinned():
-        return FORWARD_CONFIGS["pinned"]
-    if dtype == torch.float32:
-        return FORWARD_CONFIGS["fp32"]
-    if rs_pad + rk_pad <= 64:
-        return FORWARD_CONFIGS["small_rank"]
-    return FORWARD_CONFIGS["large_rank"]
+        return FORWARD_PINNED[2]
+    return common.pick_tier(FORWARD_TIERS[common.tier_kind(dtype)], rank_size)[1]
+
+
+def forward_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
+    """Every config forward_config can return for a dtype, with the heaviest kernel flags and the
+    largest rank it serves: (name, constexprs, num_warps, num_stages), for ahead-of-time checks."""
+    kind = "fp32" if dtype_name == "fp32" else "half"
+    out = []
+    for limit, name, cfg in FORWARD_TIERS[kind]:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=limit // 2, RK_PAD=limit // 2,
+                      PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_BASE=True, HAS_DROPOUT=True, SAVE_Z=True,
+                      UPCAST=False, DOT_PRECISION="ieee" if kind == "fp32" else "tf32", **cfg)
+        out.append((name, consts, warps, stages))
+    return out
 
 
 # ---- launcher --------------------------------------------------------------------------------
@@ -192,7 +218,7 @@ def cgc_lora_forward(
     if M == 0 or tile_task.numel() == 0:
         return z
     rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
-    cfg = dict(forward_config(M, d_in, d_out, rs_pad, rk_pad, x.dtype))
+    cfg = dict(forward_config(M, d_in, d_out, _rank_size(rs_pad, rk_pad, RS > 0, RK > 0), x.dtype))
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     b = y if base is None else base
     zt = z if z is not None else y  # never written without SAVE_Z

@@ -2,7 +2,7 @@
 
 Backends: "reference" (pure PyTorch, autograd; the CPU path) and "triton" (fused kernels; CUDA,
 or CPU tensors under TRITON_INTERPRET=1). `backend=None` picks Triton for CUDA tensors in fp16,
-bf16 or fp32 and the reference otherwise.
+bf16 or fp32 (stacked rank per side <= 128) and the reference otherwise.
 
 The Triton path is three `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces
 through them:
@@ -39,6 +39,10 @@ def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
+
+
+def _rank_too_large(shared_a: torch.Tensor, task_a: torch.Tensor) -> bool:
+    return max(common.rank_pad(shared_a.shape[1]), common.rank_pad(task_a.shape[1])) > common.MAX_RANK_PAD
 
 
 # ---- custom ops ------------------------------------------------------------------------------
@@ -180,6 +184,8 @@ def cgc_lora(
     `task_cluster` as passed here.
     """
     chosen = resolve_backend(x, backend)
+    if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
+        chosen = "reference"  # beyond the kernels' register budget
     if chosen == "reference":
         return reference.cgc_lora(
             x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
@@ -194,7 +200,7 @@ def cgc_lora(
     if not x.is_cuda and not common.INTERPRET:
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
                          "is imported (Triton's interpreter); use a CUDA device or backend='reference'")
-    if max(common.rank_pad(shp.S * shp.r), common.rank_pad(shp.K * shp.r)) > common.MAX_RANK_PAD:
+    if _rank_too_large(shared_a, task_a):
         raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
                          f"exceeds {common.MAX_RANK_PAD}, the fused kernels' limit; use backend='reference'")
     if isinstance(task_ids, TaskRouting):
