@@ -62,3 +62,17 @@ def test_custom_ops_pass_opcheck():
                 rt.tile_start, rt.tile_end, rt.counts, rt.starts, 2.0, False, 0.0)
     torch.library.opcheck(torch.ops.cgc_kernels.lora_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compile_fullgraph_inference_in_place():
+    # Without autograd the op adds into the base output in place (the mutating custom op); the
+    # compiled graph functionalises that mutation and must give the eager result.
+    case = Case(M=20, d_in=33, d_out=17, T=2, S=1, K=1, r=4, ids="with_unrouted")
+    args = make_inputs(case, dtype=torch.float32)
+    routing = build_routing(args["task_ids"], case.T)
+    mod = TinyCGC(args)
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        want = mod(args["x"], routing)
+        got = compiled(args["x"], routing)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32])

@@ -180,8 +180,8 @@ def cgc_lora(
     task_b [T, d_out, K*r]; task_cluster [T] or None. Returns [M, d_out] (or `out` += delta).
 
     A TaskRouting skips the id check (no host sync) and is reused across layers; on the Triton
-    path a plain id tensor is checked, then routed per call. A routing must be built with the same
-    `task_cluster` as passed here.
+    path a plain id tensor is checked, then routed per call. The kernels need only the routing's
+    per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
