@@ -42,6 +42,7 @@ from torch import nn
 from .config import CONFIG_NAME, CGCLoRAConfig
 from .gates import StackedTaskGate, TaskGate, TokenGate
 from .layer import CGCLoRALinear, _is_transposed
+from .quantized import dequantize_model_, dequantized_linear, guard_quantized_layers, model_activation_dtype
 from .routing import TaskRouting, build_routing, check_task_ids
 
 WEIGHTS_NAME = "cgc_adapter.safetensors"
@@ -144,6 +145,8 @@ class CGCModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self._build_layers()
+        # Quantized layers that no adapter wraps still have to pass gradients (see quantized.py).
+        self._quantized_hooks = guard_quantized_layers(model, exclude=self._layer_names)
 
     # ---- layout ------------------------------------------------------------------------------
     @property
@@ -506,19 +509,39 @@ class CGCModel(nn.Module):
                              "it cannot be merged or exported as a LoRA adapter")
 
     @torch.no_grad()
-    def merge_task(self, task: str | int) -> nn.Module:
+    def merge_task(self, task: str | int, *, dequantize: bool = False) -> nn.Module:
         """A plain copy of the base model with `task`'s gate-weighted experts merged into its
-        weights (no CGC layers, no overhead). The unified model is untouched."""
+        weights (no CGC layers, no overhead). The unified model is untouched.
+
+        A quantized base (bitsandbytes 4-bit / int8) cannot take the update without rounding it
+        away: ValueError, unless `dequantize=True`, which returns a full-precision model (every
+        quantized linear layer replaced by an nn.Linear holding its dequantized weight, plus the
+        task's update where adapted)."""
         self._check_mergeable()
         t = self.task_index(task)
         if self._request is not None:
             raise RuntimeError("merge_task cannot run inside a forward")
+        quantized = [n for n, layer in self.adapted_layers().items() if layer.quantized_base]
+        if quantized and not dequantize:
+            raise ValueError(
+                f"cannot merge task {task!r} into a quantized base model ({quantized[0]} and "
+                f"{len(quantized) - 1} other adapted layers hold 4-bit/int8 weights, and re-quantizing "
+                f"the merged weights would round the update away); use export_peft_adapter(task, dir) "
+                f"to serve the adapter on the quantized base, or merge_task(task, dequantize=True) for "
+                f"a full-precision merged model"
+            )
         merged = copy.deepcopy(self.model)
         for name in self._layer_names:
             layer = merged.get_submodule(name)
-            layer.merge(t)
+            if layer.quantized_base:
+                base = dequantized_linear(layer.base_layer, model_activation_dtype(merged), layer.get_delta_weight(t))
+            else:
+                layer.merge(t)
+                base = layer.base_layer
             parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, layer.base_layer)
+            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+        if dequantize:
+            dequantize_model_(merged)  # the layers no task adapts
         for n, p in merged.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         return merged
@@ -577,6 +600,8 @@ class CGCModel(nn.Module):
             layer = self.model.get_submodule(name)
             layer.unmerge()
             self._set_module(name, layer.base_layer)
+        for handle in self._quantized_hooks:
+            handle.remove()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         model, self._layer_names = self.model, []
