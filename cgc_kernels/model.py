@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, CGCLoRAConfig
+from .gate_report import GateTable, gate_table
 from .gates import StackedTaskGate, TaskGate, TokenGate
 from .layer import CGCLoRALinear, _is_transposed
 from .quantized import dequantize_model_, dequantized_linear, guard_quantized_layers, model_activation_dtype
@@ -501,6 +502,12 @@ class CGCModel(nn.Module):
             g = layer.task_gates().detach().cpu()
             out[name] = g if t is None else g[t]
         return out
+
+    def gate_table(self) -> GateTable:
+        """Every task's expert mixture as a table: `.weights` [T, L, S+K] (task x layer x expert;
+        L = 1 for a model-wide gate), `.split()` the shared / task-specific share per task.
+        Token gates: ValueError. See gate_report.py."""
+        return gate_table(self)
 
     # ---- deployment ----------------------------------------------------------------------------
     def _check_mergeable(self) -> None:
