@@ -168,16 +168,18 @@ def _attach_grad_hook(module: nn.Module, args: tuple, output: torch.Tensor):
 
 
 def guard_quantized_layers(model: nn.Module, exclude: set[str] | list[str] = ()) -> list:
-    """Make every quantized linear layer of `model` (except the module paths in `exclude`, which
-    handle it themselves) pass gradients to its input through its dequantized weight instead of
-    bitsandbytes' autograd; returns the hook handles (call .remove() on each to undo).
+    """Make every quantized linear layer of `model` (except those at or under the module paths in
+    `exclude`: CGC-LoRA layers handle their base themselves) pass gradients to its input through
+    its dequantized weight instead of bitsandbytes' autograd; returns the hook handles (call
+    .remove() on each to undo).
 
     Needed for the layers no adapter wraps too: an attention output projection left quantized
     sits between the adapted q/v projections and the loss."""
+    prefixes = tuple(e + "." for e in exclude)
     exclude = set(exclude)
     handles = []
     for name, module in model.named_modules():
-        if name and name not in exclude and is_quantized(module):
+        if name and name not in exclude and not name.startswith(prefixes) and is_quantized(module):
             handles.append(module.register_forward_pre_hook(_detach_input_hook))
             handles.append(module.register_forward_hook(_attach_grad_hook))
     return handles

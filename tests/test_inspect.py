@@ -48,7 +48,7 @@ CASES = [
 def test_table_matches_gate_weights(kw):
     cgc = make_cgc(**kw)
     weights = cgc.gate_weights()
-    for name, w in weights.items():
+    for w in weights.values():
         assert w.shape == (3, S + K)
         torch.testing.assert_close(w.sum(-1), torch.ones(3))  # rows sum to 1
     table = cgc.gate_table()

@@ -293,6 +293,9 @@ def test_unload_restores_the_quantized_model(base_dir):
     model = load_4bit(base_dir)
     kinds = {n: type(m) for n, m in model.named_modules()}
     cgc = make_cgc(model)
+    hooked = {n for n, m in cgc.model.named_modules() if m._forward_pre_hooks}
+    assert "model.layers.0.self_attn.o_proj" in hooked  # quantized, not adapted
+    assert not any(n.startswith(tuple(cgc.adapted_layers())) for n in hooked)  # adapted: own path
     back = cgc.unload()
     assert {n: type(m) for n, m in back.named_modules()} == kinds
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in back.modules())
