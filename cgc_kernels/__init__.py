@@ -3,6 +3,7 @@
 from . import reference
 from .collator import CGCDataCollator
 from .config import CGCLoRAConfig
+from .gate_report import GateTable, gate_table, shared_specific_split, write_gate_report
 from .gates import StackedTaskGate, TaskGate, TokenGate
 from .layer import CGCLoRALinear
 from .model import CGCModel
@@ -16,11 +17,15 @@ __all__ = [
     "CGCLoRAConfig",
     "CGCLoRALinear",
     "CGCModel",
+    "GateTable",
     "StackedTaskGate",
     "TaskGate",
     "TaskRouting",
     "TokenGate",
     "build_routing",
     "cgc_lora",
+    "gate_table",
     "reference",
+    "shared_specific_split",
+    "write_gate_report",
 ]

@@ -2,9 +2,11 @@
 
     y = base(x) + cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, alpha / r)
 
-The base layer is called as it is (nn.Linear, GPT-2's Conv1D, ...), and the LoRA delta is
-added into its output in place. `merge(task)` folds one task's gate-weighted experts into the
-base weight (for deployment); `unmerge()` restores the saved original exactly.
+The base layer is called as it is (nn.Linear, GPT-2's Conv1D, bitsandbytes 4-bit / int8 layers,
+...), and the LoRA delta is added into its output in place. A quantized base runs its own kernels
+without autograd and its input gradient comes from its dequantized weight (see quantized.py).
+`merge(task)` folds one task's gate-weighted experts into the base weight (for deployment);
+`unmerge()` restores the saved original exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from .gates import TaskGate, TokenGate
 from .ops.function import cgc_lora
+from .quantized import expert_dtype, frozen_base_forward, is_quantized
 from .routing import TaskRouting
 
 
@@ -98,8 +101,9 @@ class CGCLoRALinear(nn.Module):
         self.num_clusters = int(tc.max()) + 1
         self.register_buffer("task_cluster", tc, persistent=False)
 
+        self.quantized_base = is_quantized(base_layer)
         weight = getattr(base_layer, "weight", None)
-        dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+        dtype = expert_dtype(base_layer)  # the weight's dtype, or the compute dtype of a quantized base
         device = weight.device if weight is not None else None
         C, T, S, K, r = self.num_clusters, num_tasks, num_shared_experts, num_task_experts, rank
         d_in, d_out = self.in_features, self.out_features
@@ -149,7 +153,7 @@ class CGCLoRALinear(nn.Module):
         or a TaskRouting; None uses `current_routing` (set by CGCModel). Returns [..., d_out]."""
         if task_ids is None:
             task_ids = self.current_routing
-        result = self.base_layer(x)
+        result = frozen_base_forward(self.base_layer, x) if self.quantized_base else self.base_layer(x)
         if self.merged_task is not None:
             if task_ids is not None:
                 self._check_merged_ids(task_ids)
@@ -215,10 +219,12 @@ class CGCLoRALinear(nn.Module):
         if self.merged_task is not None:
             raise ValueError(f"task {self.merged_task} is already merged; unmerge() first")
         weight = getattr(self.base_layer, "weight", None)
-        if weight is None or not weight.dtype.is_floating_point:
+        if self.quantized_base or weight is None or not weight.dtype.is_floating_point:
             raise ValueError(
-                f"cannot merge into {type(self.base_layer).__name__}: its weight is not a floating "
-                f"tensor (a quantized base); export a PEFT adapter instead"
+                f"cannot merge into {type(self.base_layer).__name__}: its weight is quantized, and "
+                f"re-quantizing the merged weight would round the update away; export a PEFT adapter "
+                f"(CGCModel.export_peft_adapter), or use CGCModel.merge_task(task, dequantize=True) "
+                f"for a full-precision merged model"
             )
         delta = self.get_delta_weight(task)
         if _is_transposed(self.base_layer):

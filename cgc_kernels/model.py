@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from .config import CONFIG_NAME, CGCLoRAConfig
+from .gate_report import GateTable, gate_table
 from .gates import StackedTaskGate, TaskGate, TokenGate
 from .layer import CGCLoRALinear, _is_transposed
+from .quantized import dequantize_model_, dequantized_linear, guard_quantized_layers, model_activation_dtype
 from .routing import TaskRouting, build_routing, check_task_ids
 
 WEIGHTS_NAME = "cgc_adapter.safetensors"
@@ -144,6 +146,8 @@ class CGCModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self._build_layers()
+        # Quantized layers that no adapter wraps still have to pass gradients (see quantized.py).
+        self._quantized_hooks = guard_quantized_layers(model, exclude=self._layer_names)
 
     # ---- layout ------------------------------------------------------------------------------
     @property
@@ -499,6 +503,12 @@ class CGCModel(nn.Module):
             out[name] = g if t is None else g[t]
         return out
 
+    def gate_table(self) -> GateTable:
+        """Every task's expert mixture as a table: `.weights` [T, L, S+K] (task x layer x expert;
+        L = 1 for a model-wide gate), `.split()` the shared / task-specific share per task.
+        Token gates: ValueError. See gate_report.py."""
+        return gate_table(self)
+
     # ---- deployment ----------------------------------------------------------------------------
     def _check_mergeable(self) -> None:
         if next(iter(self._clusters.values())).gate == "token":
@@ -506,19 +516,39 @@ class CGCModel(nn.Module):
                              "it cannot be merged or exported as a LoRA adapter")
 
     @torch.no_grad()
-    def merge_task(self, task: str | int) -> nn.Module:
+    def merge_task(self, task: str | int, *, dequantize: bool = False) -> nn.Module:
         """A plain copy of the base model with `task`'s gate-weighted experts merged into its
-        weights (no CGC layers, no overhead). The unified model is untouched."""
+        weights (no CGC layers, no overhead). The unified model is untouched.
+
+        A quantized base (bitsandbytes 4-bit / int8) cannot take the update without rounding it
+        away: ValueError, unless `dequantize=True`, which returns a full-precision model (every
+        quantized linear layer replaced by an nn.Linear holding its dequantized weight, plus the
+        task's update where adapted)."""
         self._check_mergeable()
         t = self.task_index(task)
         if self._request is not None:
             raise RuntimeError("merge_task cannot run inside a forward")
+        quantized = [n for n, layer in self.adapted_layers().items() if layer.quantized_base]
+        if quantized and not dequantize:
+            raise ValueError(
+                f"cannot merge task {task!r} into a quantized base model ({quantized[0]} and "
+                f"{len(quantized) - 1} other adapted layers hold 4-bit/int8 weights, and re-quantizing "
+                f"the merged weights would round the update away); use export_peft_adapter(task, dir) "
+                f"to serve the adapter on the quantized base, or merge_task(task, dequantize=True) for "
+                f"a full-precision merged model"
+            )
         merged = copy.deepcopy(self.model)
         for name in self._layer_names:
             layer = merged.get_submodule(name)
-            layer.merge(t)
+            if layer.quantized_base:
+                base = dequantized_linear(layer.base_layer, model_activation_dtype(merged), layer.get_delta_weight(t))
+            else:
+                layer.merge(t)
+                base = layer.base_layer
             parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, layer.base_layer)
+            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+        if dequantize:
+            dequantize_model_(merged)  # the layers no task adapts
         for n, p in merged.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         return merged
@@ -577,6 +607,8 @@ class CGCModel(nn.Module):
             layer = self.model.get_submodule(name)
             layer.unmerge()
             self._set_module(name, layer.base_layer)
+        for handle in self._quantized_hooks:
+            handle.remove()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
         model, self._layer_names = self.model, []
