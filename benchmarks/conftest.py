@@ -1,0 +1,71 @@
+"""pytest options and hooks of the benchmark suites (the harness itself is benchmarks/harness.py).
+
+    pytest benchmarks/                          # time every suite at the device's default size
+    pytest benchmarks/ --bench-size=cpu         # or CGC_BENCH_SIZE=cpu|gpu
+    pytest benchmarks/ --benchmark-disable      # CI: each case once, every provider checked
+
+Each test module marks its tests with `@pytest.mark.bench(level=..., modes=(...))`; the tests
+are parametrized here over (case, provider, mode), case-major, so one case's inputs are built
+once and its providers land side by side in one pytest-benchmark group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks import harness
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("cgc benchmarks")
+    group.addoption("--bench-size", choices=harness.SIZES, default=None,
+                    help="cpu (small, float32) or gpu (d=4096, bfloat16); default: CGC_BENCH_SIZE, "
+                         "else gpu if CUDA is available")
+    group.addoption("--bench-out", default=None,
+                    help="JSON file for every timed result (default .benchmarks/cgc-results-<size>.json)")
+    group.addoption("--bench-rounds", type=int, default=None,
+                    help="timed rounds per benchmark (default 10 on CPU, 30 on CUDA)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench(level, modes): a CGC benchmark at one level with these modes")
+    harness.SETTINGS["rounds"] = config.getoption("--bench-rounds", default=None)
+
+
+def bench_size(config) -> str:
+    return config.getoption("--bench-size", default=None) or harness.default_size()
+
+
+def pytest_generate_tests(metafunc):
+    marker = metafunc.definition.get_closest_marker("bench")
+    if marker is None or "provider" not in metafunc.fixturenames:
+        return
+    level, modes = marker.kwargs["level"], marker.kwargs["modes"]
+    providers = [p.name for p in harness.PROVIDERS.values() if level in p.levels]
+    params, ids = [], []
+    for case in harness.cases(bench_size(metafunc.config)):
+        for provider in providers:
+            for mode in modes:
+                params.append((case, provider, mode))
+                ids.append(f"{case.name}-{provider}-{mode}")
+    metafunc.parametrize(("case", "provider", "mode"), params, ids=ids)
+
+
+@pytest.fixture(scope="session")
+def size(request) -> str:
+    return bench_size(request.config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not harness.RESULTS:
+        return
+    size = bench_size(session.config)
+    path = session.config.getoption("--bench-out", default=None) or os.path.join(
+        str(session.config.rootpath), ".benchmarks", f"cgc-results-{size}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": harness.environment(size), "results": harness.RESULTS}, f, indent=1)
+    print(f"\ncgc benchmark results: {len(harness.RESULTS)} rows -> {path}")
