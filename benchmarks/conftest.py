@@ -3,6 +3,7 @@
     pytest benchmarks/                          # time every suite at the device's default size
     pytest benchmarks/ --bench-size=cpu         # or CGC_BENCH_SIZE=cpu|gpu
     pytest benchmarks/ --benchmark-disable      # CI: each case once, every provider checked
+                                                # (on CPU at the small "ci" size unless one is given)
 
 Each test module marks its tests with `@pytest.mark.bench(level=..., modes=(...))`; the tests
 are parametrized here over (case, provider, mode), case-major, so one case's inputs are built
@@ -22,8 +23,8 @@ from benchmarks import harness
 def pytest_addoption(parser):
     group = parser.getgroup("cgc benchmarks")
     group.addoption("--bench-size", choices=harness.SIZES, default=None,
-                    help="cpu (small, float32) or gpu (d=4096, bfloat16); default: CGC_BENCH_SIZE, "
-                         "else gpu if CUDA is available")
+                    help="cpu (d=512, float32), gpu (d=4096, bfloat16) or ci (d=128, checks only); "
+                         "default: CGC_BENCH_SIZE, else gpu with CUDA, else cpu (ci under --benchmark-disable)")
     group.addoption("--bench-out", default=None,
                     help="JSON file for every timed result (default .benchmarks/cgc-results-<size>.json)")
     group.addoption("--bench-rounds", type=int, default=None,
@@ -36,7 +37,9 @@ def pytest_configure(config):
 
 
 def bench_size(config) -> str:
-    return config.getoption("--bench-size", default=None) or harness.default_size()
+    timing = not (config.getoption("--benchmark-disable", default=False)
+                  or config.getoption("--benchmark-skip", default=False))
+    return config.getoption("--bench-size", default=None) or harness.default_size(timing)
 
 
 def pytest_generate_tests(metafunc):

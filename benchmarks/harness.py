@@ -12,8 +12,9 @@ the provider's runner for the case, and hands it to `run(...)`, which
 
 Benchmarks measure; they never pass or fail on a time.
 
-Sizes: "cpu" (d=512, M=512, a few minutes on 2 cores, float32) and "gpu" (d=4096 and a 7B
-model's 11008->4096 down projection, M in {512, 8192}, bfloat16).
+Sizes: "cpu" (d=512, M=512, a few minutes on 2 cores, float32), "gpu" (d=4096 and a 7B
+model's 11008->4096 down projection, M in {512, 8192}, bfloat16), and "ci" (the cpu sweep at
+d=128, M=256: the default on CPU under --benchmark-disable, where only correctness is checked).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from benchmarks.baselines import MOELoRALinear
 from cgc_kernels import CGCLoRALinear, build_routing, cgc_lora, reference
 from tests.cases import TOLERANCES
 
-SIZES = ("cpu", "gpu")
+SIZES = ("ci", "cpu", "gpu")
 MIXES = ("uniform", "zipf")
 ZIPF_EXPONENT = 1.5
 EXPERT_SHAPES = ((2, 1, 8), (4, 2, 4), (8, 0, 2))  # (S, K, r): CGC, more and smaller, MOELoRA-like
@@ -73,19 +74,25 @@ class BenchCase:
         return (self.S + self.K) * self.r
 
 
-def default_size() -> str:
+def default_size(timing: bool = True) -> str:
+    """CGC_BENCH_SIZE if set, else gpu with CUDA, else cpu when timing and ci when only checking."""
     size = os.environ.get("CGC_BENCH_SIZE")
     if size:
         if size not in SIZES:
             raise ValueError(f"CGC_BENCH_SIZE must be one of {SIZES}, got {size!r}")
         return size
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    if torch.cuda.is_available():
+        return "gpu"
+    return "cpu" if timing else "ci"
 
 
 def cases(size: str) -> list[BenchCase]:
     """The sweep of one size: every (T, (S,K,r), mix) for each M and layer shape (no Zipf at T=1)."""
+    seq = 128
     if size == "cpu":
         tokens, shapes = (512,), ((512, 512, ""),)
+    elif size == "ci":
+        tokens, shapes, seq = (256,), ((128, 128, ""),), 32
     elif size == "gpu":
         tokens = (512, 8192)
         shapes = ((4096, 4096, "7B q_proj/v_proj"),)
@@ -97,7 +104,7 @@ def cases(size: str) -> list[BenchCase]:
             for T in TASK_COUNTS:
                 for S, K, r in EXPERT_SHAPES:
                     for mix in MIXES if T > 1 else ("uniform",):
-                        out.append(BenchCase(M, d_in, d_out, T, S, K, r, mix, shape=label))
+                        out.append(BenchCase(M, d_in, d_out, T, S, K, r, mix, seq=seq, shape=label))
     if size == "gpu":  # a 7B model's down projection, one mid-sized configuration
         out += [BenchCase(M, 11008, 4096, 4, 2, 1, 8, "uniform", shape="7B down_proj") for M in tokens]
     return out
@@ -263,7 +270,7 @@ class Provider:
     description: str
     levels: tuple[str, ...]  # of "op", "layer", "infer"
     needs_cuda: bool = False
-    # cpu size: run only on these cases (torch.compile costs ~20 s per compiled graph on 2 cores)
+    # cpu / ci sizes: run only on these cases (torch.compile costs ~20 s per compiled graph on 2 cores)
     cpu_case_filter: Callable[[BenchCase], bool] | None = None
     gpu_case_filter: Callable[[BenchCase], bool] | None = None
 
@@ -272,7 +279,7 @@ class Provider:
             return f"{self.name} has no {level}-level benchmark"
         if self.needs_cuda and not torch.cuda.is_available():
             return f"{self.name} runs the Triton kernels, which need a CUDA device"
-        filt = self.cpu_case_filter if size == "cpu" else self.gpu_case_filter
+        filt = self.gpu_case_filter if size == "gpu" else self.cpu_case_filter
         if filt is not None and not filt(case):
             return f"{self.name} runs on a subset of the {size} cases (compile time)"
         return None
