@@ -57,3 +57,29 @@ class TokenGate(nn.Module):
         all_logits = (x.float() @ self.weight.reshape(T * E, -1).float().T).view(-1, T, E)
         rows = torch.arange(x.shape[0], device=x.device)
         return torch.softmax(all_logits[rows, task_ids.clamp(min=0)], dim=-1)
+
+
+class StackedTaskGate(nn.Module):
+    """A [T, S+K] task gate made of one TaskGate per cluster, rows concatenated in cluster order.
+
+    Each cluster (a plug-in CGC-LoRA module) keeps its own gate, so clusters trained apart can be
+    added to or removed from one model without touching the others' gates. The same TaskGate
+    objects may sit in every layer (gate_scope="model": one gate per cluster for the whole model).
+    """
+
+    def __init__(self, parts: list[TaskGate]):
+        super().__init__()
+        if not parts:
+            raise ValueError("StackedTaskGate needs at least one TaskGate")
+        widths = {g.num_experts for g in parts}
+        if len(widths) != 1:
+            raise ValueError(f"every cluster's gate must have the same S+K, got {sorted(widths)}")
+        self.parts = nn.ModuleList(parts)
+        self.num_tasks = sum(g.num_tasks for g in parts)
+        self.num_experts = parts[0].num_experts
+
+    def forward(self) -> torch.Tensor:
+        """[T, S+K] float32 expert weights; each row sums to 1."""
+        if len(self.parts) == 1:
+            return self.parts[0]()
+        return torch.cat([g() for g in self.parts], dim=0)

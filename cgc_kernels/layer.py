@@ -92,7 +92,9 @@ class CGCLoRALinear(nn.Module):
             task_cluster = [0] * num_tasks
         tc = torch.as_tensor(task_cluster, dtype=torch.int64)
         if tc.shape != (num_tasks,) or int(tc.min()) < 0:
-            raise ValueError(f"task_cluster must be [T] = [{num_tasks}] non-negative ints, got {task_cluster}")
+            raise ValueError(
+                f"task_cluster must be [T] = [{num_tasks}] non-negative ints, got {task_cluster}"
+            )
         self.num_clusters = int(tc.max()) + 1
         self.register_buffer("task_cluster", tc, persistent=False)
 
@@ -153,7 +155,11 @@ class CGCLoRALinear(nn.Module):
                 self._check_merged_ids(task_ids)
             return result
         if task_ids is None:
-            raise ValueError("CGCLoRALinear.forward needs task_ids (one per token) unless a task is merged")
+            raise ValueError(
+                "CGCLoRALinear.forward got no task ids: pass task_ids, or call the model through "
+                "CGCModel (cgc(...), cgc.generate); with gradient checkpointing, enable it with "
+                "CGCModel.activation_checkpointing_enable so the recomputation gets the routing"
+            )
         if isinstance(task_ids, torch.Tensor) and task_ids.dim() > 1:
             if task_ids.shape != x.shape[:-1]:
                 raise ValueError(f"task_ids shaped {tuple(task_ids.shape)} must be [M] or x.shape[:-1] = "
@@ -188,15 +194,17 @@ class CGCLoRALinear(nn.Module):
     # ---- merge / unmerge -----------------------------------------------------------------
     @torch.no_grad()
     def get_delta_weight(self, task: int) -> torch.Tensor:
-        """[d_out, d_in] float32: the task's merged update s * sum_e g_e B_e A_e."""
+        """[d_out, d_in] the task's merged update s * sum_e g_e B_e A_e, in float32 (float64 for a
+        float64 layer)."""
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task must lie in [0, {self.num_tasks}), got {task}")
-        g = self.task_gates()[task]
+        acc = torch.float64 if self.task_a.dtype == torch.float64 else torch.float32
+        g = self.task_gates()[task].to(acc)
         S, r = self.num_shared_experts, self.rank
         col = g.repeat_interleave(r)  # each expert's gate over its r rank columns
         c = int(self.task_cluster[task])
-        delta = (self.shared_b[c].float() * col[: S * r]) @ self.shared_a[c].float()
-        delta += (self.task_b[task].float() * col[S * r :]) @ self.task_a[task].float()
+        delta = (self.shared_b[c].to(acc) * col[: S * r]) @ self.shared_a[c].to(acc)
+        delta += (self.task_b[task].to(acc) * col[S * r :]) @ self.task_a[task].to(acc)
         return delta * self.scaling
 
     @torch.no_grad()
@@ -216,7 +224,7 @@ class CGCLoRALinear(nn.Module):
         if _is_transposed(self.base_layer):
             delta = delta.T
         self._weight_before_merge = weight.data.clone()
-        weight.data = (weight.data.float() + delta).to(weight.dtype)
+        weight.data = (weight.data.to(delta.dtype) + delta).to(weight.dtype)
         self.merged_task = task
 
     @torch.no_grad()

@@ -86,13 +86,13 @@ def check_cgc_lora_args(
         raise ValueError("shared_a must have at least one cluster (dim 0 >= 1), even when S = 0")
     if T < 1:
         raise ValueError("task_a must have at least one task (dim 0 >= 1), even when K = 0")
-    d_out = task_b.shape[1]
-    if tuple(shared_b.shape) != (C, d_out, Sr):
-        raise ValueError(
-            f"shared_b must be [C, d_out, S*r] = {(C, d_out, Sr)}, got {tuple(shared_b.shape)}"
-        )
-    if tuple(task_b.shape) != (T, d_out, Kr):
-        raise ValueError(f"task_b must be [T, d_out, K*r] = {(T, d_out, Kr)}, got {tuple(task_b.shape)}")
+    if shared_b.shape[0] != C or shared_b.shape[2] != Sr:
+        raise ValueError(f"shared_b must be [C, d_out, S*r] = [{C}, d_out, {Sr}], got {tuple(shared_b.shape)}")
+    if task_b.shape[0] != T or task_b.shape[2] != Kr:
+        raise ValueError(f"task_b must be [T, d_out, K*r] = [{T}, d_out, {Kr}], got {tuple(task_b.shape)}")
+    d_out = shared_b.shape[1]
+    if task_b.shape[1] != d_out:
+        raise ValueError(f"task_b has d_out={task_b.shape[1]} but shared_b has d_out={d_out}")
 
     E = gates.shape[1]
     rows = M if per_token_gates else T
@@ -112,15 +112,29 @@ def check_cgc_lora_args(
         )
     S, K = Sr // r, Kr // r
 
+    ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
+    named = [("task_ids", ids), ("gates", gates), ("shared_a", shared_a), ("shared_b", shared_b),
+             ("task_a", task_a), ("task_b", task_b)]
+    if task_cluster is not None:
+        named.append(("task_cluster", task_cluster))
+    if out is not None:
+        _tensor("out", out, 2)
+        if tuple(out.shape) != (M, d_out):
+            raise ValueError(f"out must be [M, d_out] = {(M, d_out)}, got {tuple(out.shape)}")
+        if not out.dtype.is_floating_point:
+            raise ValueError(f"out must be a floating tensor, got {out.dtype}")
+        named.append(("out", out))
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+
     if isinstance(task_ids, TaskRouting):
         if task_ids.num_rows != M:
             raise ValueError(f"routing covers {task_ids.num_rows} tokens but x has {M} rows")
         if task_ids.num_tasks != T:
             raise ValueError(f"routing was built for {task_ids.num_tasks} tasks but task_a has {T}")
-        ids = task_ids.task_ids
     else:
         check_task_ids(task_ids, T, num_rows=M)
-        ids = task_ids
 
     if task_cluster is None:
         if C != 1:
@@ -141,18 +155,4 @@ def check_cgc_lora_args(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
 
-    named = [("task_ids", ids), ("gates", gates), ("shared_a", shared_a), ("shared_b", shared_b),
-             ("task_a", task_a), ("task_b", task_b)]
-    if task_cluster is not None:
-        named.append(("task_cluster", task_cluster))
-    if out is not None:
-        _tensor("out", out, 2)
-        if tuple(out.shape) != (M, d_out):
-            raise ValueError(f"out must be [M, d_out] = {(M, d_out)}, got {tuple(out.shape)}")
-        if not out.dtype.is_floating_point:
-            raise ValueError(f"out must be a floating tensor, got {out.dtype}")
-        named.append(("out", out))
-    for name, t in named:
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
     return CGCShapes(M=M, d_in=d_in, d_out=d_out, T=T, C=C, S=S, K=K, r=r)

@@ -10,7 +10,6 @@ def naive_cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scali
                    task_cluster=None, per_token_gates=False, keep_mask=None, dropout_p=0.0):
     """x [M, d_in] -> [M, d_out] float64, one token and one expert at a time."""
     M, d_in = x.shape
-    T = task_a.shape[0]
     d_out = task_b.shape[1]
     E = gates.shape[1]
     r = (shared_a.shape[1] + task_a.shape[1]) // E
