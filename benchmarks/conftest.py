@@ -23,8 +23,8 @@ from benchmarks import harness
 def pytest_addoption(parser):
     group = parser.getgroup("cgc benchmarks")
     group.addoption("--bench-size", choices=harness.SIZES, default=None,
-                    help="cpu (d=512, float32), gpu (d=4096, bfloat16) or ci (d=128, checks only); "
-                         "default: CGC_BENCH_SIZE, else gpu with CUDA, else cpu (ci under --benchmark-disable)")
+                    help="cpu (d=512, float32), gpu (d=4096, bfloat16) or ci (d=128, checks only); default: "
+                         "CGC_BENCH_SIZE, else gpu with CUDA, else cpu (ci under --benchmark-disable)")
     group.addoption("--bench-out", default=None,
                     help="JSON file for every timed result (default .benchmarks/cgc-results-<size>.json)")
     group.addoption("--bench-rounds", type=int, default=None,
@@ -36,10 +36,13 @@ def pytest_configure(config):
     harness.SETTINGS["rounds"] = config.getoption("--bench-rounds", default=None)
 
 
+def timing_enabled(config) -> bool:
+    return not (config.getoption("--benchmark-disable", default=False)
+                or config.getoption("--benchmark-skip", default=False))
+
+
 def bench_size(config) -> str:
-    timing = not (config.getoption("--benchmark-disable", default=False)
-                  or config.getoption("--benchmark-skip", default=False))
-    return config.getoption("--bench-size", default=None) or harness.default_size(timing)
+    return config.getoption("--bench-size", default=None) or harness.default_size(timing_enabled(config))
 
 
 def pytest_generate_tests(metafunc):
@@ -47,6 +50,8 @@ def pytest_generate_tests(metafunc):
     if marker is None or "provider" not in metafunc.fixturenames:
         return
     level, modes = marker.kwargs["level"], marker.kwargs["modes"]
+    if not timing_enabled(metafunc.config):
+        modes = modes[-1:]  # checks only: "full" checks the output and the input gradient at once
     providers = [p.name for p in harness.PROVIDERS.values() if level in p.levels]
     params, ids = [], []
     for case in harness.cases(bench_size(metafunc.config)):

@@ -297,7 +297,8 @@ def _compile_subset_cpu(case: BenchCase) -> bool:
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in [
-        Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"), needs_cuda=True),
+        Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"),
+                 needs_cuda=True),
         Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer")),
         Provider("moelora_loop", "MOELoRA-style: one Linear pair per expert, all experts on all tokens",
                  ("op", "layer", "infer")),
@@ -341,7 +342,8 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
         if level == "op":
             gates = p.gates.clone().requires_grad_()
             op = p.cached("compiled-op", lambda: torch.compile(reference.cgc_lora))
-            return Runner(lambda x: op(x, p.task_ids, gates, *_op_args(p, layer)), [gates, *_lora_params(layer)])
+            fn = lambda x: op(x, p.task_ids, gates, *_op_args(p, layer))
+            return Runner(fn, [gates, *_lora_params(layer)])
         compiled = p.cached("compiled-layer", lambda: torch.compile(layer))
         return Runner(lambda x: compiled(x, p.task_ids), list(layer.parameters()))
     if provider == "peft_lora":
@@ -493,12 +495,13 @@ def run(benchmark, *, provider: str, level: str, mode: str, case: BenchCase, siz
         _sync(device)
 
     rounds = SETTINGS["rounds"] or (30 if device.type == "cuda" else 10)
+    warmup = SETTINGS["warmup"]
     if mode == "forward":
-        benchmark.pedantic(target_forward, rounds=rounds, warmup_rounds=SETTINGS["warmup"])
+        benchmark.pedantic(target_forward, rounds=rounds, warmup_rounds=warmup)
     elif mode == "backward":
-        benchmark.pedantic(target_backward, setup=setup_backward, rounds=rounds, warmup_rounds=SETTINGS["warmup"])
+        benchmark.pedantic(target_backward, setup=setup_backward, rounds=rounds, warmup_rounds=warmup)
     else:
-        benchmark.pedantic(target_full, rounds=rounds, warmup_rounds=SETTINGS["warmup"])
+        benchmark.pedantic(target_full, rounds=rounds, warmup_rounds=warmup)
 
     # 3. Memory: CUDA peak over one more call; activation bytes kept for the backward.
     peak = None
@@ -551,7 +554,7 @@ def lora_branch_bytes(case: BenchCase, mode: str, dtype: torch.dtype) -> int:
 # ---- environment ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth(device_type: str) -> float:
     """Measured device copy bandwidth in bytes/s (read + write of a large clone; median of 10)."""
     device = torch.device(device_type)
@@ -681,8 +684,7 @@ class ModelProblem:
 def build_model_problem(case: ModelCase, size: str) -> ModelProblem:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cgc_kernels import CGCLoRAConfig
-    from cgc_kernels.model import CGCModel
+    from cgc_kernels import CGCLoRAConfig, CGCModel
 
     device, dtype = device_for(size), dtype_for(size)
     shape, (tb, ts), (gb, gp, gn) = MODEL_SHAPES[size]

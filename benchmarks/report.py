@@ -94,7 +94,8 @@ def roofline_table(rows: list[dict], copy_bw: float) -> str:
     for (mode, _case), group in _by(rows, "mode", "case").items():
         cells = [mode, _case_label(group[0])]
         got = {r["provider"]: r["lora_bytes"] / r["median_s"] for r in group}
-        cells += [f"{got[p] / 1e9:.0f} ({100 * got[p] / copy_bw:.0f}%)" if p in got else "–" for p in providers]
+        cells += [f"{got[p] / 1e9:.0f} ({100 * got[p] / copy_bw:.0f}%)" if p in got else "–"
+                  for p in providers]
         lines.append(f"| {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -109,12 +110,13 @@ def throughput_table(rows: list[dict], level: str) -> str:
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
     for case, group in _by(rows, "case").items():
         tps = {r["provider"]: r["tokens_per_s"] for r in group}
-        lines.append(f"| {case} | " + " | ".join(f"{tps[p]:,.0f}" if p in tps else "–" for p in providers) + " |")
+        cells = [f"{tps[p]:,.0f}" if p in tps else "–" for p in providers]
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def speedup_summary(rows: list[dict], provider: str, level: str, mode: str) -> tuple[float, float, float] | None:
-    """(min, median, max) over cases of moelora_loop's median time / `provider`'s."""
+def speedup_summary(rows: list[dict], provider: str, level: str, mode: str):
+    """(min, median, max) over cases of moelora_loop's median time / `provider`'s, or None."""
     t = defaultdict(dict)
     for r in rows:
         if r["level"] == level and r["mode"] == mode:
@@ -138,7 +140,7 @@ def render_markdown(data: dict) -> str:
     titles = [("op", "forward", "Op level (LoRA branch alone): forward"),
               ("op", "backward", "Op level: backward"),
               ("op", "full", "Op level: forward + backward"),
-              ("layer", "full", "Layer level (frozen base + experts + gate): training step, forward + backward"),
+              ("layer", "full", "Layer level (frozen base + experts + gate): training, forward + backward"),
               ("infer", "forward", "Layer level: mixed-task inference (no grad, one task per sequence)")]
     for level, mode, title in titles:
         table = timing_table(rows, level, mode)
