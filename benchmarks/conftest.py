@@ -67,13 +67,31 @@ def size(request) -> str:
     return bench_size(request.config)
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not harness.RESULTS:
-        return
-    size = bench_size(session.config)
-    path = session.config.getoption("--bench-out", default=None) or os.path.join(
-        str(session.config.rootpath), ".benchmarks", f"cgc-results-{size}.json")
+_written = {"rows": 0}
+
+
+def _write_results(config) -> str | None:
+    """Write every result so far (rewritten after each test, so a run cut short by a time limit
+    still leaves its results)."""
+    if len(harness.RESULTS) == _written["rows"]:
+        return None
+    size = bench_size(config)
+    path = config.getoption("--bench-out", default=None) or os.path.join(
+        str(config.rootpath), ".benchmarks", f"cgc-results-{size}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump({"environment": harness.environment(size), "results": harness.RESULTS}, f, indent=1)
-    print(f"\ncgc benchmark results: {len(harness.RESULTS)} rows -> {path}")
+    os.replace(tmp, path)
+    _written["rows"] = len(harness.RESULTS)
+    return path
+
+
+def pytest_runtest_teardown(item):
+    _write_results(item.config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = _write_results(session.config)
+    if harness.RESULTS:
+        print(f"\ncgc benchmark results: {len(harness.RESULTS)} rows -> {path or 'written'}")

@@ -287,7 +287,7 @@ class Provider:
 
 
 def _compile_subset(case: BenchCase) -> bool:
-    return (case.S, case.K, case.r) == (2, 1, 8) and case.mix == "uniform" and case.T in (4, 16)
+    return (case.S, case.K, case.r) == (2, 1, 8) and case.mix == "uniform" and case.T == 4 and case.M == 8192
 
 
 def _compile_subset_cpu(case: BenchCase) -> bool:
@@ -594,6 +594,7 @@ def git_commit() -> str:
         return "unknown"
 
 
+@functools.cache
 def environment(size: str) -> dict:
     try:
         import triton

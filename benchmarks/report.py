@@ -127,6 +127,26 @@ def speedup_summary(rows: list[dict], provider: str, level: str, mode: str):
     return ratios[0], ratios[len(ratios) // 2], ratios[-1]
 
 
+def summary_table(rows: list[dict]) -> str:
+    """Per level and mode: min / median / max over cases of each provider's speedup over moelora_loop,
+    and of its time over the bare frozen Linear (layer levels)."""
+    lines = ["| level | mode | provider | × moelora_loop (min / median / max) | / bare Linear (median) |",
+             "|---|---|---|---|---|"]
+    for (level, mode), group in _by(rows, "level", "mode").items():
+        t = defaultdict(dict)
+        for r in group:
+            t[r["case"]][r["provider"]] = r["median_s"]
+        for p in _providers(group):
+            if p in (BASELINE, "bare_linear"):
+                continue
+            s = speedup_summary(rows, p, level, mode)
+            cost = sorted(v[p] / v["bare_linear"] for v in t.values() if p in v and "bare_linear" in v)
+            lines.append(f"| {level} | {mode} | {p} | "
+                         + (f"{s[0]:.2f} / {s[1]:.2f} / {s[2]:.2f}" if s else "–") + " | "
+                         + (f"{cost[len(cost) // 2]:.2f}" if cost else "–") + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(data: dict) -> str:
     env, rows = data["environment"], data["results"]
     out = [
@@ -136,6 +156,10 @@ def render_markdown(data: dict) -> str:
         f"{env['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s.",
         "",
         "Median of the timed rounds; `P ×` = moelora_loop's time / P's (higher is faster).",
+        "",
+        "### Summary over cases",
+        "",
+        summary_table(rows),
     ]
     titles = [("op", "forward", "Op level (LoRA branch alone): forward"),
               ("op", "backward", "Op level: backward"),
