@@ -108,7 +108,7 @@ def throughput_table(rows: list[dict], level: str) -> str:
     providers = _providers(rows)
     head = ["case"] + [f"{p} tok/s" for p in providers]
     lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
-    for case, group in _by(rows, "case").items():
+    for (case,), group in _by(rows, "case").items():
         tps = {r["provider"]: r["tokens_per_s"] for r in group}
         cells = [f"{tps[p]:,.0f}" if p in tps else "–" for p in providers]
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
