@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 
 BASELINE = "moelora_loop"
@@ -124,7 +125,7 @@ def speedup_summary(rows: list[dict], provider: str, level: str, mode: str):
     ratios = sorted(v[BASELINE] / v[provider] for v in t.values() if BASELINE in v and provider in v)
     if not ratios:
         return None
-    return ratios[0], ratios[len(ratios) // 2], ratios[-1]
+    return ratios[0], statistics.median(ratios), ratios[-1]
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -143,7 +144,7 @@ def summary_table(rows: list[dict]) -> str:
             cost = sorted(v[p] / v["bare_linear"] for v in t.values() if p in v and "bare_linear" in v)
             lines.append(f"| {level} | {mode} | {p} | "
                          + (f"{s[0]:.2f} / {s[1]:.2f} / {s[2]:.2f}" if s else "–") + " | "
-                         + (f"{cost[len(cost) // 2]:.2f}" if cost else "–") + " |")
+                         + (f"{statistics.median(cost):.2f}" if cost else "–") + " |")
     return "\n".join(lines)
 
 
