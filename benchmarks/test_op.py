@@ -1,0 +1,14 @@
+"""Op level: the LoRA branch alone (no base layer): forward, backward, forward + backward.
+
+Providers: fused (Triton), reference, moelora_loop, torch_compile, peft_lora (a single LoRA of
+rank (S+K) r, checked against task 0's update). Groups: "op-<mode> <case>".
+"""
+
+import pytest
+
+from benchmarks import harness
+
+
+@pytest.mark.bench(level="op", modes=("forward", "backward", "full"))
+def test_op(benchmark, size, case, provider, mode):
+    harness.run(benchmark, provider=provider, level="op", mode=mode, case=case, size=size)
