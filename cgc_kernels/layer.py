@@ -158,6 +158,8 @@ class CGCLoRALinear(nn.Module):
             raise ValueError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.device != self.shared_a.device:
             raise ValueError(f"x is on {x.device} but the layer's experts are on {self.shared_a.device}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
         result = self.base_layer(x)
         if self.merged_task is not None:
             if task_ids is not None:
@@ -174,8 +176,6 @@ class CGCLoRALinear(nn.Module):
                 raise ValueError(f"task_ids shaped {tuple(task_ids.shape)} must be [M] or x.shape[:-1] = "
                                  f"{tuple(x.shape[:-1])}")
             task_ids = task_ids.reshape(-1)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
 
         x2 = x.reshape(-1, self.in_features).to(self.shared_a.dtype)
         out2 = result.reshape(-1, self.out_features)  # a view of the base output when contiguous
