@@ -120,8 +120,10 @@ def build_routing(
     key = torch.where(ids < 0, torch.full_like(key, torch.iinfo(torch.int64).max), key)
     order = torch.sort(key, stable=True).indices
 
-    # Shift by one so task -1 lands in bin 0, which is dropped.
-    counts = torch.bincount(ids + 1, minlength=T + 1)[1:]
+    # Shift by one so task -1 lands in bin 0, which is dropped. scatter_add rather than bincount:
+    # its output size is fixed (T + 1), which torch.compile can trace; integer adds are deterministic.
+    counts = torch.zeros(T + 1, dtype=torch.int64, device=device).scatter_add_(
+        0, ids + 1, torch.ones_like(ids))[1:]
     # Segment starts follow the sort order of tasks (by cluster, then id), not the task index.
     if task_cluster is None:
         task_order = torch.arange(T, device=device)

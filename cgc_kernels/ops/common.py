@@ -1,0 +1,79 @@
+"""What every kernel launcher shares: interpreter detection, config pinning, rank padding, dot precision.
+
+No kernels here. Importing this module does not import Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Triton decides at `@triton.jit` time whether a kernel runs in its interpreter, so the value the
+# environment had when the kernel modules were imported is the one that counts.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Largest stacked rank per side (S*r or K*r, padded to a power of two) the fused kernels accept:
+# z for one row block lives in registers, and larger ranks spill (checked ahead of time). Larger
+# problems go to the reference path.
+MAX_RANK_PAD = 128
+
+_pinned = os.environ.get("CGC_KERNELS_PIN_CONFIG", "0") not in ("", "0")
+
+
+def pin_configs(pinned: bool = True) -> None:
+    """Make every config function return its single pinned config (tests, interpreter, benchmarks)."""
+    global _pinned
+    _pinned = bool(pinned)
+
+
+def configs_pinned() -> bool:
+    """True when launchers must use the pinned config (explicitly pinned, or in the interpreter)."""
+    return _pinned or INTERPRET
+
+
+def rank_pad(rank: int) -> int:
+    """Padded rank block for `rank` stacked rank columns: a power of two >= 16 (tl.dot's minimum).
+
+    rank 0 still gets 16: the kernel skips that side through a constexpr flag, but shapes must exist.
+    """
+    p = 16
+    while p < rank:
+        p *= 2
+    return p
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: "ieee" for fp32 inputs (a GPU would round them to tf32 otherwise and
+    miss fp32 tolerances); irrelevant for fp16/bf16, which use tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def upcast_operands() -> bool:
+    """Cast tl.dot operands to fp32 in the interpreter: its bf16 dot is wrong. On a GPU the
+    operands stay fp16/bf16 so the dot runs on tensor cores (accumulating in fp32 either way)."""
+    return INTERPRET
+
+
+def triton_dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def tier_kind(dtype: torch.dtype) -> str:
+    """Config tables are keyed by "half" (fp16 / bf16: tensor-core operands) or "fp32"."""
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def pick_tier(tiers: list[tuple[int, str, dict]], size: int) -> tuple[str, dict]:
+    """The first (limit, name, config) tier whose limit covers `size` (a padded rank)."""
+    for limit, name, cfg in tiers:
+        if size <= limit:
+            return name, cfg
+    raise ValueError(f"padded rank {size} exceeds the largest kernel tier ({tiers[-1][0]})")

@@ -1,0 +1,134 @@
+"""Compile every fused kernel ahead of time for NVIDIA targets, without a GPU, and report resources.
+
+Run as a script WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit functions):
+
+    python tests/aot_compile_kernels.py [--caps 80,90] [--dtypes fp16,bf16,fp32]
+
+For each kernel, each block config its config function can choose (`*_config_space()`, each config
+at the largest rank it serves), each capability and dtype: triton.compile to PTX + cubin, then
+`ptxas -v` (shipped with the triton wheel) for registers and spills. Prints one JSON line per
+compile: kernel, config, cap, dtype, regs, spill_stores, spill_loads, shared (bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("run without TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from cgc_kernels.ops import backward, dropout, forward  # noqa: E402
+
+# Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
+INDEX_PTRS = {"order_ptr": "*i64", "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
+              "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
+FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr"}
+FLOAT_SCALARS = {"p_drop", "scaling", "p"}
+# What Triton's launcher specializes at run time for contiguous inputs: inner strides equal to 1
+# become constants (vectorised loads); pointers and row strides of d-sized dims divisible by 16.
+UNIT_STRIDES = {"stride_xk", "stride_sak", "stride_sbr", "stride_tak", "stride_tbr", "stride_ge", "stride_bn",
+                "stride_yn", "stride_zr", "stride_dyn", "stride_dzr", "stride_dxk", "stride_dge",
+                "stride_dsak", "stride_dsbr", "stride_dtak", "stride_dtbr"}
+ALIGNED = {"stride_xm", "stride_dym", "stride_ym", "stride_bm", "stride_dxm", "d_in", "d_out",
+           "stride_sac", "stride_sar", "stride_sbc", "stride_sbn", "stride_tat", "stride_tar", "stride_tbt",
+           "stride_tbn", "stride_dsac", "stride_dsar", "stride_dsbc", "stride_dsbn", "stride_dtat",
+           "stride_dtar", "stride_dtbt", "stride_dtbn"}
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in INDEX_PTRS:
+            sig[name] = INDEX_PTRS[name]
+        elif name == "mask_ptr":
+            sig[name] = "*i8"
+        elif name in FP32_PTRS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"  # strides, sizes, seed
+    return sig
+
+
+def jobs(caps, dtypes):
+    """(kernel name, config name, cap, dtype, constexprs, num_warps, num_stages) for every compile."""
+    out = []
+    kernels = [
+        ("forward", forward._cgc_lora_fwd_kernel, forward.forward_config_space),
+        ("bwd_tile", backward._cgc_lora_bwd_tile_kernel, backward.backward_tile_config_space),
+        ("bwd_weight", backward._cgc_lora_bwd_weight_kernel, backward.backward_weight_config_space),
+    ]
+    for cap in caps:
+        for dt in dtypes:
+            for kname, _fn, space in kernels:
+                for cname, consts, warps, stages in space(dt):
+                    out.append((kname, cname, cap, dt, consts, warps, stages))
+        # The mask kernel has no float input: one compile per capability.
+        out.append(("dropout_mask", "default", cap, "-", dict(BLOCK_M=64, BLOCK_K=64), 4, 1))
+    return out
+
+
+FNS = {"forward": forward._cgc_lora_fwd_kernel, "bwd_tile": backward._cgc_lora_bwd_tile_kernel,
+       "bwd_weight": backward._cgc_lora_bwd_weight_kernel, "dropout_mask": dropout._keep_mask_kernel}
+
+
+def compile_one(job):
+    kname, cname, cap, dt, consts, warps, stages = job
+    fn = FNS[kname]
+    consts = {**consts, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
+    sig = signature(fn, dt, consts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n] != "constexpr" and (sig[n].startswith("*") or n in ALIGNED)}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    ptx = k.asm["ptx"]
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "k.ptx")
+        with open(p, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", p, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {kname}/{cname}/sm_{cap}/{dt}: {res.stderr[-2000:]}")
+    info = res.stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", info).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, regs=regs, spill_stores=spill_st,
+                spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
+                has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--caps", default="80,90")
+    ap.add_argument("--dtypes", default="fp16,bf16,fp32")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    a = ap.parse_args(argv)
+    todo = jobs([int(c) for c in a.caps.split(",")], a.dtypes.split(","))
+    with ProcessPoolExecutor(a.workers) as pool:
+        for r in pool.map(compile_one, todo):
+            print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""build_routing against a plain-Python computation of the same sort, segments and tile table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cgc_kernels.routing import build_routing
+
+
+def python_routing(ids: list[int], T: int, cluster: list[int] | None, block_m: int):
+    """Order, counts, starts and tile table computed one token at a time."""
+    cl = cluster or [0] * T
+    task_seq = sorted(range(T), key=lambda t: (cl[t], t))  # segment order of the tasks
+    order = []
+    for t in task_seq:
+        order += [m for m, i in enumerate(ids) if i == t]
+    order += [m for m, i in enumerate(ids) if i == -1]  # no adapter: last
+    counts = [sum(1 for i in ids if i == t) for t in range(T)]
+    starts, pos = [0] * T, 0
+    for t in task_seq:
+        starts[t], pos = pos, pos + counts[t]
+    tiles = []
+    for t in task_seq:
+        for s in range(starts[t], starts[t] + counts[t], block_m):
+            tiles.append((t, s, min(s + block_m, starts[t] + counts[t])))
+    max_tiles = -(-len(ids) // block_m) + T
+    tiles += [(-1, 0, 0)] * (max_tiles - len(tiles))
+    return order, counts, starts, tiles
+
+
+@pytest.mark.parametrize(
+    "ids, T, cluster, block_m",
+    [
+        ([2, 0, 1, 0, 2, 2, 1], 3, None, 2),  # unsorted ids, partial tiles
+        ([1, -1, 0, -1, 1], 2, None, 4),  # task -1 rows go last and get no tile
+        ([-1, -1, -1], 2, None, 4),  # no routed token: every slot unused
+        ([2, 2, 0, 2], 3, None, 1),  # task 1 has no tokens; one row per tile
+        ([0] * 9, 1, None, 4),  # T = 1, all tokens one task, several tiles
+        ([3, 0, 1, 2, 3, 1, 0, -1, 2], 4, [1, 0, 1, 0], 2),  # clusters: cluster-major, task-minor
+        ([], 3, None, 4),  # no tokens at all
+        ([5, 4, 3, 2, 1, 0, 5, 4], 6, [0, 1, 2, 0, 1, 2], 3),  # more clusters than one task each
+    ],
+)
+def test_routing_matches_python(ids, T, cluster, block_m):
+    tids = torch.tensor(ids, dtype=torch.int64)
+    tc = torch.tensor(cluster) if cluster is not None else None
+    rt = build_routing(tids, T, tc, block_m=block_m)
+    order, counts, starts, tiles = python_routing(ids, T, cluster, block_m)
+    assert rt.order.tolist() == order
+    assert rt.counts.tolist() == counts
+    assert rt.starts.tolist() == starts
+    got = list(zip(rt.tile_task.tolist(), rt.tile_start.tolist(), rt.tile_end.tolist(), strict=True))
+    assert got == tiles
+    assert rt.max_tiles == -(-len(ids) // block_m) + T  # depends on M, T, block only
+
+
+def test_routing_grid_size_independent_of_ids():
+    # Same M and T, very different id patterns: same table size (a CUDA graph can replay it).
+    a = build_routing(torch.zeros(50, dtype=torch.int64), 4)
+    b = build_routing(torch.arange(50) % 4, 4)
+    assert a.max_tiles == b.max_tiles
+
+
+@pytest.mark.parametrize("bad", [[0, 3], [-2, 0]])
+def test_routing_rejects_bad_ids(bad):
+    with pytest.raises(ValueError, match="task id"):
+        build_routing(torch.tensor(bad), 3)
+
+
+def test_routing_block_m_must_be_positive():
+    with pytest.raises(ValueError, match="block_m"):
+        build_routing(torch.tensor([0]), 1, block_m=0)
