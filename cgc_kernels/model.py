@@ -642,7 +642,8 @@ class CGCModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, clusters: list[str] | None = None) -> None:
         """Write the config (cgc_config.json) and the adapter + gate weights (safetensors) of all
         clusters, or of `clusters`. Atomic per file: temp files in `directory`, then os.replace, so
-        a crash mid-save leaves the previous files whole."""
+        a crash mid-save leaves the previous files whole; the weights file, replaced last, embeds
+        its config, so a crash between the two replacements still loads the previous checkpoint."""
         clusters = list(self._clusters) if clusters is None else list(clusters)
         unknown = [c for c in clusters if c not in self._clusters]
         if unknown or not clusters:
@@ -652,9 +653,10 @@ class CGCModel(nn.Module):
         config = self._config_of(clusters)
         tensors = {k: v.contiguous() for k, v in self._adapter_tensors(clusters).items()}
         os.makedirs(directory, exist_ok=True)
+        # The weights file goes last: replacing it is the commit point (it carries its own config).
         _atomic_write(directory, {
-            WEIGHTS_NAME: lambda p: _save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config.to_json_string()}),
             CONFIG_NAME: lambda p: _write_text(p, config.to_json_string()),
+            WEIGHTS_NAME: lambda p: _save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config.to_json_string()}),
         })
 
     def save_cluster(self, name: str, directory: str | os.PathLike) -> None:
