@@ -8,9 +8,10 @@ over each half averages to the mean over the whole batch), and runs one step:
 
   ddp:    DistributedDataParallel; the all-reduced gradients must equal a single-process step on
           the whole batch, and after one SGD step every rank must hold the same adapter weights.
-  fsdp2:  torch.distributed.fsdp.fully_shard on each decoder layer and the root; the gathered
-          gradients must equal the single-process ones as well (skipped, with the reason, where
-          this torch cannot shard on CPU with gloo).
+  fsdp2:  torch.distributed.fsdp.fully_shard on each task gate, each decoder layer and the root;
+          the gathered gradients must equal the single-process ones as well, and a checkpoint saved
+          after the step (unshard, save on rank 0) must load as the single-process step's weights
+          (skipped, with the reason, where this torch cannot shard on CPU with gloo).
 
 Rank 0 writes a JSON report to --out; the test reads it. float64 throughout, so "equal" means
 within 1e-10 (sums in another order, nothing else).
@@ -109,7 +110,7 @@ def run_ddp(backend, rows, want) -> dict:
     return report
 
 
-def run_fsdp2(backend, rows, want) -> dict:
+def run_fsdp2(backend, rows, want, single_step, save_dir) -> dict:
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -133,6 +134,22 @@ def run_fsdp2(backend, rows, want) -> dict:
     report = compare(grads, want)
     torch.optim.SGD(trainable(cgc).values(), lr=0.1).step()
     report["ranks_agree_after_step"] = ranks_agree({n: full(p.detach()) for n, p in trainable(cgc).items()})
+    # Saving: unshard every FSDP module (a collective, on all ranks) so the parameters are whole
+    # tensors, save on rank 0, reshard. The saved adapters must equal a single-process SGD step.
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in cgc.modules() if isinstance(m, FSDPModule)]
+    for m in sharded:
+        m.unshard()
+    if dist.get_rank() == 0:
+        cgc.save_pretrained(save_dir)
+    for m in sharded:
+        m.reshard()
+    dist.barrier()
+    if dist.get_rank() == 0:
+        loaded = CGCModel.from_pretrained(build(backend).unload(), save_dir)
+        stepped = {n: p.detach() for n, p in trainable(loaded).items()}
+        report["saved_equals_single_step"] = compare(stepped, single_step)
     return report
 
 
@@ -150,11 +167,15 @@ def main() -> None:
     single = build(args.backend)  # the single-process step on the whole batch, on every rank
     single(**batch()).loss.backward()
     want = {n: p.grad.clone() for n, p in trainable(single).items()}
+    torch.optim.SGD(trainable(single).values(), lr=0.1).step()
+    single_step = {n: p.detach().clone() for n, p in trainable(single).items()}
 
     report = dict(world=world, torch=torch.__version__)
-    for name, fn in (("ddp", run_ddp), ("fsdp2", run_fsdp2)):
+    runs = (("ddp", lambda: run_ddp(args.backend, rows, want)),
+            ("fsdp2", lambda: run_fsdp2(args.backend, rows, want, single_step, args.out + ".fsdp2_checkpoint")))
+    for name, fn in runs:
         try:
-            report[name] = fn(args.backend, rows, want)
+            report[name] = fn()
         except Exception:
             report[name] = dict(error=traceback.format_exc())
     if rank == 0:

@@ -59,3 +59,5 @@ def test_fsdp2_gradients_equal_single_process_step(report):
     if "skipped" in report["fsdp2"]:
         pytest.skip(report["fsdp2"]["skipped"])
     _check(report["fsdp2"])
+    saved = report["fsdp2"]["saved_equals_single_step"]  # unshard, save on rank 0, load in one process
+    assert saved["n_grads"] > 0 and not saved["missing"] and not saved["mismatched"], saved
