@@ -116,6 +116,10 @@ class CGCLoRALinear(nn.Module):
 
         if isinstance(gate, nn.Module):
             self.gate_kind = "token" if isinstance(gate, TokenGate) else "task"
+            size = (getattr(gate, "num_tasks", T), getattr(gate, "num_experts", S + K))
+            if size != (T, S + K):
+                raise ValueError(f"gate module is for [T, S+K] = [{size[0]}, {size[1]}] but the layer has "
+                                 f"T={T} tasks and S+K={S + K} experts")
             self.gate = gate
         elif gate == "task":
             self.gate_kind, self.gate = "task", TaskGate(T, S + K, gate_embedding_dim)
@@ -153,6 +157,13 @@ class CGCLoRALinear(nn.Module):
         or a TaskRouting; None uses `current_routing` (set by CGCModel). Returns [..., d_out]."""
         if task_ids is None:
             task_ids = self.current_routing
+        # Checked before the base layer runs, whose own errors would not name the argument.
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            raise ValueError(f"x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.device != self.shared_a.device:
+            raise ValueError(f"x is on {x.device} but the layer's experts are on {self.shared_a.device}")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
         result = frozen_base_forward(self.base_layer, x) if self.quantized_base else self.base_layer(x)
         if self.merged_task is not None:
             if task_ids is not None:
@@ -169,8 +180,6 @@ class CGCLoRALinear(nn.Module):
                 raise ValueError(f"task_ids shaped {tuple(task_ids.shape)} must be [M] or x.shape[:-1] = "
                                  f"{tuple(x.shape[:-1])}")
             task_ids = task_ids.reshape(-1)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
 
         x2 = x.reshape(-1, self.in_features).to(self.shared_a.dtype)
         out2 = result.reshape(-1, self.out_features)  # a view of the base output when contiguous

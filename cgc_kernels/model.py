@@ -47,6 +47,9 @@ from .quantized import dequantize_model_, dequantized_linear, guard_quantized_la
 from .routing import TaskRouting, build_routing, check_task_ids
 
 WEIGHTS_NAME = "cgc_adapter.safetensors"
+# The weights file carries a copy of its config in its safetensors metadata: the two files are
+# replaced one after the other, so only the weights file is replaced atomically as a whole.
+CONFIG_METADATA_KEY = "cgc_config"
 DEFAULT_CLUSTER = "default"
 # Fields every cluster on one base model must share: they fix the layers' shapes and the op's scaling.
 _SHARED_FIELDS = ("num_shared_experts", "num_task_experts", "rank", "alpha", "dropout", "gate",
@@ -94,7 +97,7 @@ class _TaskRequest:
         """[batch * seq] ids for a base-model call on [batch, seq] tokens."""
         if self.per_sequence:
             b0 = self.ids.shape[0]
-            if batch % b0:
+            if batch != b0 and (b0 == 0 or batch % b0):
                 raise ValueError(f"the model was called on {batch} sequences, not a multiple of the "
                                  f"{b0} task ids given")
             # generate() repeats each row (beams, num_return_sequences) with repeat_interleave.
@@ -296,9 +299,8 @@ class CGCModel(nn.Module):
         """Add every cluster saved in `directory` (by save_pretrained / save_cluster), with its
         weights; `name` renames a single saved cluster (e.g. two modules both saved as "default").
         Returns the names of the clusters added."""
-        config = CGCLoRAConfig.from_pretrained(directory)
+        config, tensors = _read_checkpoint(directory)
         new = _split_config(config)
-        tensors = _load_file(os.path.join(directory, WEIGHTS_NAME))
         if name is not None:
             if len(new) != 1:
                 raise ValueError(f"name= renames one cluster, but {directory} holds {list(new)}")
@@ -347,6 +349,8 @@ class CGCModel(nn.Module):
         if not isinstance(task_ids, torch.Tensor):
             raise ValueError(f"task_ids must be a tensor, a list of names or ids, or one name/id; got "
                              f"{type(task_ids).__name__}")
+        if task_ids.device.type == "meta":
+            raise ValueError("task_ids is on the meta device: it holds no values to route by")
         if task_ids.dim() == 0:
             task_ids = task_ids.expand(batch)
         if task_ids.dim() not in (1, 2):
@@ -405,6 +409,7 @@ class CGCModel(nn.Module):
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("CGCModel.forward needs input_ids or inputs_embeds")
+        _check_input_rank(x, input_ids is not None, "CGCModel.forward")
         request = self.resolve_task_ids(task_ids, x.shape[0], x.shape[1])
         with self.task_context(request):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -416,6 +421,7 @@ class CGCModel(nn.Module):
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("CGCModel.generate needs input_ids or inputs_embeds")
+        _check_input_rank(x, input_ids is not None, "CGCModel.generate")
         request = self.resolve_task_ids(task_ids, x.shape[0])
         if not request.per_sequence:
             raise ValueError("generate takes one task per sequence: task_ids must be [batch], not per token")
@@ -668,7 +674,8 @@ class CGCModel(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, clusters: list[str] | None = None) -> None:
         """Write the config (cgc_config.json) and the adapter + gate weights (safetensors) of all
         clusters, or of `clusters`. Atomic per file: temp files in `directory`, then os.replace, so
-        a crash mid-save leaves the previous files whole."""
+        a crash mid-save leaves the previous files whole; the weights file, replaced last, embeds
+        its config, so a crash between the two replacements still loads the previous checkpoint."""
         clusters = list(self._clusters) if clusters is None else list(clusters)
         unknown = [c for c in clusters if c not in self._clusters]
         if unknown or not clusters:
@@ -678,9 +685,10 @@ class CGCModel(nn.Module):
         config = self._config_of(clusters)
         tensors = {k: v.contiguous() for k, v in self._adapter_tensors(clusters).items()}
         os.makedirs(directory, exist_ok=True)
+        # The weights file goes last: replacing it is the commit point (it carries its own config).
         _atomic_write(directory, {
-            WEIGHTS_NAME: lambda p: _save_file(tensors, p),
             CONFIG_NAME: lambda p: _write_text(p, config.to_json_string()),
+            WEIGHTS_NAME: lambda p: _save_file(tensors, p, metadata={CONFIG_METADATA_KEY: config.to_json_string()}),
         })
 
     def save_cluster(self, name: str, directory: str | os.PathLike) -> None:
@@ -691,11 +699,7 @@ class CGCModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *,
                         backend: str | None = None) -> CGCModel:
         """Rebuild the CGCModel saved in `directory` on `model` (the same base architecture)."""
-        config = CGCLoRAConfig.from_pretrained(directory)
-        path = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        tensors = _load_file(path)
+        config, tensors = _read_checkpoint(directory)
         cgc = cls(model, config, backend=backend)
         try:
             cgc._load_adapter_tensors(tensors, cgc.clusters)
@@ -703,6 +707,15 @@ class CGCModel(nn.Module):
             cgc.unload()  # leave the caller's model as it was
             raise
         return cgc
+
+
+def _check_input_rank(x: torch.Tensor, is_ids: bool, where: str) -> None:
+    """input_ids must be [batch, seq] and inputs_embeds [batch, seq, hidden]: task ids are placed by
+    the first two dims."""
+    want = 2 if is_ids else 3
+    if x.dim() != want:
+        name, shape = ("input_ids", "[batch, seq]") if is_ids else ("inputs_embeds", "[batch, seq, hidden]")
+        raise ValueError(f"{where}: {name} must be {shape}, got shape {tuple(x.shape)}")
 
 
 def _rename_cluster_key(key: str, old: str, new: str) -> str:
@@ -723,16 +736,41 @@ def _in_features(base: nn.Module) -> int:
     return base_layer_features(base)[0]
 
 
-def _save_file(tensors: dict[str, torch.Tensor], path: str) -> None:
+def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": "pt", **(metadata or {})})
 
 
-def _load_file(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({key: tensor}, metadata) of a safetensors file; ValueError naming the file if it is damaged."""
+    from safetensors import SafetensorError, safe_open
 
-    return load_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _read_checkpoint(directory: str | os.PathLike) -> tuple[CGCLoRAConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) saved by save_pretrained in `directory`.
+
+    The config comes from the weights file's own metadata when it has one: a save interrupted
+    between replacing cgc_config.json and the weights leaves the previous weights whole, and they
+    must be read with the config they were saved with, not the newer JSON file."""
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    tensors, metadata = _load_file(path)
+    if CONFIG_METADATA_KEY in metadata:
+        return CGCLoRAConfig.from_json_string(metadata[CONFIG_METADATA_KEY]), tensors
+    try:  # written before the config was embedded, or by hand
+        return CGCLoRAConfig.from_pretrained(directory), tensors
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.path.join(directory, CONFIG_NAME)} is not valid JSON (truncated or "
+                         f"corrupted?): {e}") from None
 
 
 def _write_text(path: str, text: str) -> None:

@@ -216,7 +216,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     old = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     randomize(cgc, seed=9)
 
-    def crash(tensors, path):
+    def crash(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")
