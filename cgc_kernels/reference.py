@@ -93,6 +93,9 @@ def cgc_lora(
     if shp.S > 0:
         for c in range(shp.C):
             rows = (token_cluster == c).nonzero().squeeze(1)
+            # Task-major within the cluster: the shared gradients then sum rows in an order that no
+            # task-order-preserving shuffle of the batch can change (bitwise reproducible).
+            rows = rows[torch.sort(ids[rows], stable=True).indices]
             z = h[rows] @ shared_a[c].to(acc).T  # [m_c, S r]
             delta = delta.index_add(0, rows, (z * shared_gates[rows]) @ shared_b[c].to(acc).T)
     if shp.K > 0:
