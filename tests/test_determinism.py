@@ -22,7 +22,6 @@ from cgc_kernels import CGCLoRAConfig, CGCModel
 from .cases import Case, make_inputs
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
-SHARED = ("shared_a", "shared_b")
 
 
 def _triton_skip_reason() -> str | None:
