@@ -145,16 +145,18 @@ def _load_trained(directory: str, meta: dict, model_override: str | None):
 
 
 def _export(cgc, tokenizer, task: str, out: str, merged: bool) -> None:
+    from .training import quiet_transformers
+
     if task not in cgc.tasks:
         raise UserError(f"unknown task {task!r}; the adapter's tasks: {', '.join(cgc.tasks)}")
-    if merged:
-        model = cgc.merge_task(task)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer = None
-        model.save_pretrained(out)
-    else:
-        cgc.export_peft_adapter(task, out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        if merged:
+            model = cgc.merge_task(task)
+            model.hf_quantizer = None  # a dequantized GGUF base saves as plain weights
+            model.save_pretrained(out)
+        else:
+            cgc.export_peft_adapter(task, out)
+        tokenizer.save_pretrained(out)
 
 
 # ---- demo --------------------------------------------------------------------------------------
@@ -196,6 +198,7 @@ def cmd_demo(args) -> int:
     args.clusters, args.dropout, args.gate, args.gate_scope = None, 0.0, "task", "layer"
     config = _cgc_config(args, tasks)
     cgc = _wrap(base, config)
+    tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
     n_train = sum(p.numel() for p in cgc.parameters() if p.requires_grad)
     _log(f"  CGC-LoRA: {config.num_shared_experts} shared + {config.num_task_experts} task expert(s) of rank "
          f"{config.rank} on {', '.join(config.target_modules)}; {n_train / 1e6:.2f} M trainable parameters")
@@ -270,6 +273,7 @@ def cmd_train(args) -> int:
         raise UserError("--bf16 is not supported on this device")
     base, tokenizer = load_base(spec)
     cgc = _wrap(base, config)
+    tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
     _log(f"training CGC-LoRA on {len(rows)} rows of {len(tasks)} tasks: {', '.join(tasks)}")
     before = None
     if eval_rows:

