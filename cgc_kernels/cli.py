@@ -138,15 +138,19 @@ def _load_trained(directory: str, meta: dict, model_override: str | None):
     spec = meta.get("base_model")
     if model_override:
         spec = TINY_MODEL if model_override == TINY_MODEL else os.path.abspath(model_override)
-    base, tokenizer = load_base(spec, DTYPES.get(meta.get("dtype"), DTYPES["float32"]))
+    own_tokenizer = spec != TINY_MODEL and os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+    base, tokenizer = load_base(spec, DTYPES.get(meta.get("dtype"), DTYPES["float32"]),
+                                with_tokenizer=not own_tokenizer)
     fp, want = model_fingerprint(base), meta.get("fingerprint")
     if want and fp != want:
         where = "the model given" if model_override else f"its recorded base model {spec}"
         same_shape = describe(fp) == describe(want)
         raise UserError(f"the adapter in {directory} was trained on {describe(want)}, but {where} is "
                         f"{describe(fp)}" + (" with other weights" if same_shape else ""))
-    if spec != TINY_MODEL:
+    if own_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(directory)  # the training run's own copy
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
     try:
         cgc = CGCModel.from_pretrained(base, directory)
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:

@@ -104,10 +104,11 @@ def default_model_path() -> str:
     return path
 
 
-def load_base(spec: str | None, dtype: torch.dtype = torch.float32):
+def load_base(spec: str | None, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
     """(model, tokenizer) for a model spec: None = the default SmolLM2 GGUF, "tiny" = a tiny random
     Llama, a GGUF file, or a local transformers model directory. Eager attention (faster than SDPA
-    for the short padded batches here on a CPU)."""
+    for the short padded batches here on a CPU). with_tokenizer=False: tokenizer None (reading a
+    GGUF file's tokenizer costs seconds)."""
     if spec == TINY_MODEL:
         model, tokenizer = tiny_model()
         return model.to(dtype), tokenizer
@@ -116,10 +117,10 @@ def load_base(spec: str | None, dtype: torch.dtype = torch.float32):
         raise UserError(f"no such model: {path}")
     kw = dict(dtype=dtype, attn_implementation="eager")
     with quiet_transformers():
-        return _load(path, kw)
+        return _load(path, kw, with_tokenizer)
 
 
-def _load(path: str, kw: dict):
+def _load(path: str, kw: dict, with_tokenizer: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -128,7 +129,7 @@ def _load(path: str, kw: dict):
                 raise UserError(f"--model must be a transformers model directory or a .gguf file, got {path}")
             d, name = os.path.split(os.path.abspath(path))
             model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name) if with_tokenizer else None
             # Dequantized on load: drop the GGUF marker so copies of the model save as plain weights.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -137,11 +138,11 @@ def _load(path: str, kw: dict):
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise UserError(f"{path} is not a transformers model directory (no config.json)")
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
