@@ -93,7 +93,9 @@ class CGCDataCollator:
             if isinstance(task, (list, tuple, torch.Tensor)):
                 task = [self._task_id(t) for t in _as_list(task)]
                 if len(task) != len(ids):
-                    raise ValueError(f"example {i}: per-token task_ids has {len(task)} entries, input_ids {len(ids)}")
+                    raise ValueError(
+                        f"example {i}: per-token task_ids has {len(task)} entries, input_ids {len(ids)}"
+                    )
             else:
                 task = self._task_id(task)
             rows.append((ids, labels, task))
@@ -109,15 +111,16 @@ class CGCDataCollator:
             fill = [value] * (length - len(seq))
             return fill + seq if self.padding_side == "left" else seq + fill
 
+        long = lambda seqs: torch.tensor(seqs, dtype=torch.long)
         batch = {
-            "input_ids": torch.tensor([pad(ids, self.pad_token_id) for ids, _, _ in rows], dtype=torch.long),
-            "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _, _ in rows], dtype=torch.long),
-            "labels": torch.tensor([pad(lab, self.label_pad_token_id) for _, lab, _ in rows], dtype=torch.long),
+            "input_ids": long([pad(ids, self.pad_token_id) for ids, _, _ in rows]),
+            "attention_mask": long([pad([1] * len(ids), 0) for ids, _, _ in rows]),
+            "labels": long([pad(lab, self.label_pad_token_id) for _, lab, _ in rows]),
         }
         if all(per_token):
-            batch["task_ids"] = torch.tensor([pad(t, -1) for _, _, t in rows], dtype=torch.long)
+            batch["task_ids"] = long([pad(t, -1) for _, _, t in rows])
         else:
-            batch["task_ids"] = torch.tensor([t for _, _, t in rows], dtype=torch.long)
+            batch["task_ids"] = long([t for _, _, t in rows])
         return batch
 
 

@@ -80,7 +80,9 @@ class CGCLoRAConfig:
         if self.gate == "token" and self.gate_scope == "model":
             raise ValueError("a token gate reads each layer's input, so gate_scope must be 'layer'")
         if self.gate_embedding_dim is not None and self.gate_embedding_dim < 1:
-            raise ValueError(f"gate_embedding_dim must be a positive int or None, got {self.gate_embedding_dim}")
+            raise ValueError(
+                f"gate_embedding_dim must be a positive int or None, got {self.gate_embedding_dim}"
+            )
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

@@ -92,7 +92,9 @@ class CGCLoRALinear(nn.Module):
             task_cluster = [0] * num_tasks
         tc = torch.as_tensor(task_cluster, dtype=torch.int64)
         if tc.shape != (num_tasks,) or int(tc.min()) < 0:
-            raise ValueError(f"task_cluster must be [T] = [{num_tasks}] non-negative ints, got {task_cluster}")
+            raise ValueError(
+                f"task_cluster must be [T] = [{num_tasks}] non-negative ints, got {task_cluster}"
+            )
         self.num_clusters = int(tc.max()) + 1
         self.register_buffer("task_cluster", tc, persistent=False)
 

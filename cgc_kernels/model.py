@@ -132,7 +132,9 @@ class CGCModel(nn.Module):
             name for name, m in model.named_modules() if name and module_matches(name, config.target_modules)
         ]
         if not self._layer_names:
-            raise ValueError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+            raise ValueError(
+                f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}"
+            )
         bad = [n for n in self._layer_names if not _is_adaptable(model.get_submodule(n))]
         if bad:
             kinds = sorted({type(model.get_submodule(n)).__name__ for n in bad})
@@ -207,7 +209,9 @@ class CGCModel(nn.Module):
             current = self.model.get_submodule(name)
             old = current if isinstance(current, CGCLoRALinear) else None
             if old is not None and old.merged_task is not None:
-                raise ValueError(f"{name} has task {old.merged_task} merged; unmerge() before changing clusters")
+                raise ValueError(
+                    f"{name} has task {old.merged_task} merged; unmerge() before changing clusters"
+                )
             base = old.base_layer if old is not None else current
             old_tasks = getattr(old, "_task_names", [])
             old_clusters = getattr(old, "_cluster_names", [])
@@ -221,8 +225,10 @@ class CGCModel(nn.Module):
             elif cfg.gate_scope == "model":
                 gate = StackedTaskGate([self._model_gates[c] for c in self._clusters])
             else:
-                parts = [old.gate.parts[old_clusters.index(c)] if c in old_clusters else self._new_task_gate(ccfg)
-                         for c, ccfg in self._clusters.items()]
+                parts = [
+                    old.gate.parts[old_clusters.index(c)] if c in old_clusters else self._new_task_gate(ccfg)
+                    for c, ccfg in self._clusters.items()
+                ]
                 gate = StackedTaskGate(parts)
             layer = CGCLoRALinear(
                 base, len(tasks), S, K, r, cfg.alpha, dropout=cfg.dropout, task_cluster=task_cluster,
@@ -282,16 +288,23 @@ class CGCModel(nn.Module):
             self._clusters[name] = removed
             raise
 
-    def load_cluster(self, directory: str | os.PathLike) -> list[str]:
+    def load_cluster(self, directory: str | os.PathLike, name: str | None = None) -> list[str]:
         """Add every cluster saved in `directory` (by save_pretrained / save_cluster), with its
-        weights. Returns the names of the clusters added."""
+        weights; `name` renames a single saved cluster (e.g. two modules both saved as "default").
+        Returns the names of the clusters added."""
         config = CGCLoRAConfig.from_pretrained(directory)
         new = _split_config(config)
+        tensors = _load_file(os.path.join(directory, WEIGHTS_NAME))
+        if name is not None:
+            if len(new) != 1:
+                raise ValueError(f"name= renames one cluster, but {directory} holds {list(new)}")
+            (old_name, ccfg), = new.items()
+            new = OrderedDict([(name, ccfg)])
+            tensors = {_rename_cluster_key(k, old_name, name): v for k, v in tensors.items()}
         for c, ccfg in new.items():
             if c in self._clusters:
                 raise ValueError(f"cluster {c!r} from {directory} already exists; clusters: {self.clusters}")
             _check_compatible(next(iter(self._clusters.values())), ccfg, f"cluster {c!r} from {directory}")
-        tensors = _load_file(os.path.join(directory, WEIGHTS_NAME))
         added = []
         try:
             for c, ccfg in new.items():
@@ -309,16 +322,20 @@ class CGCModel(nn.Module):
         """Check task ids once, on the host: a task name or id for the whole batch, [batch] names
         or ids (one task per sequence), or [batch, seq] ids (per token; -1 = base model)."""
         if task_ids is None:
-            raise ValueError("task_ids is required: a task name or id per sequence (or per token; -1 = base model)")
+            raise ValueError(
+                "task_ids is required: a task name or id per sequence (or per token; -1 = base model)"
+            )
         T = self.num_tasks
         if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
             task_ids = [task_ids] * batch
         if isinstance(task_ids, Sequence) and not isinstance(task_ids, str):
             if any(isinstance(t, str) for t in task_ids):
-                bad = [t for t in task_ids if not isinstance(t, str)]
+                # one entry per sequence: a name, an id, or -1 / None for the base model
+                bad = [t for t in task_ids if t is not None and not isinstance(t, (str, int))]
                 if bad:
-                    raise ValueError(f"task_ids mixes names and other values: {bad[:3]}")
-                task_ids = [self.task_index(t) for t in task_ids]
+                    raise ValueError(f"task_ids entries must be names, ints or None, got {bad[:3]}")
+                task_ids = [-1 if t is None else self.task_index(t) if isinstance(t, str) else t
+                            for t in task_ids]
             try:
                 task_ids = torch.tensor(task_ids, dtype=torch.int64)
             except (TypeError, ValueError) as e:
@@ -341,7 +358,8 @@ class CGCModel(nn.Module):
         if len(self._clusters) == 1:
             return None
         if device not in self._cluster_index_cache:
-            self._cluster_index_cache[device] = torch.tensor(self.task_cluster, dtype=torch.int64, device=device)
+            index = torch.tensor(self.task_cluster, dtype=torch.int64, device=device)
+            self._cluster_index_cache[device] = index
         return self._cluster_index_cache[device]
 
     def _set_routing(self, routing: TaskRouting | None) -> None:
@@ -441,10 +459,12 @@ class CGCModel(nn.Module):
     gradient_checkpointing_disable = activation_checkpointing_disable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
+        if hasattr(type(self.model), "is_activation_checkpointing"):
+            return bool(self.model.is_activation_checkpointing)
         return bool(getattr(self.model, "is_gradient_checkpointing", False))
 
-    is_activation_checkpointing = is_gradient_checkpointing
+    is_gradient_checkpointing = is_activation_checkpointing
 
     # ---- what Trainer and generate read from a model ------------------------------------------
     @property
@@ -620,7 +640,9 @@ class CGCModel(nn.Module):
         clusters = list(self._clusters) if clusters is None else list(clusters)
         unknown = [c for c in clusters if c not in self._clusters]
         if unknown or not clusters:
-            raise ValueError(f"clusters to save must be a non-empty subset of {self.clusters}, got {clusters}")
+            raise ValueError(
+                f"clusters to save must be a non-empty subset of {self.clusters}, got {clusters}"
+            )
         config = self._config_of(clusters)
         tensors = {k: v.contiguous() for k, v in self._adapter_tensors(clusters).items()}
         os.makedirs(directory, exist_ok=True)
@@ -649,6 +671,18 @@ class CGCModel(nn.Module):
             cgc.unload()  # leave the caller's model as it was
             raise
         return cgc
+
+
+def _rename_cluster_key(key: str, old: str, new: str) -> str:
+    """A saved tensor key of cluster `old` as cluster `new` (task keys carry no cluster name)."""
+    for kind in (".shared_a", ".shared_b"):
+        if key.endswith(f"{kind}[{old}]"):
+            return key[: -len(f"[{old}]")] + f"[{new}]"
+    for prefix in ("gate", ".gate"):
+        head = f"{prefix}[{old}]."
+        if key.startswith(head) if prefix == "gate" else head in key:
+            return key.replace(head, f"{prefix}[{new}].", 1)
+    return key
 
 
 def _in_features(base: nn.Module) -> int:
