@@ -230,6 +230,7 @@ def cmd_demo(args) -> int:
     max_new = max(len(tokenizer(r["response"], add_special_tokens=False).input_ids) for r in eval_rows) + 2
     before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
                          desc="held-out before")
+    _log("  held-out exact match before training: " + ", ".join(f"{t} {before[t]:.2f}" for t in tasks))
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     losses = train_loop(cgc, tokenizer, train_rows, tasks, settings, system=system)
     after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
