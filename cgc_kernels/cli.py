@@ -328,10 +328,20 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args):
             cgc.save_pretrained(output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            from .model import CGCModel
+            import torch
+            from safetensors.torch import load_file
 
-            loaded = CGCModel.from_pretrained(cgc.model, resume_from_checkpoint)
-            cgc.load_state_dict(loaded.state_dict(), strict=False)
+            from .model import WEIGHTS_NAME
+
+            path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise UserError(f"{resume_from_checkpoint} is not a checkpoint of cgc-lora train "
+                                f"(no {WEIGHTS_NAME})")
+            try:
+                with torch.no_grad():
+                    cgc._load_adapter_tensors(load_file(path), cgc.clusters)
+            except ValueError as e:
+                raise UserError(f"cannot resume from {resume_from_checkpoint}: {e}") from None
 
     dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
     targs = TrainingArguments(

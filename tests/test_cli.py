@@ -234,3 +234,21 @@ def test_bench_expert_loop_matches_reference_and_prints_table(capsys):
     table = capsys.readouterr().out
     for row in ("reference", "expert loop", "CGCLoRALinear"):
         assert row in table
+
+
+def test_resume_from_checkpoint(run, tmp_path):
+    from safetensors.torch import load_file
+
+    d, out = run
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    before = load_file(str(ckpt / "cgc_adapter.safetensors"))
+    resumed = tmp_path / "resumed"
+    argv = ["train", "--tiny", "--data", str(d / "train.jsonl"), "--out", str(resumed), "--steps", "3",
+            "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0", "--rank", "4", "--clusters",
+            str(d / "clusters.json"), "--resume", str(ckpt)]
+    assert main(argv) == 0
+    after = load_file(str(resumed / "cgc_adapter.safetensors"))
+    assert set(after) == set(before)
+    # One more step from the checkpoint's weights: moved, but not back to a fresh start (B = 0).
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    assert all(float(v.abs().max()) > 0 for k, v in after.items() if "task_b" in k)
