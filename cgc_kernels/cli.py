@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+from .gate_report import add_inspect_arguments, inspect_command
 from .training import META_NAME, TINY_MODEL, UserError
 
 DEMO_SYSTEM = "Answer briefly."
@@ -239,6 +240,10 @@ def cmd_demo(args) -> int:
     _log("")
     _log("held-out exact match (greedy, mixed-task batches)")
     _log(accuracy_table(before, after, counts))
+    if cgc.cgc_config.gate == "task":
+        _log("")
+        _log("gate weight on shared vs task-specific experts (mean over layers)")
+        _log(cgc.gate_table().format())
 
     out = os.path.abspath(args.out)
     adapter_dir = os.path.join(out, "adapter")
@@ -479,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", help="the base model, if not the one recorded in DIR")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="gate weights per task and layer: shared vs task-specific, heatmap PNG")
+    add_inspect_arguments(p)
+    p.set_defaults(func=inspect_command)
 
     p = sub.add_parser("bench", help="the op on this device: reference vs an expert loop vs fused (CUDA)")
     p.add_argument("--full", action="store_true", help="larger shapes")

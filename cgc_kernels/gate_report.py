@@ -265,11 +265,3 @@ def inspect_command(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out} and {csv_path}")
     return 0
-
-
-def inspect_main(argv: list[str] | None = None) -> int:
-    """`cgc-lora inspect DIR [--out PNG] [--csv CSV]` as a function (argv without "inspect")."""
-    parser = argparse.ArgumentParser(prog="cgc-lora inspect",
-                                     description="gate weights per task and layer: shared vs task-specific")
-    add_inspect_arguments(parser)
-    return inspect_command(parser.parse_args(argv))

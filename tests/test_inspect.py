@@ -10,7 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCModel, GateTable, shared_specific_split, write_gate_report
-from cgc_kernels.gate_report import MODEL_WIDE, gate_table_from_dir, inspect_main
+from cgc_kernels.cli import main as cli_main
+from cgc_kernels.gate_report import MODEL_WIDE, gate_table_from_dir
 
 S, K = 2, 1
 
@@ -111,10 +112,10 @@ def test_report_writes_png_and_csv_matching_gate_weights(tmp_path, capsys):
 def test_inspect_command(tmp_path, capsys):
     cgc = make_cgc()
     cgc.save_pretrained(tmp_path)
-    assert inspect_main([str(tmp_path)]) == 0
+    assert cli_main(["inspect", str(tmp_path)]) == 0
     assert (tmp_path / "gates.png").is_file() and (tmp_path / "gates.csv").is_file()
     assert "shared" in capsys.readouterr().out
-    assert inspect_main([str(tmp_path / "missing")]) == 2
+    assert cli_main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cgc-lora inspect: error:") and len(err.strip().splitlines()) == 1
 
