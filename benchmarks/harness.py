@@ -277,10 +277,13 @@ class Provider:
     # cpu / ci sizes: run only on these cases (torch.compile costs ~20 s per compiled graph on 2 cores)
     cpu_case_filter: Callable[[BenchCase], bool] | None = None
     gpu_case_filter: Callable[[BenchCase], bool] | None = None
+    modes: tuple[str, ...] = ("forward", "backward", "full")
 
-    def skip_reason(self, level: str, case: BenchCase, size: str) -> str | None:
+    def skip_reason(self, level: str, case: BenchCase, size: str, mode: str = "forward") -> str | None:
         if level not in self.levels:
             return f"{self.name} has no {level}-level benchmark"
+        if mode not in self.modes:
+            return f"{self.name} has no {mode} pass"
         if self.needs_cuda and not torch.cuda.is_available():
             return f"{self.name} runs the Triton kernels, which need a CUDA device"
         filt = self.gpu_case_filter if size == "gpu" else self.cpu_case_filter
@@ -302,6 +305,8 @@ PROVIDERS: dict[str, Provider] = {
     for p in [
         Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"),
                  needs_cuda=True),
+        Provider("cuda_ref", "csrc_ref's hand-written CUDA forward (fp32, no tensor cores)", ("op",),
+                 needs_cuda=True, modes=("forward",)),
         Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer")),
         Provider("moelora_loop", "MOELoRA-style: one Linear pair per expert, all experts on all tokens",
                  ("op", "layer", "infer")),
@@ -331,6 +336,17 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
             fn = lambda x: cgc_lora(x, p.routing, gates, *_op_args(p, layer), backend=backend)
             return Runner(fn, [gates, *_lora_params(layer)])
         return Runner(lambda x: layer(x, p.routing), list(layer.parameters()))
+    if provider == "cuda_ref":
+        from cgc_kernels import csrc_ref
+
+        p.cached("csrc-load", csrc_ref.load)  # build once, outside the timed region
+        w32 = p.cached("fp32-experts", lambda: [w.detach().float() for w in _op_args(p, p.layer)[:4]])
+        gates = p.gates.float()
+
+        def fn(x):
+            return csrc_ref.forward(x.float(), p.task_ids, gates, *w32, p.layer.scaling).to(x.dtype)
+
+        return Runner(fn, [])
     if provider == "moelora_loop":
         moe = p.moe
         if level == "op":
@@ -434,7 +450,7 @@ def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.T
 
 def run(benchmark, *, provider: str, level: str, mode: str, case: BenchCase, size: str) -> None:
     """Check, then (unless disabled) time one provider on one case. mode: forward | backward | full."""
-    reason = PROVIDERS[provider].skip_reason(level, case, size)
+    reason = PROVIDERS[provider].skip_reason(level, case, size, mode)
     if reason:
         import pytest
 

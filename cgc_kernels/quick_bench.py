@@ -24,7 +24,7 @@ from .ops.function import cgc_lora
 
 def expert_loop(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling):
     """x [M, d_in] -> [M, d_out]: a Python loop over tasks and over each expert's rank block."""
-    T, r = task_a.shape[0], None
+    T = task_a.shape[0]
     S = shared_a.shape[1]
     E = gates.shape[1]
     r = (S + task_a.shape[1]) // E
