@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs (about 8 minutes on one H200):
-#   1. the kernel tests on the GPU (bf16 included): pytest tests/ -k "kernel or triton"
+#   1. the kernel tests on the GPU (bf16 included), the CUDA C++ reference against the reference op
 #   2. every benchmark suite at the gpu size (d=4096, 7B q/v/down shapes, bf16), results as JSON
 #   3. the markdown table and the speedup plot rendered from that JSON
 # Uses the machine's own torch/triton (never reinstalls torch): installs this package with
@@ -36,7 +36,7 @@ if [ -n "$missing" ]; then
 fi
 
 echo "== 1. kernel tests on the GPU"
-timeout 150 "$PY" -m pytest tests/ -k "kernel or triton" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 150 "$PY" -m pytest tests/ -k "kernel or triton or csrc" -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== 2. benchmarks (gpu size)"
