@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+import cgc_kernels
 
 # Tolerances by dtype, used by every comparison against the reference or the oracle.
 TOLERANCES = {
@@ -67,3 +70,21 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0, device="cpu"):
     if cluster is not None:
         args["task_cluster"] = cluster.to(device)
     return args
+
+
+def _triton_skip_reason() -> str | None:
+    """Why backend="triton" cannot run here (None when it can): CPU tensors need TRITON_INTERPRET=1."""
+    try:
+        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32),
+                             backend="triton")
+    except ValueError as e:
+        return f"backend='triton' cannot run here: {e}"
+    return None
+
+
+TRITON_SKIP = _triton_skip_reason()
+# Parametrise a test over both backends of the dispatched op.
+BACKENDS = [
+    pytest.param("reference"),
+    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
+]

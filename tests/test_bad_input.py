@@ -30,7 +30,7 @@ import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
 from cgc_kernels.gates import TaskGate
 
-from .cases import TOLERANCES, Case, make_inputs
+from .cases import BACKENDS, TOLERANCES, Case, make_inputs
 from .oracle import naive_cgc_lora
 
 CORRECT = "correct result"
@@ -41,24 +41,6 @@ META = torch.device("meta")
 # task expert of rank 2, some tokens of task -1.
 OP_CASE = Case(M=10, d_in=6, d_out=5, T=3, S=2, K=1, r=2, C=2, ids="with_unrouted")
 
-
-def _triton_skip_reason() -> str | None:
-    """Why backend="triton" cannot run here (None when it can); decided once, at import."""
-    try:
-        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32),
-                             backend="triton")
-    except NotImplementedError as e:
-        return f"backend='triton' is not built yet: {e}"
-    except ValueError as e:  # CPU tensors without TRITON_INTERPRET=1
-        return f"backend='triton' cannot run here: {e}"
-    return None
-
-
-TRITON_SKIP = _triton_skip_reason()
-BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
-]
 
 
 # ---- the op ---------------------------------------------------------------------------------------

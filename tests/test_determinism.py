@@ -19,28 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
 
-from .cases import Case, make_inputs
+from .cases import BACKENDS, Case, make_inputs
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
-
-def _triton_skip_reason() -> str | None:
-    """Why backend="triton" cannot run here (None when it can); decided once, at import."""
-    try:
-        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32),
-                             backend="triton")
-    except NotImplementedError as e:
-        return f"backend='triton' is not built yet: {e}"
-    except ValueError as e:  # CPU tensors without TRITON_INTERPRET=1
-        return f"backend='triton' cannot run here: {e}"
-    return None
-
-
-TRITON_SKIP = _triton_skip_reason()
-BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
-]
 CASES = [
     # several tiles per task (M = 150 > 64-row block), two clusters of two tasks, task -1 rows
     pytest.param(Case(M=150, d_in=40, d_out=24, T=4, S=2, K=1, r=4, C=2, ids="with_unrouted"), id="clusters"),

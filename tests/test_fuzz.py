@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import cgc_kernels
 from cgc_kernels import reference
 
-from .cases import TOLERANCES, Case, make_inputs
+from .cases import BACKENDS, TOLERANCES, Case, make_inputs
 from .oracle import naive_cgc_lora
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
@@ -36,24 +36,6 @@ DTYPES = {
     "triton": [torch.float32, torch.float16, torch.bfloat16],  # the kernels take no float64
 }
 
-
-def _triton_skip_reason() -> str | None:
-    """Why backend="triton" cannot run here (None when it can); decided once, at import."""
-    try:
-        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32),
-                             backend="triton")
-    except NotImplementedError as e:
-        return f"backend='triton' is not built yet: {e}"
-    except ValueError as e:  # CPU tensors without TRITON_INTERPRET=1
-        return f"backend='triton' cannot run here: {e}"
-    return None
-
-
-TRITON_SKIP = _triton_skip_reason()
-BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
-]
 
 
 def dense_cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
