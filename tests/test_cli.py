@@ -1,0 +1,217 @@
+"""The `cgc-lora` command end to end on a tiny random Llama: train -> export -> generate, the
+exports checked against the unified model (PEFT loading the adapter, the merged model), and each
+user mistake ending in one line on stderr with exit status 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cgc_kernels import demo_data
+from cgc_kernels.cli import main
+from cgc_kernels.model import CGCModel
+from cgc_kernels.training import char_tokenizer, left_pad, prompt_text, read_jsonl, tiny_model
+
+CLUSTERS = {"add": "reasoning", "plural": "reasoning", "sentiment": "language", "capital": "language"}
+
+
+def _subset(src: str, dst: str, every: int) -> str:
+    rows = read_jsonl(src)[::every]
+    with open(dst, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny model trained for a few steps on a slice of the demo data, 1+N with two clusters."""
+    d = tmp_path_factory.mktemp("cli")
+    data = demo_data.data_dir()
+    train = _subset(os.path.join(data, demo_data.FILES[0]), str(d / "train.jsonl"), 20)
+    held = _subset(os.path.join(data, demo_data.FILES[1]), str(d / "eval.jsonl"), 25)
+    clusters = d / "clusters.json"
+    clusters.write_text(json.dumps(CLUSTERS))
+    out = d / "run"
+    rc = main(["train", "--tiny", "--data", train, "--eval-data", held, "--out", str(out), "--clusters",
+               str(clusters), "--steps", "3", "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0",
+               "--save-steps", "2", "--rank", "4"])
+    assert rc == 0
+    return d, out
+
+
+def _unified(out):
+    base, _ = tiny_model()
+    return CGCModel.from_pretrained(base, str(out)).eval()
+
+
+def _batch(tokenizer, prompts):
+    ids, mask, pos = left_pad([tokenizer(prompt_text(tokenizer, p, None), add_special_tokens=False).input_ids
+                               for p in prompts], tokenizer.pad_token_id)
+    return ids, mask
+
+
+def test_train_writes_adapter_and_checkpoints(run):
+    _, out = run
+    for name in ("cgc_config.json", "cgc_adapter.safetensors", "cgc_cli.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "checkpoint-2" / "cgc_adapter.safetensors").is_file()
+    cfg = json.loads((out / "cgc_config.json").read_text())
+    assert sorted(cfg["tasks"]) == sorted(CLUSTERS) and cfg["clusters"] == CLUSTERS
+    # Training moved the adapter: the task experts' B (zero at start) is no longer zero.
+    cgc = _unified(out)
+    assert any(float(layer.task_b.detach().abs().max()) > 0 for layer in cgc.adapted_layers().values())
+
+
+@pytest.mark.parametrize("task", ["add", "capital"])  # one task of each cluster
+def test_peft_export_matches_unified_model(run, task):
+    from peft import PeftModel
+
+    d, out = run
+    peft_dir = d / f"peft-{task}"
+    assert main(["export", str(out), "--task", task, "--out", str(peft_dir), "--peft"]) == 0
+    tok = char_tokenizer()
+    ids, mask = _batch(tok, ["What is 12 + 30?", "Tell me the capital of Peru."])
+    cgc = _unified(out)
+    with torch.no_grad():
+        want = cgc(input_ids=ids, attention_mask=mask, task_ids=[task, task]).logits
+        base, _ = tiny_model()
+        peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+        got = peft_model(input_ids=ids, attention_mask=mask).logits
+        plain = tiny_model()[0](input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (want - plain).abs().max() > 1e-4  # the adapter does change the model
+
+
+def test_merged_export_matches_unified_model(run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, out = run
+    merged_dir = d / "merged-sentiment"
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(merged_dir))
+    ids, mask = _batch(tok, ["Review: The movie was great. Is the sentiment positive or negative?"])
+    with torch.no_grad():
+        want = _unified(out)(input_ids=ids, attention_mask=mask, task_ids=["sentiment"]).logits
+        got = merged(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_generate_mixed_tasks(run):
+    d, out = run
+    asks = [("add", "What is 3 + 4?"), ("plural", "Give the plural of: fox"),
+            ("capital", "What is the capital of Chile?"), ("add", "Add 5 and 6.")]
+    rows = [{"task": t, "prompt": p} for t, p in asks]
+    inp = d / "prompts.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = d / "answers.jsonl"
+    argv = ["generate", str(out), "--input", str(inp), "--output", str(res), "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    answers = [json.loads(line) for line in res.read_text().splitlines()]
+    assert [(a["task"], a["prompt"]) for a in answers] == [(r["task"], r["prompt"]) for r in rows]
+    # Each answer equals that row's greedy answer from the unified model with its task alone.
+    cgc, tok = _unified(out), char_tokenizer()
+    for r, a in zip(rows, answers, strict=True):
+        ids, mask = _batch(tok, [r["prompt"]])
+        gen = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=[r["task"]], max_new_tokens=6,
+                           do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        row = gen[0, ids.shape[1]:].tolist()
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        assert a["output"] == tok.decode(row, skip_special_tokens=True).strip()
+
+
+def test_demo_on_tiny_model(tmp_path, capsys):
+    rc = main(["demo", "--tiny", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-limit", "2"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for task in demo_data.TASKS:
+        assert f"[{task}]" in printed  # one answer per task from the mixed batch
+        assert (tmp_path / "demo" / "peft" / task / "adapter_config.json").is_file()
+    assert (tmp_path / "demo" / "merged-add" / "config.json").is_file()
+    assert (tmp_path / "demo" / "adapter" / "cgc_cli.json").is_file()
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["after"]) == set(demo_data.TASKS) and len(results["losses"]) == 2
+
+
+# ---- user mistakes -----------------------------------------------------------------------------
+def _one_line_error(capsys, argv, *needles):
+    capsys.readouterr()  # drop what the test itself printed
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("cgc-lora: error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    argv = ["train", "--tiny", "--data", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path)]
+    _one_line_error(capsys, argv, "no such file", "nope.jsonl")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"task": "add", "prompt": "x", "response": "1"', "not valid JSON"),  # cut short
+    ('["add", "x", "1"]', "expected a JSON object"),
+    ('{"task": "add", "response": "1"}', "missing field(s) prompt"),
+    ('{"task": "", "prompt": "x", "response": "1"}', "non-empty strings"),
+])
+def test_malformed_jsonl_line_names_its_line(tmp_path, capsys, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"task": "add", "prompt": "x", "response": "1"}\n\n' + line + "\n")
+    _one_line_error(capsys, ["train", "--tiny", "--data", str(path), "--out", str(tmp_path / "o")],
+                    f"{path}:3:", message)
+
+
+def test_unknown_task(run, capsys):
+    d, out = run
+    _one_line_error(capsys, ["export", str(out), "--task", "poetry", "--out", str(d / "x")],
+                    "unknown task 'poetry'", "sentiment")
+    inp = d / "unknown-task.jsonl"
+    inp.write_text('{"task": "add", "prompt": "1 + 1"}\n{"task": "poetry", "prompt": "a poem"}\n')
+    _one_line_error(capsys, ["generate", str(out), "--input", str(inp)], "row 2", "'poetry'")
+
+
+def test_model_the_adapter_was_not_trained_on(run, capsys, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, out = run
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    config = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    LlamaForCausalLM(config).save_pretrained(str(other))
+    char_tokenizer().save_pretrained(str(other))
+    inp = tmp_path / "p.jsonl"
+    inp.write_text('{"task": "add", "prompt": "1 + 1"}\n')
+    _one_line_error(capsys, ["generate", str(out), "--input", str(inp), "--model", str(other)],
+                    "was trained on llama (hidden 32", "hidden 48")
+    # Same architecture, other weights: also refused.
+    same_shape = tmp_path / "same-shape"
+    model, tok = tiny_model(seed=7)
+    model.save_pretrained(str(same_shape))
+    tok.save_pretrained(str(same_shape))
+    _one_line_error(capsys, ["generate", str(out), "--input", str(inp), "--model", str(same_shape)],
+                    "other weights")
+
+
+def test_not_a_trained_directory_and_bad_clusters(tmp_path, capsys, run):
+    d, _ = run
+    _one_line_error(capsys, ["generate", str(tmp_path), "--input", str(d / "eval.jsonl")], "not a cgc-lora")
+    argv = ["export", str(tmp_path / "missing"), "--task", "add", "--out", str(tmp_path / "o")]
+    _one_line_error(capsys, argv, "no such directory")
+    clusters = tmp_path / "clusters.json"
+    clusters.write_text(json.dumps({"add": "a"}))
+    argv = ["train", "--tiny", "--data", str(d / "train.jsonl"), "--out", str(tmp_path / "o"),
+            "--clusters", str(clusters)]
+    _one_line_error(capsys, argv, "missing", "sentiment")
+
+
+def test_console_entry_point_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cgc_kernels.cli", "generate", str(tmp_path), "--input",
+                           str(tmp_path / "x.jsonl")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"cgc-lora: error: no such file: {tmp_path / 'x.jsonl'}"
+    assert "Traceback" not in proc.stderr

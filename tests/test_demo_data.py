@@ -1,0 +1,96 @@
+"""The demo's data: rebuilt byte for byte from its builder, and held-out items are really new."""
+
+import json
+import os
+import re
+
+import pytest
+
+from cgc_kernels import demo_data
+
+
+def _shipped(name: str) -> str:
+    with open(os.path.join(demo_data.data_dir(), name), encoding="utf-8", newline="") as f:
+        return f.read()
+
+
+def test_builder_reproduces_shipped_files(tmp_path):
+    # Two independent builds and the files in the package must agree byte for byte.
+    built = [demo_data.to_jsonl(rows) for rows in demo_data.build()]
+    assert built == [demo_data.to_jsonl(rows) for rows in demo_data.build()]
+    for name, text in zip(demo_data.FILES, built, strict=True):
+        assert _shipped(name) == text, f"{name} differs from its builder: python -m cgc_kernels.demo_data"
+    for path in demo_data.write(str(tmp_path)):
+        with open(path, "rb") as f:
+            assert f.read() == _shipped(os.path.basename(path)).encode("utf-8")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    train, held = demo_data.build()
+    return train, held
+
+
+def _by_task(rows, task):
+    return [r for r in rows if r["task"] == task]
+
+
+def test_sizes_and_fields(splits):
+    train, held = splits
+    for t in demo_data.TASKS:
+        assert len(_by_task(train, t)) == demo_data.TRAIN_PER_TASK
+        assert len(_by_task(held, t)) == demo_data.EVAL_PER_TASK
+    for r in train + held:
+        assert set(r) == {"task", "prompt", "response"} and r["prompt"] and r["response"]
+
+
+def test_answers_are_right(splits):
+    train, held = splits
+    for r in _by_task(train + held, "add"):
+        a, b = map(int, re.findall(r"\d+", r["prompt"]))
+        assert int(r["response"]) == a + b
+    capitals = dict(demo_data._CAPITALS)
+    for r in _by_task(train + held, "capital"):
+        country = next(c for c in capitals if c in r["prompt"])
+        assert r["response"] == capitals[country]
+    for r in _by_task(train + held, "sentiment"):
+        polar = demo_data._POSITIVE + demo_data._NEGATIVE
+        adj = next(w for w in re.findall(r"[a-z]+", r["prompt"]) if w in polar)
+        assert r["response"] == ("positive" if adj in demo_data._POSITIVE else "negative")
+
+
+@pytest.mark.parametrize("word, want", [("box", "boxes"), ("church", "churches"), ("city", "cities"),
+                                        ("key", "keys"), ("apple", "apples"), ("bus", "buses")])
+def test_plural_rules(word, want):
+    assert demo_data.plural(word) == want
+
+
+def test_held_out_items_are_new(splits):
+    train, held = splits
+
+    def nums(rows):
+        return {tuple(map(int, re.findall(r"\d+", r["prompt"]))) for r in rows}
+
+    assert not nums(_by_task(train, "add")) & nums(_by_task(held, "add"))
+    # Plural: held-out nouns never appear in training.
+    def field(rows, task, key):
+        return {r[key] for r in _by_task(rows, task)}
+
+    assert not field(train, "plural", "response") & field(held, "plural", "response")
+    # Capitals: held-out phrasings never appear in training.
+    assert not field(train, "capital", "prompt") & field(held, "capital", "prompt")
+    # Sentiment: held-out adjectives never appear in training.
+    adjs = set(demo_data._POSITIVE + demo_data._NEGATIVE)
+
+    def words(rows):
+        return {w for r in rows for w in re.findall(r"[a-z]+", r["prompt"]) if w in adjs}
+
+    assert not words(_by_task(train, "sentiment")) & words(_by_task(held, "sentiment"))
+    # Both labels present in each split.
+    assert {r["response"] for r in _by_task(held, "sentiment")} == {"positive", "negative"}
+
+
+def test_files_are_jsonl_one_object_a_line():
+    for name in demo_data.FILES:
+        lines = _shipped(name).splitlines()
+        assert all(isinstance(json.loads(line), dict) for line in lines)
