@@ -25,7 +25,7 @@ import torch
 
 from .config import CGCLoRAConfig
 from .model import CGCModel
-from .training import TrainSettings, encode, mixed_batches, response_loss, tasks_of, train_loop, training_batch
+from .training import TrainSettings, encode, response_loss, tasks_of, train_loop, training_batch
 
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 LINKAGES = ("average", "complete", "single", "weighted")
