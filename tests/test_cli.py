@@ -215,3 +215,40 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"cgc-lora: error: no such file: {tmp_path / 'x.jsonl'}"
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_expert_loop_matches_reference_and_prints_table(capsys):
+    from cgc_kernels import reference
+    from cgc_kernels.quick_bench import expert_loop
+
+    g = torch.Generator().manual_seed(0)
+    T, S, K, r, d = 3, 2, 1, 4, 16
+    x = torch.randn(10, d, generator=g)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, 2, 2, 0, 1])
+    gates = torch.softmax(torch.randn(T, S + K, generator=g), -1)
+    sa, sb = torch.randn(1, S * r, d, generator=g), torch.randn(1, d, S * r, generator=g)
+    ta, tb = torch.randn(T, K * r, d, generator=g), torch.randn(T, d, K * r, generator=g)
+    torch.testing.assert_close(expert_loop(x, ids, gates, sa, sb, ta, tb, 2.0),
+                               reference.cgc_lora(x, ids, gates, sa, sb, ta, tb, 2.0), rtol=1e-5, atol=1e-5)
+    assert main(["bench"]) == 0
+    table = capsys.readouterr().out
+    for row in ("reference", "expert loop", "CGCLoRALinear"):
+        assert row in table
+
+
+def test_resume_from_checkpoint(run, tmp_path):
+    from safetensors.torch import load_file
+
+    d, out = run
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    before = load_file(str(ckpt / "cgc_adapter.safetensors"))
+    resumed = tmp_path / "resumed"
+    argv = ["train", "--tiny", "--data", str(d / "train.jsonl"), "--out", str(resumed), "--steps", "3",
+            "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0", "--rank", "4", "--clusters",
+            str(d / "clusters.json"), "--resume", str(ckpt)]
+    assert main(argv) == 0
+    after = load_file(str(resumed / "cgc_adapter.safetensors"))
+    assert set(after) == set(before)
+    # One more step from the checkpoint's weights: moved, but not back to a fresh start (B = 0).
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    assert all(float(v.abs().max()) > 0 for k, v in after.items() if "task_b" in k)
