@@ -492,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="the op on this device: reference vs an expert loop vs fused (CUDA)")
     p.add_argument("--full", action="store_true", help="larger shapes")
     p.set_defaults(func=cmd_bench)
+
+    from .clustering import add_cluster_command
+    from .compare import add_compare_command
+
+    add_cluster_command(sub)
+    add_compare_command(sub)
     return parser
 
 
