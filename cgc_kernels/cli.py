@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -504,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # bitsandbytes, imported by transformers when installed, warns on CPUs with AVX512-BF16 that
+    # it cannot fetch an optional kernel from a hub; nothing here uses that kernel.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except UserError as e:
