@@ -16,7 +16,7 @@ import statistics
 from collections import defaultdict
 
 BASELINE = "moelora_loop"
-PROVIDER_ORDER = ["fused", "reference", "torch_compile", "moelora_loop", "peft_lora", "peft_mixed",
+PROVIDER_ORDER = ["fused", "cuda_ref", "reference", "torch_compile", "moelora_loop", "peft_lora", "peft_mixed",
                   "bare_linear", "cgc", "moelora", "peft"]
 
 
