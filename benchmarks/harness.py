@@ -206,8 +206,19 @@ def peft_layer(layer: CGCLoRALinear, tasks: list[int]) -> nn.Module:
     return pl.to(device=w.device, dtype=w.dtype)
 
 
+class _Memo:
+    """`cached(key, build)`: build once per problem (a layer copy, a compiled graph, a PEFT model)."""
+
+    cache: dict
+
+    def cached(self, key: str, build: Callable[[], object]):
+        if key not in self.cache:
+            self.cache[key] = build()
+        return self.cache[key]
+
+
 @dataclass
-class Problem:
+class Problem(_Memo):
     """Everything a case's providers share: the layer, its baseline copy, inputs, routing."""
 
     case: BenchCase
@@ -220,11 +231,6 @@ class Problem:
     dy: torch.Tensor  # [M, d_out] upstream gradient
     routing: object  # TaskRouting of task_ids, built once as a model does per forward
     cache: dict = field(default_factory=dict)
-
-    def cached(self, key: str, build: Callable[[], object]):
-        if key not in self.cache:
-            self.cache[key] = build()
-        return self.cache[key]
 
     @property
     def moe(self) -> MOELoRALinear:
@@ -676,7 +682,7 @@ MODEL_PROVIDERS = {
 
 
 @dataclass
-class ModelProblem:
+class ModelProblem(_Memo):
     case: ModelCase
     size: str
     device: torch.device
@@ -687,11 +693,6 @@ class ModelProblem:
     sample_ids: torch.Tensor  # [batch] task of each sequence: i % T (all T tasks in one batch)
     new_tokens: int
     cache: dict = field(default_factory=dict)
-
-    def cached(self, key: str, build: Callable[[], object]):
-        if key not in self.cache:
-            self.cache[key] = build()
-        return self.cache[key]
 
     @property
     def tokens(self) -> int:
