@@ -26,6 +26,7 @@ import triton.language as tl
 
 from . import common
 from .dropout import keep_mask
+from .forward import load_rank_gates
 
 
 @triton.jit
@@ -102,12 +103,8 @@ def _cgc_lora_bwd_tile_kernel(
         dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
         if HAS_SHARED:
             e_s = rs // r
-            if PER_TOKEN_GATES:
-                g_s = tl.load(g_ptr + rows[:, None] * stride_gm + e_s[None, :] * stride_ge,
-                              mask=row_ok[:, None] & rs_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                g_s = tl.load(g_ptr + t64 * stride_gm + e_s * stride_ge, mask=rs_ok, other=0.0)
-                g_s = g_s.to(tl.float32)[None, :]
+            g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_s, rs_ok,
+                                  PER_TOKEN_GATES)
             dzg_s = dz_s * g_s * scaling
             if WANT_DZ:
                 tl.store(dzg_ptr + rows[:, None] * stride_dzm + rs[None, :] * stride_dzr, dzg_s,
@@ -118,12 +115,8 @@ def _cgc_lora_bwd_tile_kernel(
                 dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
         if HAS_TASK:
             e_t = S + rk // r
-            if PER_TOKEN_GATES:
-                g_t = tl.load(g_ptr + rows[:, None] * stride_gm + e_t[None, :] * stride_ge,
-                              mask=row_ok[:, None] & rk_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                g_t = tl.load(g_ptr + t64 * stride_gm + e_t * stride_ge, mask=rk_ok, other=0.0)
-                g_t = g_t.to(tl.float32)[None, :]
+            g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_t, rk_ok,
+                                  PER_TOKEN_GATES)
             dzg_t = dz_t * g_t * scaling
             if WANT_DZ:
                 tl.store(dzg_ptr + rows[:, None] * stride_dzm + (RS + rk)[None, :] * stride_dzr, dzg_t,

@@ -26,6 +26,19 @@ from .dropout import keep_mask
 
 
 @triton.jit
+def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
+                    PER_TOKEN_GATES: tl.constexpr):
+    """fp32 gate of each rank column's expert `e` [R_PAD]: [1, R_PAD] from the task's row of a task
+    gate, or [BLOCK_M, R_PAD] from each token's row of a per-token gate (both broadcast over rows)."""
+    if PER_TOKEN_GATES:
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + e[None, :] * stride_ge,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        g = tl.load(g_ptr + t64 * stride_gm + e * stride_ge, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return g
+
+
+@triton.jit
 def _cgc_lora_fwd_kernel(
     x_ptr, stride_xm, stride_xk,  # [M, d_in]
     sa_ptr, stride_sac, stride_sar, stride_sak,  # shared_a [C, S*r, d_in]
@@ -100,24 +113,16 @@ def _cgc_lora_fwd_kernel(
                 tl.store(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr, z_s,
                          mask=row_ok[:, None] & rs_ok[None, :])
             e_s = rs // r  # gate column of each shared rank column
-            if PER_TOKEN_GATES:
-                g_s = tl.load(g_ptr + rows[:, None] * stride_gm + e_s[None, :] * stride_ge,
-                              mask=row_ok[:, None] & rs_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                g_s = tl.load(g_ptr + t64 * stride_gm + e_s * stride_ge, mask=rs_ok, other=0.0)
-                g_s = g_s.to(tl.float32)[None, :]
+            g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_s, rs_ok,
+                                  PER_TOKEN_GATES)
             zg_s = (z_s * g_s * scaling).to(op_dtype)
         if HAS_TASK:
             if SAVE_Z:
                 tl.store(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr, z_t,
                          mask=row_ok[:, None] & rk_ok[None, :])
             e_t = S + rk // r
-            if PER_TOKEN_GATES:
-                g_t = tl.load(g_ptr + rows[:, None] * stride_gm + e_t[None, :] * stride_ge,
-                              mask=row_ok[:, None] & rk_ok[None, :], other=0.0).to(tl.float32)
-            else:
-                g_t = tl.load(g_ptr + t64 * stride_gm + e_t * stride_ge, mask=rk_ok, other=0.0)
-                g_t = g_t.to(tl.float32)[None, :]
+            g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_t, rk_ok,
+                                  PER_TOKEN_GATES)
             zg_t = (z_t * g_t * scaling).to(op_dtype)
 
         # ---- y = (base +) zg @ B^T, one d_out block at a time ----
