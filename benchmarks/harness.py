@@ -343,7 +343,7 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
             return Runner(fn, [gates, *_lora_params(layer)])
         return Runner(lambda x: layer(x, p.routing), list(layer.parameters()))
     if provider == "cuda_ref":
-        from cgc_kernels import csrc_ref
+        from cgc_kernels.op import csrc_ref
 
         p.cached("csrc-load", csrc_ref.load)  # build once, outside the timed region
         w32 = p.cached("fp32-experts", lambda: [w.detach().float() for w in _op_args(p, p.layer)[:4]])

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import harness
 
-pytest.importorskip("cgc_kernels.model", reason="CGCModel (cgc_kernels.model) is not in this checkout")
+pytest.importorskip("cgc_kernels.adapter.model", reason="CGCModel is not in this checkout")
 
 
 def pytest_generate_tests(metafunc):

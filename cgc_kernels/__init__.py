@@ -1,14 +1,19 @@
-"""cgc_kernels: CGC-LoRA for the 1+N multi-task fine-tuning pattern, with fused Triton kernels."""
+"""cgc_kernels: CGC-LoRA for the 1+N multi-task fine-tuning pattern, with fused Triton kernels.
 
-from . import reference
-from .collator import CGCDataCollator
-from .config import CGCLoRAConfig
-from .gate_report import GateTable, gate_table, shared_specific_split, write_gate_report
-from .gates import StackedTaskGate, TaskGate, TokenGate
-from .layer import CGCLoRALinear
-from .model import CGCModel
-from .ops.function import cgc_lora
-from .routing import TaskRouting, build_routing
+Four layers, each importing only itself and the layers below: `op` (the op and its kernels) <
+`adapter` (CGC-LoRA in transformers models) < `multitask` (clustering, comparison, the recipe) <
+`cli` (the `cgc-lora` command). This module re-exports the public names of `op` and `adapter`.
+"""
+
+from .adapter.collator import CGCDataCollator
+from .adapter.config import CGCLoRAConfig
+from .adapter.gate_report import GateTable, gate_table, shared_specific_split, write_gate_report
+from .adapter.gates import StackedTaskGate, TaskGate, TokenGate
+from .adapter.layer import CGCLoRALinear
+from .adapter.model import CGCModel
+from .op import reference
+from .op.dispatch import cgc_lora
+from .op.routing import TaskRouting, build_routing
 
 __version__ = "0.1.0"
 

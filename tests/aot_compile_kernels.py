@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cgc_kernels.ops import backward, dropout, forward  # noqa: E402
+from cgc_kernels.op.triton import backward, dropout, forward  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
 INDEX_PTRS = {"order_ptr": "*i64", "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",

@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
-from cgc_kernels.gates import TaskGate
+from cgc_kernels.adapter.gates import TaskGate
 
 from .cases import BACKENDS, TOLERANCES, Case, make_inputs
 from .oracle import naive_cgc_lora

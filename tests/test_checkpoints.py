@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
-from cgc_kernels import model as model_mod
+from cgc_kernels.adapter import save_load
 
 VOCAB = 64
 TASKS = ["qa", "sum", "cls"]
@@ -79,9 +79,9 @@ def _partial_weights(tensors, path, metadata=None):
 # Where the second save dies: inside either writer, or after the first os.replace (cgc_config.json
 # is new by then; the weights file, the commit point, is not).
 INTERRUPTIONS = {
-    "while writing the config": lambda mp: mp.setattr(model_mod, "_write_text", fail_on_call(1, model_mod._write_text)),
-    "while writing the weights": lambda mp: mp.setattr(model_mod, "_save_file", _partial_weights),
-    "between the two renames": lambda mp: mp.setattr(model_mod.os, "replace", fail_on_call(2, os.replace)),
+    "while writing the config": lambda mp: mp.setattr(save_load, "write_text", fail_on_call(1, save_load.write_text)),
+    "while writing the weights": lambda mp: mp.setattr(save_load, "save_file", _partial_weights),
+    "between the two renames": lambda mp: mp.setattr(save_load.os, "replace", fail_on_call(2, os.replace)),
 }
 
 

@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from cgc_kernels import demo_data
+from cgc_kernels.adapter.model import CGCModel
 from cgc_kernels.cli import main
-from cgc_kernels.model import CGCModel
-from cgc_kernels.training import char_tokenizer, left_pad, prompt_text, read_jsonl, tiny_model
+from cgc_kernels.data import demo_tasks as demo_data
+from cgc_kernels.data.reader import read_jsonl
+from cgc_kernels.multitask.models import char_tokenizer, tiny_model
+from cgc_kernels.multitask.recipe import left_pad, prompt_text
 
 CLUSTERS = {"add": "reasoning", "plural": "reasoning", "sentiment": "language", "capital": "language"}
 
@@ -219,7 +221,7 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
 
 def test_bench_expert_loop_matches_reference_and_prints_table(capsys):
     from cgc_kernels import reference
-    from cgc_kernels.quick_bench import expert_loop
+    from cgc_kernels.cli.bench import expert_loop
 
     g = torch.Generator().manual_seed(0)
     T, S, K, r, d = 3, 2, 1, 4, 16

@@ -7,15 +7,15 @@ import random
 import numpy as np
 import pytest
 
-from cgc_kernels.clustering import (
+from cgc_kernels.adapter.config import CGCLoRAConfig
+from cgc_kernels.adapter.model import CGCModel
+from cgc_kernels.multitask.clustering import (
     cluster_tasks,
     read_clusters,
     task_affinity,
     write_clusters,
 )
-from cgc_kernels.config import CGCLoRAConfig
-from cgc_kernels.model import CGCModel
-from cgc_kernels.training import tiny_model
+from cgc_kernels.multitask.models import tiny_model
 
 
 def _groups(mapping):

@@ -7,8 +7,11 @@ import os
 
 import pytest
 
-from cgc_kernels import demo_data
-from cgc_kernels.compare import (
+from cgc_kernels.adapter.config import CGCLoRAConfig
+from cgc_kernels.adapter.model import CGCModel
+from cgc_kernels.data import demo_tasks as demo_data
+from cgc_kernels.data.reader import read_jsonl
+from cgc_kernels.multitask.compare import (
     REFERENCE,
     Comparison,
     Method,
@@ -16,9 +19,7 @@ from cgc_kernels.compare import (
     plan_methods,
     trainable_parameters,
 )
-from cgc_kernels.config import CGCLoRAConfig
-from cgc_kernels.model import CGCModel
-from cgc_kernels.training import read_jsonl, tiny_model
+from cgc_kernels.multitask.models import tiny_model
 
 TASKS = list(demo_data.TASKS)
 CLUSTERS = {"add": "c0", "plural": "c0", "sentiment": "c1", "capital": "c1"}

@@ -14,8 +14,9 @@ import subprocess
 import pytest
 import torch
 
-from cgc_kernels import csrc_ref, reference
-from cgc_kernels.routing import build_routing
+from cgc_kernels import reference
+from cgc_kernels.op import csrc_ref
+from cgc_kernels.op.routing import build_routing
 
 from .cases import TOLERANCES, Case, make_inputs
 from .oracle import naive_cgc_lora

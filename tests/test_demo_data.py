@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cgc_kernels import demo_data
+from cgc_kernels.data import demo_tasks as demo_data
 
 
 def _shipped(name: str) -> str:
@@ -19,7 +19,7 @@ def test_builder_reproduces_shipped_files(tmp_path):
     built = [demo_data.to_jsonl(rows) for rows in demo_data.build()]
     assert built == [demo_data.to_jsonl(rows) for rows in demo_data.build()]
     for name, text in zip(demo_data.FILES, built, strict=True):
-        assert _shipped(name) == text, f"{name} differs from its builder: python -m cgc_kernels.demo_data"
+        assert _shipped(name) == text, f"{name} differs from its builder: python -m cgc_kernels.data.demo_tasks"
     for path in demo_data.write(str(tmp_path)):
         with open(path, "rb") as f:
             assert f.read() == _shipped(os.path.basename(path)).encode("utf-8")

@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCModel, GateTable, shared_specific_split, write_gate_report
+from cgc_kernels.adapter.gate_report import MODEL_WIDE, gate_table_from_dir
 from cgc_kernels.cli import main as cli_main
-from cgc_kernels.gate_report import MODEL_WIDE, gate_table_from_dir
 
 S, K = 2, 1
 

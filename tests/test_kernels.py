@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cgc_kernels import reference
-from cgc_kernels.ops.function import cgc_lora
-from cgc_kernels.routing import build_routing
+from cgc_kernels.op.dispatch import cgc_lora
+from cgc_kernels.op.routing import build_routing
 from tests.cases import TOLERANCES, Case, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

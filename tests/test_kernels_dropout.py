@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cgc_kernels import reference
-from cgc_kernels.ops.dropout import dropout_keep_mask, new_seed
-from cgc_kernels.ops.function import cgc_lora
+from cgc_kernels.op.dispatch import cgc_lora
+from cgc_kernels.op.triton.dropout import dropout_keep_mask, new_seed
 from tests.cases import TOLERANCES, Case, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from cgc_kernels import CGCLoRALinear, TaskGate, reference
-from cgc_kernels.routing import build_routing
+from cgc_kernels.op.routing import build_routing
 
 from .cases import TOLERANCES
 

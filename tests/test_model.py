@@ -16,7 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
-from cgc_kernels import model as model_mod
+from cgc_kernels.adapter import save_load
 
 from .cases import TOLERANCES
 
@@ -221,7 +221,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(model_mod, "_save_file", crash)
+    monkeypatch.setattr(save_load, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         cgc.save_pretrained(tmp_path)
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == old  # no temp files left

@@ -16,7 +16,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, reference  # noqa: E402
-from cgc_kernels.quantized import (  # noqa: E402
+from cgc_kernels.adapter.quantized import (  # noqa: E402
     dequantize_model_,
     dequantize_weight,
     has_quantized_layers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cgc_kernels.routing import build_routing
+from cgc_kernels.op.routing import build_routing
 
 
 def python_routing(ids: list[int], T: int, cluster: list[int] | None, block_m: int):

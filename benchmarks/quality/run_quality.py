@@ -16,11 +16,12 @@ import time
 
 import torch
 
-from cgc_kernels import demo_data
-from cgc_kernels.cli import DEMO_SYSTEM
-from cgc_kernels.clustering import cluster_summary, cluster_tasks, task_affinity, write_clusters
-from cgc_kernels.compare import Comparison, compare_methods, plan_methods
-from cgc_kernels.training import load_base, read_jsonl, tasks_of
+from cgc_kernels.data import demo_tasks as demo_data
+from cgc_kernels.data.reader import read_jsonl, tasks_of
+from cgc_kernels.multitask.clustering import cluster_summary, cluster_tasks, task_affinity, write_clusters
+from cgc_kernels.multitask.compare import Comparison, compare_methods, plan_methods
+from cgc_kernels.multitask.models import load_base
+from cgc_kernels.multitask.recipe import DEMO_SYSTEM
 
 
 def main() -> None:

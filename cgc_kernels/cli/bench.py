@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from . import reference
-from .layer import CGCLoRALinear
-from .ops.function import cgc_lora
+from ..adapter.layer import CGCLoRALinear
+from ..op import reference
+from ..op.dispatch import cgc_lora
 
 
 def expert_loop(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling):
@@ -124,3 +124,9 @@ def run_quick_bench(quick: bool = True) -> str:
         fbs = "-" if fb is None else f"{fb:.2f}"
         lines.append(f"{n:<16} {fs:>11} {fbs:>11} {e:>9}")
     return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    """`cgc-lora bench`."""
+    print(run_quick_bench(quick=not args.full), flush=True)
+    return 0

@@ -15,7 +15,6 @@ the input and have no table (ValueError).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import re
@@ -138,7 +137,7 @@ def gate_table_from_dir(directory: str | os.PathLike) -> GateTable:
     (the gates do not depend on the base model, so none is loaded)."""
     from safetensors.torch import load_file
 
-    from .model import WEIGHTS_NAME
+    from .save_load import WEIGHTS_NAME
 
     config = CGCLoRAConfig.from_pretrained(directory)
     _check_task_gate(config)
@@ -243,25 +242,3 @@ def write_gate_report(source, out_png: str | os.PathLike | None = None, csv_path
     if csv_path is not None:
         table.to_csv(csv_path)
     return table
-
-
-# ---- command line: `cgc-lora inspect DIR` ------------------------------------------------------
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `cgc-lora inspect` (for a subcommand parser)."""
-    parser.add_argument("dir", help="a directory written by CGCModel.save_pretrained (or `cgc-lora train`)")
-    parser.add_argument("--out", help="heatmap PNG (default: DIR/gates.png)")
-    parser.add_argument("--csv", help="the full task x layer x expert table (default: DIR/gates.csv)")
-
-
-def inspect_command(args: argparse.Namespace) -> int:
-    """Run `cgc-lora inspect` on parsed arguments; a bad directory ends with one line on stderr
-    and status 2."""
-    out = args.out or os.path.join(args.dir, "gates.png")
-    csv_path = args.csv or os.path.join(args.dir, "gates.csv")
-    try:
-        write_gate_report(args.dir, out, csv_path)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"cgc-lora inspect: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} and {csv_path}")
-    return 0

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ..routing import TaskRouting, build_routing
-from ..validation import check_cgc_lora_args
-from . import common
+from . import reference
+from .routing import TaskRouting, build_routing
+from .triton import common
+from .validation import check_cgc_lora_args
 
 BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,7 +56,7 @@ def _lora_fwd(
     task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor, tile_end: Tensor,
     counts: Tensor, starts: Tensor, scaling: float, per_token_gates: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from . import dropout, forward
+    from .triton import dropout, forward
 
     seed = dropout.new_seed() if dropout_p > 0 else 0
     y = torch.zeros(x.shape[0], task_b.shape[1], dtype=x.dtype, device=x.device)  # task -1 rows: 0
@@ -84,7 +84,7 @@ def _lora_fwd_inplace(
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
     tile_end: Tensor, scaling: float, per_token_gates: bool, dropout_p: float,
 ) -> None:
-    from . import dropout, forward
+    from .triton import dropout, forward
 
     seed = dropout.new_seed() if dropout_p > 0 else 0
     forward.cgc_lora_forward(
@@ -108,7 +108,7 @@ def _lora_bwd(
 ) -> list[Tensor]:
     """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded gradient is an empty tensor.
     needs = [x, gates, A (both sides), B (both sides)]."""
-    from . import backward
+    from .triton import backward
 
     need_x, need_g, need_a, need_b = needs
     grads = backward.cgc_lora_backward(

@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
+from ..op.dispatch import cgc_lora
+from ..op.routing import TaskRouting
 from .gates import TaskGate, TokenGate
-from .ops.function import cgc_lora
 from .quantized import expert_dtype, frozen_base_forward, is_quantized
-from .routing import TaskRouting
 
 
 def base_layer_features(base: nn.Module) -> tuple[int, int]:

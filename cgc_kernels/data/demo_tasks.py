@@ -12,7 +12,7 @@ Held-out items are new: addition pairs, sentiment adjectives and plural nouns ne
 training; capitals are asked with phrasings never seen in training. Rows are JSON objects
 {"task", "prompt", "response"}, one a line.
 
-    python -m cgc_kernels.demo_data [OUT_DIR]     # rewrites cgc_kernels/data/demo_{train,eval}.jsonl
+    python -m cgc_kernels.data.demo_tasks [OUT_DIR]     # rewrites cgc_kernels/data/demo_{train,eval}.jsonl
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def to_jsonl(rows: list[dict]) -> str:
 
 def data_dir() -> str:
     """The directory of the shipped demo data (package data)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    return os.path.dirname(os.path.abspath(__file__))
 
 
 def write(out_dir: str | None = None) -> list[str]:

@@ -38,7 +38,7 @@ _module = None
 def source_dir() -> Path:
     """The directory holding csrc_ref's sources; RuntimeError when they are absent (a wheel install)."""
     env = os.environ.get("CGC_KERNELS_CSRC_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "csrc_ref"
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "csrc_ref"
     if not (path / SOURCES[0]).is_file():
         raise RuntimeError(
             f"the C++ reference sources are not at {path} (csrc_ref/ ships with the repository, not "

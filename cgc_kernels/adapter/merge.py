@@ -1,0 +1,108 @@
+"""Deploying one task: merged into a copy of the base model, or exported as a standard PEFT LoRA."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from .layer import _is_transposed
+from .quantized import dequantize_model_, dequantized_linear, model_activation_dtype
+from .save_load import atomic_write, save_file, write_text
+
+
+class MergeExportMixin:
+    """CGCModel's deployment verbs."""
+
+    def _check_mergeable(self) -> None:
+        if next(iter(self._clusters.values())).gate == "token":
+            raise ValueError("a token gate mixes experts per token, so a task has no single update: "
+                             "it cannot be merged or exported as a LoRA adapter")
+
+    @torch.no_grad()
+    def merge_task(self, task: str | int, *, dequantize: bool = False) -> nn.Module:
+        """A plain copy of the base model with `task`'s gate-weighted experts merged into its
+        weights (no CGC layers, no overhead). The unified model is untouched.
+
+        A quantized base (bitsandbytes 4-bit / int8) cannot take the update without rounding it
+        away: ValueError, unless `dequantize=True`, which returns a full-precision model (every
+        quantized linear layer replaced by an nn.Linear holding its dequantized weight, plus the
+        task's update where adapted)."""
+        self._check_mergeable()
+        t = self.task_index(task)
+        if self._request is not None:
+            raise RuntimeError("merge_task cannot run inside a forward")
+        quantized = [n for n, layer in self.adapted_layers().items() if layer.quantized_base]
+        if quantized and not dequantize:
+            raise ValueError(
+                f"cannot merge task {task!r} into a quantized base model ({quantized[0]} and "
+                f"{len(quantized) - 1} other adapted layers hold 4-bit/int8 weights, and re-quantizing "
+                f"the merged weights would round the update away); use export_peft_adapter(task, dir) "
+                f"to serve the adapter on the quantized base, or merge_task(task, dequantize=True) for "
+                f"a full-precision merged model"
+            )
+        merged = copy.deepcopy(self.model)
+        for name in self._layer_names:
+            layer = merged.get_submodule(name)
+            if layer.quantized_base:
+                base = dequantized_linear(layer.base_layer, model_activation_dtype(merged), layer.get_delta_weight(t))
+            else:
+                layer.merge(t)
+                base = layer.base_layer
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+        if dequantize:
+            dequantize_model_(merged)  # the layers no task adapts
+        for n, p in merged.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, True))
+        return merged
+
+    @torch.no_grad()
+    def peft_adapter_state(self, task: str | int) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(adapter_config dict, {key: tensor}) of `task` as a standard PEFT LoRA adapter of rank
+        R = (S+K) r: A = [shared A of its cluster; its own A], B = [shared B; own B], each expert's
+        B columns scaled by its gate weight; lora_alpha = s * R so PEFT's scaling is s."""
+        self._check_mergeable()
+        t = self.task_index(task)
+        cfg = next(iter(self._clusters.values()))
+        S, K, r = cfg.num_shared_experts, cfg.num_task_experts, cfg.rank
+        R = (S + K) * r
+        tensors, conv1d = {}, False
+        for name, layer in self.adapted_layers().items():
+            c = int(layer.task_cluster[t])
+            col = layer.task_gates()[t].repeat_interleave(r).to(layer.task_b.dtype)
+            a = torch.cat([layer.shared_a[c], layer.task_a[t]], dim=0)
+            b = torch.cat([layer.shared_b[c] * col[: S * r], layer.task_b[t] * col[S * r:]], dim=1)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().clone()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().clone()
+            conv1d = conv1d or _is_transposed(layer.base_layer)
+        alpha = cfg.scaling * R
+        adapter_config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "r": R,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": cfg.target_modules,
+            "fan_in_fan_out": conv1d,
+            "bias": "none",
+            "use_rslora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+        }
+        return adapter_config, tensors
+
+    def export_peft_adapter(self, task: str | int, directory: str | os.PathLike) -> None:
+        """Write `task` as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+        that `peft.PeftModel.from_pretrained(base_model, directory)` loads as is."""
+        adapter_config, tensors = self.peft_adapter_state(task)
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(directory, {
+            "adapter_model.safetensors": lambda p: save_file(tensors, p),
+            "adapter_config.json": lambda p: write_text(p, json.dumps(adapter_config, indent=2)),
+        })

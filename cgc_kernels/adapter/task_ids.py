@@ -1,0 +1,126 @@
+"""Task ids into a CGCModel: checked once per request on the host, then one TaskRouting per
+base-model call, set on every adapted layer by a forward pre-hook for the call's duration."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..op.routing import TaskRouting, build_routing, check_task_ids
+
+
+@dataclass
+class TaskRequest:
+    """Checked global task ids of one request: [B0] per sequence, or [B0, L0] per token (CPU)."""
+
+    ids: torch.Tensor
+    per_sequence: bool
+
+    def expand(self, batch: int, seq: int) -> torch.Tensor:
+        """[batch * seq] ids for a base-model call on [batch, seq] tokens."""
+        if self.per_sequence:
+            b0 = self.ids.shape[0]
+            if batch != b0 and (b0 == 0 or batch % b0):
+                raise ValueError(f"the model was called on {batch} sequences, not a multiple of the "
+                                 f"{b0} task ids given")
+            # generate() repeats each row (beams, num_return_sequences) with repeat_interleave.
+            ids = self.ids.repeat_interleave(batch // b0) if batch != b0 else self.ids
+            return ids[:, None].expand(batch, seq).reshape(-1)
+        if tuple(self.ids.shape) != (batch, seq):
+            raise ValueError(f"per-token task_ids are {tuple(self.ids.shape)} but the model was called on "
+                             f"[batch, seq] = [{batch}, {seq}]")
+        return self.ids.reshape(-1)
+
+
+class TaskIdsMixin:
+    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`)."""
+
+    def resolve_task_ids(self, task_ids, batch: int, seq: int | None = None) -> TaskRequest:
+        """Check task ids once, on the host: a task name or id for the whole batch, [batch] names
+        or ids (one task per sequence), or [batch, seq] ids (per token; -1 = base model)."""
+        if task_ids is None:
+            raise ValueError(
+                "task_ids is required: a task name or id per sequence (or per token; -1 = base model)"
+            )
+        T = self.num_tasks
+        if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
+            task_ids = [task_ids] * batch
+        if isinstance(task_ids, Sequence) and not isinstance(task_ids, str):
+            if any(isinstance(t, str) for t in task_ids):
+                # one entry per sequence: a name, an id, or -1 / None for the base model
+                bad = [t for t in task_ids if t is not None and not isinstance(t, (str, int))]
+                if bad:
+                    raise ValueError(f"task_ids entries must be names, ints or None, got {bad[:3]}")
+                task_ids = [-1 if t is None else self.task_index(t) if isinstance(t, str) else t
+                            for t in task_ids]
+            try:
+                task_ids = torch.tensor(task_ids, dtype=torch.int64)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"task_ids must be names, ints or an integer tensor: {e}") from None
+        if not isinstance(task_ids, torch.Tensor):
+            raise ValueError(f"task_ids must be a tensor, a list of names or ids, or one name/id; got "
+                             f"{type(task_ids).__name__}")
+        if task_ids.device.type == "meta":
+            raise ValueError("task_ids is on the meta device: it holds no values to route by")
+        if task_ids.dim() == 0:
+            task_ids = task_ids.expand(batch)
+        if task_ids.dim() not in (1, 2):
+            raise ValueError(f"task_ids must be [batch] or [batch, seq], got shape {tuple(task_ids.shape)}")
+        if task_ids.shape[0] != batch:
+            raise ValueError(f"task_ids has {task_ids.shape[0]} rows but the batch has {batch} sequences")
+        if task_ids.dim() == 2 and seq is not None and task_ids.shape[1] != seq:
+            raise ValueError(f"per-token task_ids are {tuple(task_ids.shape)} but input is [{batch}, {seq}]")
+        check_task_ids(task_ids.reshape(-1), T)  # one host sync per request, none per layer
+        return TaskRequest(task_ids.detach().to("cpu", torch.int64), per_sequence=task_ids.dim() == 1)
+
+    def _cluster_index(self, device: torch.device) -> torch.Tensor | None:
+        if len(self._clusters) == 1:
+            return None
+        if device not in self._cluster_index_cache:
+            index = torch.tensor(self.task_cluster, dtype=torch.int64, device=device)
+            self._cluster_index_cache[device] = index
+        return self._cluster_index_cache[device]
+
+    def _set_routing(self, routing: TaskRouting | None) -> None:
+        self._active_routing = routing
+        for name in self._layer_names:
+            self.model.get_submodule(name).current_routing = routing
+
+    def _pre_forward_hook(self, module, args, kwargs):
+        """Build this base-model call's routing from its [batch, seq] and the request's ids."""
+        x = kwargs.get("input_ids")
+        if x is None and args:
+            x = args[0]
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None:
+            raise ValueError("CGCModel needs input_ids or inputs_embeds to place the task ids")
+        batch, seq = x.shape[0], x.shape[1]
+        ids = self._request.expand(batch, seq).to(x.device)
+        self._set_routing(build_routing(ids, self.num_tasks, self._cluster_index(x.device), validate=False))
+
+    @contextlib.contextmanager
+    def task_context(self, request: TaskRequest) -> Iterator[None]:
+        """Serve `request`'s task ids to every base-model call inside; cleared on exit."""
+        if self._request is not None:
+            raise RuntimeError("CGCModel calls cannot be nested")
+        self._request = request
+        handle = self.model.register_forward_pre_hook(self._pre_forward_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._request = None
+            self._set_routing(None)
+
+
+def check_input_rank(x: torch.Tensor, is_ids: bool, where: str) -> None:
+    """input_ids must be [batch, seq] and inputs_embeds [batch, seq, hidden]: task ids are placed by
+    the first two dims."""
+    want = 2 if is_ids else 3
+    if x.dim() != want:
+        name, shape = ("input_ids", "[batch, seq]") if is_ids else ("inputs_embeds", "[batch, seq, hidden]")
+        raise ValueError(f"{where}: {name} must be {shape}, got shape {tuple(x.shape)}")

@@ -1,0 +1,103 @@
+"""`cgc-lora compare`: shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at an equal budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..data import demo_tasks
+from ..data.reader import UserError, read_jsonl, tasks_of
+from ..multitask.clustering import read_clusters
+from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
+from ..multitask.models import TINY_MODEL, load_base
+from ..multitask.recipe import DEMO_SYSTEM, format_seconds
+from .common import log, model_spec
+
+
+def add_compare_command(sub) -> None:
+    """`cgc-lora compare`: shared LoRA vs per-task LoRA vs MOELoRA vs CGC-LoRA at equal parameters."""
+    p = sub.add_parser("compare", help="shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at equal trainable "
+                                       "parameters: held-out scores, seesaw, table and plot")
+    p.add_argument("--model", help="a local transformers model directory or a .gguf file "
+                                   "(default: the demo's SmolLM2-135M-Instruct)")
+    p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
+    p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
+    p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set)")
+    p.add_argument("--out", default="cgc-lora-compare", help="output directory: compare.md, .png, .json")
+    p.add_argument("--clusters", help="a clusters file {task: cluster}: also compare CGC-LoRA with one shared "
+                                      "group per cluster")
+    p.add_argument("--rank", type=int, default=8, help="rank of each per-task LoRA; the budget is T x rank "
+                                                       "rank units per layer (default 8)")
+    p.add_argument("--cgc-shared", type=int, default=4, help="S of CGC-LoRA (default 4)")
+    p.add_argument("--cgc-task", type=int, default=1, help="K of CGC-LoRA (default 1)")
+    p.add_argument("--moe-experts", type=int, default=8, help="E of MOELoRA (default 8)")
+    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup-steps", type=int, default=6)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    p.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (default: all)")
+    p.add_argument("--system", help="system prompt (default: the demo's, with the demo data)")
+    p.add_argument("--max-new-tokens", type=int, default=12)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+
+    t0 = time.perf_counter()
+    spec = model_spec(args)
+    use_demo = args.data is None
+    train_path = args.data or os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[0])
+    eval_path = args.eval_data or (os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1]) if use_demo else None)
+    if eval_path is None:
+        raise UserError("--eval-data is needed with --data")
+    train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
+    tasks = tasks_of(train_rows)
+    if args.eval_limit:
+        seen: dict[str, int] = {}
+        kept = []
+        for r in eval_rows:
+            seen[r["task"]] = seen.get(r["task"], 0) + 1
+            if seen[r["task"]] <= args.eval_limit:
+                kept.append(r)
+        eval_rows = kept
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
+    tm = args.target_modules
+    targets = tm[3:] if tm.startswith("re:") else [t.strip() for t in tm.split(",") if t.strip()]
+    try:
+        clusters = read_clusters(args.clusters, tasks) if args.clusters else None
+        methods = plan_methods(len(tasks), task_rank=args.rank, cgc_shared=args.cgc_shared, cgc_task=args.cgc_task,
+                               moe_experts=args.moe_experts, clusters=clusters)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    system = args.system if args.system is not None else (DEMO_SYSTEM if use_demo else None)
+    names = {None: "SmolLM2-135M-Instruct", TINY_MODEL: "tiny random Llama"}
+    name = names.get(spec, os.path.basename(str(spec)))
+    log(f"comparing {len(methods)} methods on {len(tasks)} tasks ({', '.join(tasks)}) with {name}: "
+         f"{args.steps} steps x batch {args.batch_size}, seeds {seeds}")
+    base, tokenizer = load_base(spec)
+    try:
+        result = compare_methods(base, tokenizer, train_rows, eval_rows, methods=methods, task_rank=args.rank,
+                                 target_modules=targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 warmup_steps=args.warmup_steps, seeds=seeds, system=system,
+                                 max_new_tokens=args.max_new_tokens, log=log, model_name=name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    table = result.markdown()
+    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "compare.json"), "w", encoding="utf-8") as f:
+        json.dump(result.to_dict(), f, indent=2)
+    result.plot(os.path.join(out, "compare.png"))
+    log("")
+    log(table)
+    log(f"\nwritten to {out}/ (compare.md, compare.png, compare.json) in "
+         f"{format_seconds(time.perf_counter() - t0)}")
+    return 0

@@ -1,0 +1,1 @@
+"""The shipped demo tasks (`demo_tasks`) and the reader of instruction files (`reader`)."""

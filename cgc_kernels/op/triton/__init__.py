@@ -1,0 +1,1 @@
+"""Triton kernels of the CGC-LoRA op and their launchers (dispatched from `op.dispatch`)."""
