@@ -433,6 +433,28 @@ def test_injection_is_reversible_and_freezes_the_base():
     assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
+def test_task_ids_as_ints_with_none_and_numpy_arrays():
+    import numpy as np
+
+    _, cgc = make("llama")
+    ids = inputs()
+    want = cgc(input_ids=ids, task_ids=torch.tensor([0, -1, 2, 1])).logits
+    differ(want[0], want[1])
+    for tids in ([0, None, 2, 1], ["qa", None, 2, "sum"], np.array([0, -1, 2, 1]),
+                 np.array([0, -1, 2, 1], dtype=np.int32), np.array(["qa", None, "cls", 1], dtype=object),
+                 (np.int64(0), None, 2, np.int32(1))):
+        assert torch.equal(cgc(input_ids=ids, task_ids=tids).logits, want), tids
+    per_token = np.array([[0] * 6, [-1] * 6, [2] * 6, [1] * 6])
+    assert torch.equal(cgc(input_ids=ids, task_ids=per_token).logits, want)
+    assert torch.equal(cgc(input_ids=ids, task_ids=[[0] * 6, [None] * 6, [2] * 6, [1] * 6]).logits, want)
+    one = cgc(input_ids=ids, task_ids=np.int64(2)).logits
+    assert torch.equal(one, cgc(input_ids=ids, task_ids=2).logits)
+    with pytest.raises(ValueError, match="numpy array of float"):
+        cgc(input_ids=ids, task_ids=np.array([0.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="names, ints or None"):
+        cgc(input_ids=ids, task_ids=[0, True, 1, 0])
+
+
 def test_bad_task_ids_give_clear_errors():
     _, cgc = make("llama")
     ids = inputs()
