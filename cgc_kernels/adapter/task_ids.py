@@ -36,7 +36,29 @@ class TaskRequest:
 
 
 class TaskIdsMixin:
-    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`)."""
+    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`,
+    `_active_task`, `_adapter_disabled`)."""
+
+    # ---- task selection: what calls without task_ids use ---------------------------------------
+    def set_task(self, task: str | int | None) -> None:
+        """Select the task that every call without `task_ids` uses (forward, generate, and so
+        transformers' pipelines); None clears the selection (task_ids are then required)."""
+        self._active_task = None if task is None else self.tasks[self.task_index(task)]
+
+    @property
+    def active_task(self) -> str | None:
+        """The task selected by `set_task` (its name), or None."""
+        return self._active_task
+
+    @contextlib.contextmanager
+    def task(self, task: str | int | None) -> Iterator[None]:
+        """`with cgc.task("sum"): ...`: set_task for the block, the previous selection after it."""
+        before = self._active_task
+        self.set_task(task)
+        try:
+            yield
+        finally:
+            self._active_task = before
 
     def resolve_task_ids(self, task_ids, batch: int, seq: int | None = None) -> TaskRequest:
         """Check task ids once, on the host: a task name or id for the whole batch, [batch] names
