@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCModel
+from cgc_kernels.adapter.targets import summarize_targets
 
 from .test_model import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
 
@@ -142,6 +143,8 @@ def test_list_entry_that_matches_nothing_is_an_error_listing_the_linear_modules(
     names = CGCModel(model, CGCLoRAConfig(tasks=["a"], target_modules=["q_proj", "down_proj"])).targeted_module_names
     assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
                      "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert summarize_targets(names) == "4 modules: q_proj x2, down_proj x2"
+    assert summarize_targets(["lm_head"]) == "1 module: lm_head"
 
 
 # ---- merging: in place, tied weights -----------------------------------------------------------
@@ -230,10 +233,15 @@ def test_adapters_are_float32_over_a_low_precision_base(dtype):
 
 def test_gates_stay_float32_through_to_dtype():
     _, cgc = make("llama", gate_scope="model")
+    ids = inputs()
+    want = cgc(input_ids=ids, task_ids=[0, 1, 2, -1]).logits
     cgc.to(torch.bfloat16)
     layer = next(iter(cgc.adapted_layers().values()))
     assert layer.task_a.dtype == torch.bfloat16  # .to() casts the experts, as PEFT's
     assert {p.dtype for n, p in cgc.named_parameters() if ".gate." in n} == {torch.float32}
+    got = cgc(input_ids=ids, task_ids=[0, 1, 2, -1]).logits  # the op takes fp32 gates with bf16 experts
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=0.1, atol=0.15)
     _, token = make("llama", gate="token")
     token.half()
     assert {p.dtype for n, p in token.named_parameters() if ".gate." in n} == {torch.float32}

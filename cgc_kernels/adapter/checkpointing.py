@@ -66,8 +66,8 @@ class CheckpointingMixin:
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
         """Enable the base model's checkpointing (transformers' default: non-reentrant). Reentrant
-        (`{"use_reentrant": True}`) works too: the base model's inputs are made to require grad,
-        as PEFT does, so the reentrant backward reaches the adapters."""
+        (`{"use_reentrant": True}`) works too: the input embeddings' output is made to require
+        grad, as PEFT does, so the reentrant backward reaches the adapters of a frozen base."""
         kw = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
         enable = getattr(self.model, "activation_checkpointing_enable", None)
         if enable is not None:
@@ -76,7 +76,10 @@ class CheckpointingMixin:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
         else:
             raise ValueError(f"{type(self.model).__name__} has no activation checkpointing to enable")
-        if kw.get("use_reentrant") and hasattr(self.model, "enable_input_require_grads"):
+        # transformers does this itself for models fed input_ids; once is enough (a second call
+        # would leave a hook that disable_input_require_grads cannot remove)
+        if (kw.get("use_reentrant") and hasattr(self.model, "enable_input_require_grads")
+                and not getattr(self.model, "_require_grads_hooks", None)):
             self.model.enable_input_require_grads()
         self._carry_routing_into_checkpoints()
 
