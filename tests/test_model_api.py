@@ -132,6 +132,18 @@ def test_none_is_peft_default_for_the_architecture():
         assert tails == set(mapping[model.config.model_type]), arch
 
 
+def test_none_without_a_peft_default_is_a_clear_error(monkeypatch):
+    model = tiny_base("llama")
+    model.config.model_type = "unheard_of"
+    with pytest.raises(ValueError, match="no default target modules for model type 'unheard_of'.*q_proj, k_proj"):
+        CGCModel(model, CGCLoRAConfig(tasks=["a"], target_modules=None))
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft.utils.constants", None)  # as if peft were not installed
+    with pytest.raises(ValueError, match="needs peft"):
+        CGCModel(tiny_base("llama"), CGCLoRAConfig(tasks=["a"], target_modules=None))
+
+
 def test_list_entry_that_matches_nothing_is_an_error_listing_the_linear_modules():
     with pytest.raises(ValueError, match=r"entries \['qkv_proj'\] match no module of LlamaForCausalLM; "
                                          r"its linear modules are: q_proj, k_proj, v_proj, o_proj, gate_proj, "
