@@ -50,10 +50,21 @@ class RoutingCarrier:
 class CheckpointingMixin:
     """CGCModel's checkpointing verbs (PEFT / transformers names) and the routing carriers."""
 
+    def _checkpointable_modules(self) -> list:
+        """The modules transformers may give a checkpoint function: those with a
+        `gradient_checkpointing` flag (the decoder layers, and the model that holds them). Found
+        once; wrapping adapters replaces linear layers only, so the list stays right."""
+        found = self.__dict__.get("_checkpointable")
+        if found is None:
+            found = [m for m in self.model.modules() if hasattr(type(m), "gradient_checkpointing")
+                     or "gradient_checkpointing" in m.__dict__ or _ATTR in m.__dict__]
+            self.__dict__["_checkpointable"] = found
+        return found
+
     def _carry_routing_into_checkpoints(self) -> None:
-        """Wrap every checkpoint function of the base model not yet wrapped (cheap: one pass over
-        the modules, attribute reads only)."""
-        for module in self.model.modules():
+        """Wrap every checkpoint function of the base model not yet wrapped (per forward: one
+        attribute read per decoder layer)."""
+        for module in self._checkpointable_modules():
             func = module.__dict__.get(_ATTR)
             if func is not None and not isinstance(func, RoutingCarrier):
                 setattr(module, _ATTR, RoutingCarrier(func, self))
