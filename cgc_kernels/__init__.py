@@ -17,11 +17,22 @@ from .op.routing import TaskRouting, build_routing
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # CGCTrainer imports transformers.Trainer (and accelerate): only when asked for.
+    if name == "CGCTrainer":
+        from .adapter.trainer import CGCTrainer
+
+        return CGCTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CGCDataCollator",
     "CGCLoRAConfig",
     "CGCLoRALinear",
     "CGCModel",
+    "CGCTrainer",
     "GateTable",
     "StackedTaskGate",
     "TaskGate",

@@ -147,7 +147,7 @@ def run_fsdp2(backend, rows, want, single_step, save_dir) -> dict:
         m.reshard()
     dist.barrier()
     if dist.get_rank() == 0:
-        loaded = CGCModel.from_pretrained(build(backend).unload(), save_dir)
+        loaded = CGCModel.from_pretrained(build(backend).unload(), save_dir, is_trainable=True)
         stepped = {n: p.detach() for n, p in trainable(loaded).items()}
         report["saved_equals_single_step"] = compare(stepped, single_step)
     return report

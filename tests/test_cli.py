@@ -238,7 +238,7 @@ def test_bench_expert_loop_matches_reference_and_prints_table(capsys):
         assert row in table
 
 
-def test_resume_from_checkpoint(run, tmp_path):
+def test_resume_from_checkpoint(run, tmp_path, capsys):
     from safetensors.torch import load_file
 
     d, out = run
@@ -249,6 +249,8 @@ def test_resume_from_checkpoint(run, tmp_path):
             "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0", "--rank", "4", "--clusters",
             str(d / "clusters.json"), "--resume", str(ckpt)]
     assert main(argv) == 0
+    # the one-line summary of what is adapted (the default targets on the tiny 2-layer Llama)
+    assert "adapting 8 modules: q_proj x2, v_proj x2, o_proj x2, down_proj x2" in capsys.readouterr().out
     after = load_file(str(resumed / "cgc_adapter.safetensors"))
     assert set(after) == set(before)
     # One more step from the checkpoint's weights: moved, but not back to a fresh start (B = 0).

@@ -35,7 +35,18 @@ def test_derived_fields():
     (dict(tasks=["a"], num_shared_experts=-1), "num_shared_experts"),
     (dict(tasks=["a"], num_shared_experts=0, num_task_experts=0), "at least 1"),
     (dict(tasks=["a"], rank=0), "rank"),
+    (dict(tasks=["a"], rank=True), "rank must be a positive int"),  # bool is an int subclass
+    (dict(tasks=["a"], rank=2.0), "rank must be a positive int"),
+    (dict(tasks=["a"], alpha=-1), "alpha must be a positive number"),
+    (dict(tasks=["a"], alpha=0), "alpha must be a positive number"),
+    (dict(tasks=["a"], alpha=float("nan")), "alpha must be a positive number"),
+    (dict(tasks=["a"], alpha=True), "alpha must be a positive number"),
+    (dict(tasks=["a"], alpha="16"), "alpha must be a positive number"),
     (dict(tasks=["a"], dropout=1.0), "dropout"),
+    (dict(tasks=["a"], dropout=-0.1), "dropout"),
+    (dict(tasks=["a"], dropout="0.1"), "dropout"),
+    (dict(tasks=["a"], num_task_experts=True), "num_task_experts"),
+    (dict(tasks=["a"], target_modules=["q_proj", 3]), "entries must be non-empty"),
     (dict(tasks=["a"], gate="moe"), "gate must be one of"),
     (dict(tasks=["a"], gate_scope="global"), "gate_scope"),
     (dict(tasks=["a"], gate="token", gate_scope="model"), "token gate"),
@@ -46,6 +57,12 @@ def test_derived_fields():
 def test_validation_errors(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         CGCLoRAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("target_modules", [None, "all-linear", r".*\.q_proj", ["q_proj"]])
+def test_target_module_forms_are_accepted_and_round_trip(target_modules):
+    cfg = CGCLoRAConfig(tasks=["a"], target_modules=target_modules, alpha=8, rank=4)
+    assert CGCLoRAConfig.from_json_string(cfg.to_json_string()) == cfg
 
 
 def test_unknown_fields_and_tasks():

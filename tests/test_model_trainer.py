@@ -36,6 +36,23 @@ def test_collator_left_padding_per_token_ids_and_multiple_of():
     assert torch.equal(batch["task_ids"], torch.tensor([[-1, 0, 0, 1], [-1, -1, -1, 2]]))
 
 
+def test_collator_keeps_a_given_attention_mask_and_takes_none_as_the_base_model():
+    import numpy as np
+
+    collate = CGCDataCollator(pad_token_id=0, tasks=TASKS)
+    batch = collate([
+        {"input_ids": [5, 6, 7], "attention_mask": [0, 1, 1], "task_ids": None},  # a masked first token
+        {"input_ids": [9, 10], "task_ids": np.int64(2)},
+        {"input_ids": [4], "attention_mask": torch.tensor([1]), "task_ids": "qa"},
+    ])
+    assert torch.equal(batch["attention_mask"], torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert torch.equal(batch["task_ids"], torch.tensor([-1, 2, 0]))
+    per_token = CGCDataCollator(pad_token_id=0)([{"input_ids": [5, 6], "task_ids": [None, 1]}])
+    assert torch.equal(per_token["task_ids"], torch.tensor([[-1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask has 1 entries, input_ids 2"):
+        collate([{"input_ids": [5, 6], "attention_mask": [1], "task_ids": 0}])
+
+
 def test_collator_errors():
     collate = CGCDataCollator(pad_token_id=0, tasks=TASKS, response_only=True)
     with pytest.raises(ValueError, match="remove_unused_columns=False"):

@@ -227,7 +227,7 @@ def test_evaluate_then_train_reaches_every_layer(base_dir, tmp_path):
     dequantize_model_(twin_base)
     assert not has_quantized_layers(twin_base)
     cgc.save_pretrained(tmp_path)
-    twin = CGCModel.from_pretrained(twin_base, tmp_path)
+    twin = CGCModel.from_pretrained(twin_base, tmp_path, is_trainable=True)
     twin.train()
     twin(input_ids=ids, labels=ids, task_ids=tids).loss.backward()
 

@@ -3,8 +3,10 @@
 Each example is a dict:
 
     input_ids      list[int]                    the tokens (prompt + response)
-    task_ids       str | int | list[int]        its task (name or id), or one id per token (packing)
+    task_ids       str | int | None | list[int] its task (name or id; None or -1 = the base model),
+                                                or one id per token (packing)
     labels         list[int], optional          targets; default: input_ids
+    attention_mask list[int], optional          kept as given (padded with 0); default: all ones
     prompt_length  int, optional                tokens of the prompt: their labels become -100
 
 The batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on padding and, with
@@ -55,8 +57,10 @@ class CGCDataCollator:
             self.tasks = list(self.tasks)
 
     def _task_id(self, task) -> int:
-        if isinstance(task, torch.Tensor):
+        if isinstance(task, torch.Tensor) or type(task).__module__ == "numpy":
             task = task.item()
+        if task is None:
+            return -1  # the base model, as CGCModel reads -1
         if isinstance(task, str):
             if self.tasks is None or task not in self.tasks:
                 raise ValueError(f"unknown task {task!r}; known tasks: {self.tasks}")
@@ -76,6 +80,12 @@ class CGCDataCollator:
             labels = [int(t) for t in _as_list(f["labels"])] if f.get("labels") is not None else list(ids)
             if len(labels) != len(ids):
                 raise ValueError(f"example {i}: labels has {len(labels)} tokens, input_ids {len(ids)}")
+            if f.get("attention_mask") is not None:
+                mask = [int(t) for t in _as_list(f["attention_mask"])]
+                if len(mask) != len(ids):
+                    raise ValueError(f"example {i}: attention_mask has {len(mask)} entries, input_ids {len(ids)}")
+            else:
+                mask = [1] * len(ids)
             prompt = f.get("prompt_length")
             if prompt is None and self.response_only:
                 raise ValueError(
@@ -90,6 +100,8 @@ class CGCDataCollator:
             task = f["task_ids"]
             if isinstance(task, torch.Tensor) and task.dim() == 0:
                 task = task.item()
+            if type(task).__module__ == "numpy":
+                task = task.tolist()
             if isinstance(task, (list, tuple, torch.Tensor)):
                 task = [self._task_id(t) for t in _as_list(task)]
                 if len(task) != len(ids):
@@ -98,12 +110,12 @@ class CGCDataCollator:
                     )
             else:
                 task = self._task_id(task)
-            rows.append((ids, labels, task))
+            rows.append((ids, labels, task, mask))
 
-        per_token = [isinstance(t, list) for _, _, t in rows]
+        per_token = [isinstance(t, list) for _, _, t, _ in rows]
         if any(per_token) and not all(per_token):
             raise ValueError("either every example gives one task id per token or none does")
-        length = max(len(ids) for ids, _, _ in rows)
+        length = max(len(ids) for ids, _, _, _ in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
@@ -113,14 +125,14 @@ class CGCDataCollator:
 
         long = lambda seqs: torch.tensor(seqs, dtype=torch.long)
         batch = {
-            "input_ids": long([pad(ids, self.pad_token_id) for ids, _, _ in rows]),
-            "attention_mask": long([pad([1] * len(ids), 0) for ids, _, _ in rows]),
-            "labels": long([pad(lab, self.label_pad_token_id) for _, lab, _ in rows]),
+            "input_ids": long([pad(ids, self.pad_token_id) for ids, _, _, _ in rows]),
+            "attention_mask": long([pad(mask, 0) for _, _, _, mask in rows]),
+            "labels": long([pad(lab, self.label_pad_token_id) for _, lab, _, _ in rows]),
         }
         if all(per_token):
-            batch["task_ids"] = long([pad(t, -1) for _, _, t in rows])
+            batch["task_ids"] = long([pad(t, -1) for _, _, t, _ in rows])
         else:
-            batch["task_ids"] = long([t for _, _, t in rows])
+            batch["task_ids"] = long([t for _, _, t, _ in rows])
         return batch
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 
@@ -31,8 +32,10 @@ class CGCLoRAConfig:
         gate_embedding_dim: if set, task-gate logits come from a learned task embedding of this
             size through a linear map, instead of free per-task logits.
         target_modules: module names to adapt (a name matches if it equals a module's last
-            component or the full path ends with "." + name), or one regex string matched
-            with re.fullmatch against full module paths.
+            component or the full path ends with "." + name; every name must match something),
+            one regex string matched with re.fullmatch against full module paths, "all-linear"
+            (every linear layer but the output head, as PEFT), or None (PEFT's default for the
+            model's architecture, read from peft.utils.constants; needs peft installed).
     """
 
     tasks: list[str]
@@ -45,7 +48,7 @@ class CGCLoRAConfig:
     gate: str = "task"
     gate_scope: str = "layer"
     gate_embedding_dim: int | None = None
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self):
         if isinstance(self.tasks, str) or not self.tasks:
@@ -65,21 +68,24 @@ class CGCLoRAConfig:
                 )
         for name in ("num_shared_experts", "num_task_experts"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
+            if not _is_int(v) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if self.num_shared_experts + self.num_task_experts < 1:
             raise ValueError("num_shared_experts + num_task_experts must be at least 1")
-        if not isinstance(self.rank, int) or self.rank < 1:
+        if not _is_int(self.rank) or self.rank < 1:
             raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
         if self.gate not in GATE_KINDS:
             raise ValueError(f"gate must be one of {GATE_KINDS}, got {self.gate!r}")
         if self.gate_scope not in GATE_SCOPES:
             raise ValueError(f"gate_scope must be one of {GATE_SCOPES}, got {self.gate_scope!r}")
         if self.gate == "token" and self.gate_scope == "model":
             raise ValueError("a token gate reads each layer's input, so gate_scope must be 'layer'")
-        if self.gate_embedding_dim is not None and self.gate_embedding_dim < 1:
+        if self.gate_embedding_dim is not None and (not _is_int(self.gate_embedding_dim)
+                                                    or self.gate_embedding_dim < 1):
             raise ValueError(
                 f"gate_embedding_dim must be a positive int or None, got {self.gate_embedding_dim}"
             )
@@ -87,8 +93,11 @@ class CGCLoRAConfig:
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
                 raise ValueError("target_modules must name at least one module")
-        elif not isinstance(self.target_modules, str):
-            raise ValueError("target_modules must be a list of names or a regex string")
+            bad = [t for t in self.target_modules if not isinstance(t, str) or not t]
+            if bad:
+                raise ValueError(f"target_modules entries must be non-empty module names, got {bad[:3]}")
+        elif self.target_modules is not None and not isinstance(self.target_modules, str):
+            raise ValueError('target_modules must be a list of names, a regex string, "all-linear" or None')
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -163,3 +172,12 @@ class CGCLoRAConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
         with open(path) as f:
             return cls.from_json_string(f.read())
+
+
+def _is_int(v) -> bool:
+    """A real int: bool is an int subclass in Python, but rank=True is a mistake, not rank 1."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

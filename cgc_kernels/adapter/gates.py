@@ -11,7 +11,22 @@ import torch
 from torch import nn
 
 
-class TaskGate(nn.Module):
+class Float32Module(nn.Module):
+    """A module whose floating parameters stay float32 through `.to(dtype)`, `.half()`,
+    `.bfloat16()` (devices still move): softmax logits in low precision would quantize the expert
+    mixture, and they are tiny."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for p in self.parameters():
+            if p.dtype.is_floating_point and p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
+
+class TaskGate(Float32Module):
     """Per-task softmax over the S+K experts a task may use.
 
     Logits start at zero (an even mixture), so a fresh module is plain averaging of its experts.
@@ -42,7 +57,7 @@ class TaskGate(nn.Module):
         return torch.softmax(self.task_logits(), dim=-1)
 
 
-class TokenGate(nn.Module):
+class TokenGate(Float32Module):
     """Per-token softmax(Wg[t] x_m) over the experts of the token's task t."""
 
     def __init__(self, num_tasks: int, num_experts: int, in_features: int):

@@ -132,6 +132,7 @@ class CGCLoRALinear(nn.Module):
 
         self.merged_task: int | None = None
         self._weight_before_merge: torch.Tensor | None = None
+        self.disable_adapters = False  # PEFT's flag: True makes forward the base layer exactly
         # Set by CGCModel for the duration of a forward, so the model's own code passes no ids.
         self.current_routing: torch.Tensor | TaskRouting | None = None
 
@@ -165,6 +166,8 @@ class CGCLoRALinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
         result = frozen_base_forward(self.base_layer, x) if self.quantized_base else self.base_layer(x)
+        if self.disable_adapters:
+            return result
         if self.merged_task is not None:
             if task_ids is not None:
                 self._check_merged_ids(task_ids)
@@ -238,17 +241,23 @@ class CGCLoRALinear(nn.Module):
         delta = self.get_delta_weight(task)
         if _is_transposed(self.base_layer):
             delta = delta.T
-        self._weight_before_merge = weight.data.clone()
-        weight.data = (weight.data.to(delta.dtype) + delta).to(weight.dtype)
+        # The merged weight is a new Parameter and the original is kept as it was: a weight tied to
+        # another module (an LM head sharing the input embedding) is untied by the merge instead of
+        # changing the embedding too, and unmerge re-ties it by putting the very same object back.
+        merged = (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
+        # object.__setattr__: a Parameter set as a module attribute would be registered as one
+        object.__setattr__(self, "_weight_before_merge", weight)
+        self.base_layer.weight = nn.Parameter(merged, requires_grad=weight.requires_grad)
         self.merged_task = task
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight saved by `merge` (bit for bit)."""
+        """Restore the base weight `merge` replaced: the original Parameter object, bit for bit
+        (tied to the same modules as before)."""
         if self.merged_task is None:
             return
-        self.base_layer.weight.data = self._weight_before_merge
-        self._weight_before_merge = None
+        self.base_layer.weight = self._weight_before_merge
+        object.__setattr__(self, "_weight_before_merge", None)
         self.merged_task = None
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Deploying one task: merged into a copy of the base model, or exported as a standard PEFT LoRA."""
+"""Deploying one task: merged into a copy of the base model (merge_task) or into the base model
+itself (merge_and_unload), or exported as a standard PEFT LoRA adapter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 from .layer import _is_transposed
 from .quantized import dequantize_model_, dequantized_linear, model_activation_dtype
 from .save_load import atomic_write, save_file, write_text
+from .targets import ALL_LINEAR
 
 
 class MergeExportMixin:
@@ -25,40 +27,74 @@ class MergeExportMixin:
     @torch.no_grad()
     def merge_task(self, task: str | int, *, dequantize: bool = False) -> nn.Module:
         """A plain copy of the base model with `task`'s gate-weighted experts merged into its
-        weights (no CGC layers, no overhead). The unified model is untouched.
+        weights (no CGC layers, no overhead). The unified model is untouched; `merge_and_unload`
+        does the same in place, without the copy.
 
         A quantized base (bitsandbytes 4-bit / int8) cannot take the update without rounding it
         away: ValueError, unless `dequantize=True`, which returns a full-precision model (every
         quantized linear layer replaced by an nn.Linear holding its dequantized weight, plus the
-        task's update where adapted)."""
+        task's update where adapted).
+
+        A merged weight tied to another module (an LM head sharing the input embedding) is untied:
+        the head gets the merged weight, the embedding keeps the original, and the config says
+        `tie_word_embeddings=False`, so the model saves and reloads as merged."""
+        t = self._check_merge(task, dequantize, "merge_task")
+        return self._merge_into(copy.deepcopy(self.model), t, dequantize)
+
+    @torch.no_grad()
+    def merge_and_unload(self, task: str | int, *, dequantize: bool = False) -> nn.Module:
+        """PEFT's merge_and_unload for one task, in place: `task` is folded into the base model's
+        own weights, the CGC layers are removed, and the base model object itself is returned
+        (no copy: memory stays that of one model). This CGCModel is unusable afterwards. Same
+        rules as merge_task for quantized bases and tied weights."""
+        t = self._check_merge(task, dequantize, "merge_and_unload")
+        self._remove_routing_carriers()
+        merged = self._merge_into(self.model, t, dequantize)
+        self._release()
+        return merged
+
+    def _check_merge(self, task, dequantize: bool, verb: str) -> int:
         self._check_mergeable()
         t = self.task_index(task)
         if self._request is not None:
-            raise RuntimeError("merge_task cannot run inside a forward")
+            raise RuntimeError(f"{verb} cannot run inside a forward")
         quantized = [n for n, layer in self.adapted_layers().items() if layer.quantized_base]
         if quantized and not dequantize:
             raise ValueError(
                 f"cannot merge task {task!r} into a quantized base model ({quantized[0]} and "
                 f"{len(quantized) - 1} other adapted layers hold 4-bit/int8 weights, and re-quantizing "
                 f"the merged weights would round the update away); use export_peft_adapter(task, dir) "
-                f"to serve the adapter on the quantized base, or merge_task(task, dequantize=True) for "
+                f"to serve the adapter on the quantized base, or {verb}(task, dequantize=True) for "
                 f"a full-precision merged model"
             )
-        merged = copy.deepcopy(self.model)
+        merged = [n for n, layer in self.adapted_layers().items() if layer.merged_task is not None]
+        if merged:
+            raise ValueError(f"{merged[0]} already has a task merged into it; unmerge it first")
+        return t
+
+    def _merge_into(self, model: nn.Module, t: int, dequantize: bool) -> nn.Module:
+        """Merge task t into `model` (self.model or a copy of it, holding CGC layers at the same
+        paths) and put each layer's base layer back in its place."""
+        tied = tied_parameter_ids(model)
+        untied = False
         for name in self._layer_names:
-            layer = merged.get_submodule(name)
+            layer = model.get_submodule(name)
             if layer.quantized_base:
-                base = dequantized_linear(layer.base_layer, model_activation_dtype(merged), layer.get_delta_weight(t))
+                base = dequantized_linear(layer.base_layer, model_activation_dtype(model), layer.get_delta_weight(t))
             else:
-                layer.merge(t)
+                untied = untied or id(layer.base_layer.weight) in tied
+                layer.merge(t)  # a new Parameter: a tied original stays with the other module
                 base = layer.base_layer
+                object.__setattr__(layer, "_weight_before_merge", None)  # the layer is dropped: no undo
             parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent) if parent else merged, child, base)
+            setattr(model.get_submodule(parent) if parent else model, child, base)
         if dequantize:
-            dequantize_model_(merged)  # the layers no task adapts
-        for n, p in merged.named_parameters():
+            dequantize_model_(model)  # the layers no task adapts
+        if untied:
+            untie_in_config(model)
+        for n, p in model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
-        return merged
+        return model
 
     @torch.no_grad()
     def peft_adapter_state(self, task: str | int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -87,7 +123,10 @@ class MergeExportMixin:
             "r": R,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": cfg.target_modules,
+            # None and "all-linear" are resolved per model: name the modules this adapter holds
+            "target_modules": (sorted({n.rpartition(".")[2] for n in self._layer_names})
+                               if cfg.target_modules is None or cfg.target_modules == ALL_LINEAR
+                               else cfg.target_modules),
             "fan_in_fan_out": conv1d,
             "bias": "none",
             "use_rslora": False,
@@ -106,3 +145,26 @@ class MergeExportMixin:
             "adapter_model.safetensors": lambda p: save_file(tensors, p),
             "adapter_config.json": lambda p: write_text(p, json.dumps(adapter_config, indent=2)),
         })
+
+
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that sit in more than one module of `model` (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
+
+
+def untie_in_config(model: nn.Module) -> None:
+    """Record in the model's config that its embeddings are no longer tied, so that
+    save_pretrained writes both and from_pretrained does not tie them again."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text) and get_text() is not config:
+        configs.append(get_text())
+    for c in configs:
+        if getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False

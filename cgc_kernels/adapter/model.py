@@ -10,9 +10,9 @@ replaced, on this model instance, by a CGCLoRALinear wrapping it. For the durati
 one TaskRouting per base-model call (ids expanded to the call's [batch, seq]; during cached
 decoding seq is 1, with beams the batch is repeated) and sets it as `current_routing` on every
 adapted layer; leaving the context clears it, also on exceptions. Gradient checkpointing reruns
-layers during the backward, after that context has closed: `activation_checkpointing_enable`
-passes a `context_fn` to torch's checkpoint that captures the routing at forward time and
-reinstates it for the recomputation.
+layers during the backward, after that context has closed: checkpointing.py carries the routing
+into the recomputation. Calls without task ids use the active task (`set_task`, `with
+cgc.task(name)`), which is how transformers' pipelines and third-party evaluation code call it.
 
 1+N: the model holds an ordered list of clusters (plug-in CGC-LoRA modules), each with its own
 tasks, S shared experts per layer and its own task gates. The global task list is the clusters'
@@ -20,8 +20,10 @@ task lists concatenated; every layer holds all clusters stacked (shared_a [C, S*
 batch mixing tasks of several clusters is one op call per layer. Adding or removing a cluster
 rebuilds the layers, copying the remaining experts and gates.
 
-The concerns live in files of their own, mixed into CGCModel: task ids and routing (task_ids.py),
-clusters (clusters.py), merge and export (merge.py), save and load (save_load.py).
+The concerns live in files of their own, mixed into CGCModel: task ids, task selection and routing
+(task_ids.py), target modules (targets.py), checkpointing (checkpointing.py), clusters
+(clusters.py), merge and export (merge.py), save and load (save_load.py); the transformers.Trainer
+integration is trainer.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 
 from ..op.routing import TaskRouting
+from .checkpointing import CheckpointingMixin
 from .clusters import DEFAULT_CLUSTER, ClustersMixin, split_config
 from .config import CGCLoRAConfig
 from .gate_report import GateTable, gate_table
@@ -42,11 +45,13 @@ from .layer import CGCLoRALinear, base_layer_features
 from .merge import MergeExportMixin
 from .quantized import guard_quantized_layers
 from .save_load import SaveLoadMixin
-from .targets import is_adaptable, module_matches
+from .targets import resolve_target_modules
 from .task_ids import TaskIdsMixin, TaskRequest, check_input_rank
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.Module):
+
+class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.Module):
     """A transformers model with CGC-LoRA in its `target_modules`; everything else frozen.
 
     Args:
@@ -54,9 +59,12 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
             modified in place (modules replaced); `unload()` puts the original modules back.
         config: the CGC-LoRA configuration; `config.clusters` may split the tasks into clusters.
         backend: force the op's backend ("reference" / "triton"); None picks by device.
+        autocast_adapter_dtype: keep the experts in float32 over a float16 / bfloat16 base (PEFT's
+            default and name); False keeps them in the base weights' dtype. Gates are float32 always.
     """
 
-    def __init__(self, model: nn.Module, config: CGCLoRAConfig, *, backend: str | None = None):
+    def __init__(self, model: nn.Module, config: CGCLoRAConfig, *, backend: str | None = None,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         if not isinstance(config, CGCLoRAConfig):
             raise ValueError(f"config must be a CGCLoRAConfig, got {type(config).__name__}")
@@ -64,24 +72,16 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
             raise ValueError("model already holds CGC-LoRA layers (unload() the other CGCModel first)")
         self.model = model
         self.backend = backend
+        self.autocast_adapter_dtype = bool(autocast_adapter_dtype)
+        self._active_task: str | None = None  # set_task / task(): what calls without task_ids use
+        self._adapter_disabled = False  # inside disable_adapter()
         self._clusters: OrderedDict[str, CGCLoRAConfig] = split_config(config)
         self._request: TaskRequest | None = None
         self._active_routing: TaskRouting | None = None
         self._cluster_index_cache: dict[torch.device, torch.Tensor] = {}
         self._model_gates: dict[str, TaskGate] = {}  # gate_scope="model": one TaskGate per cluster
 
-        self._layer_names = [
-            name for name, m in model.named_modules() if name and module_matches(name, config.target_modules)
-        ]
-        if not self._layer_names:
-            raise ValueError(
-                f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}"
-            )
-        bad = [n for n in self._layer_names if not is_adaptable(model.get_submodule(n))]
-        if bad:
-            kinds = sorted({type(model.get_submodule(n)).__name__ for n in bad})
-            raise ValueError(f"target_modules matched modules that are not nn.Linear or Conv1D: {bad[:4]} "
-                             f"({', '.join(kinds)}); narrow target_modules")
+        self._layer_names = resolve_target_modules(model, config.target_modules)
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -128,6 +128,11 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
     def adapted_layers(self) -> dict[str, CGCLoRALinear]:
         """{module path: CGCLoRALinear} in model order."""
         return {n: self.model.get_submodule(n) for n in self._layer_names}
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Full paths of the adapted modules, in model order (PEFT's name)."""
+        return list(self._layer_names)
 
     def _set_module(self, name: str, module: nn.Module) -> None:
         parent, _, child = name.rpartition(".")
@@ -178,6 +183,10 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
                 base, len(tasks), S, K, r, cfg.alpha, dropout=cfg.dropout, task_cluster=task_cluster,
                 gate=gate, backend=self.backend,
             )
+            if self.autocast_adapter_dtype:
+                for p in (layer.shared_a, layer.shared_b, layer.task_a, layer.task_b):
+                    if p.dtype in LOW_PRECISION:
+                        p.data = p.data.float()  # PEFT's default: small updates accumulate in fp32
             if old is not None:
                 with torch.no_grad():
                     for i, c in enumerate(self._clusters):
@@ -207,13 +216,16 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
             raise ValueError("CGCModel.forward needs input_ids or inputs_embeds")
         check_input_rank(x, input_ids is not None, "CGCModel.forward")
         request = self.resolve_task_ids(task_ids, x.shape[0], x.shape[1])
+        if torch.is_grad_enabled() and self.model.training:
+            self._carry_routing_into_checkpoints()  # checkpointing may have been enabled on the base
         with self.task_context(request):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, **kwargs):
         """`model.generate` with one task per sequence ([batch] ids or names); rows of different
-        tasks share one batch. Beams and num_return_sequences repeat each row's task."""
+        tasks share one batch. Beams and num_return_sequences repeat each row's task. Without
+        task_ids, the active task (`set_task`)."""
         x = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if x is None:
             raise ValueError("CGCModel.generate needs input_ids or inputs_embeds")
@@ -223,54 +235,6 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
             raise ValueError("generate takes one task per sequence: task_ids must be [batch], not per token")
         with self.task_context(request):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    # ---- gradient checkpointing ----------------------------------------------------------------
-    def _checkpoint_contexts(self):
-        """context_fn for torch checkpoint: the recomputation (during backward, after the forward
-        context closed) runs with the routing the forward had."""
-        routing = self._active_routing
-
-        @contextlib.contextmanager
-        def recompute():
-            before = self._active_routing
-            self._set_routing(routing)
-            try:
-                yield
-            finally:
-                self._set_routing(before)
-
-        return contextlib.nullcontext(), recompute()
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs) -> None:
-        """Enable the base model's checkpointing (non-reentrant) with the routing carried over."""
-        kw = dict(activation_checkpointing_kwargs or {})
-        if kw.get("use_reentrant", False):
-            raise ValueError("CGCModel needs use_reentrant=False checkpointing (to carry task routing)")
-        if "context_fn" in kw:
-            raise ValueError("CGCModel sets the checkpoint context_fn itself; do not pass one")
-        kw.update(use_reentrant=False, context_fn=self._checkpoint_contexts)
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kw, **kwargs)
-        else:  # transformers before the rename
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs) -> None:
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
-
-    def activation_checkpointing_disable(self) -> None:
-        disable = getattr(self.model, "activation_checkpointing_disable", None)
-        (disable or self.model.gradient_checkpointing_disable)()
-
-    gradient_checkpointing_disable = activation_checkpointing_disable
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        if hasattr(type(self.model), "is_activation_checkpointing"):
-            return bool(self.model.is_activation_checkpointing)
-        return bool(getattr(self.model, "is_gradient_checkpointing", False))
-
-    is_gradient_checkpointing = is_activation_checkpointing
 
     # ---- what Trainer and generate read from a model ------------------------------------------
     @property
@@ -293,6 +257,88 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
     def get_input_embeddings(self):
         return self.model.get_input_embeddings()
 
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def can_generate(self) -> bool:
+        """What transformers' pipelines ask before calling `generate`."""
+        can = getattr(self.model, "can_generate", None)
+        return bool(can()) if callable(can) else hasattr(self.model, "generate")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's dtype (its first floating parameter's; the adapters may be float32)."""
+        if "dtype" in dir(type(self.model)):
+            return self.model.dtype
+        return next(p.dtype for p in self.model.parameters() if p.dtype.is_floating_point)
+
+    @property
+    def name_or_path(self) -> str | None:
+        return getattr(self.model, "name_or_path", None)
+
+    # ---- PEFT's calls ------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the CGC-LoRA layers in it)."""
+        return self.model
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with the CGC-LoRA layers in it), as PEFT's."""
+        return self.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counted as PEFT counts them (a bitsandbytes
+        4-bit parameter packs two values per byte of its storage)."""
+        trainable = total = 0
+        for p in self.model.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                n *= 2 * (p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1)
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: `trainable params: N || all params: M || trainable%: P`."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """transformers' count over the wrapped model (adapters included)."""
+        count = getattr(self.model, "num_parameters", None)
+        if callable(count):
+            return count(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad or not only_trainable)
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad (for reentrant checkpointing of a
+        frozen base, as PEFT and transformers do)."""
+        self.model.enable_input_require_grads()
+
+    def disable_input_require_grads(self) -> None:
+        self.model.disable_input_require_grads()
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside, every call is the base model exactly: each adapted layer returns its base
+        layer's output and task_ids are ignored (none needed)."""
+        if self._adapter_disabled:  # nested: the outer context restores
+            yield
+            return
+        layers = list(self.adapted_layers().values())
+        if any(layer.merged_task is not None for layer in layers):
+            raise ValueError("a task is merged into the base weights; unmerge before disable_adapter()")
+        self._adapter_disabled = True
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            self._adapter_disabled = False
+            for layer in layers:
+                layer.disable_adapters = False
+
     # ---- gates ---------------------------------------------------------------------------------
     @torch.no_grad()
     def gate_weights(self, task: str | int | None = None) -> dict[str, torch.Tensor]:
@@ -311,7 +357,6 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
         Token gates: ValueError. See gate_report.py."""
         return gate_table(self)
 
-
     def unload(self) -> nn.Module:
         """Put the original modules back, restore requires_grad, and return the base model
         (without any adapter). This CGCModel is unusable afterwards."""
@@ -319,9 +364,15 @@ class CGCModel(TaskIdsMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.
             layer = self.model.get_submodule(name)
             layer.unmerge()
             self._set_module(name, layer.base_layer)
+        self._release()
+        return self.model
+
+    def _release(self) -> None:
+        """Hand the base model back: no hooks or routing carriers, requires_grad as it was."""
         for handle in self._quantized_hooks:
             handle.remove()
+        self._quantized_hooks = []
+        self._remove_routing_carriers()
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
-        model, self._layer_names = self.model, []
-        return model
+        self._layer_names = []

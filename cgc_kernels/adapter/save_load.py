@@ -103,16 +103,24 @@ class SaveLoadMixin:
         self.save_pretrained(directory, [name])
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *,
-                        backend: str | None = None) -> CGCModel:
-        """Rebuild the CGCModel saved in `directory` on `model` (the same base architecture)."""
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
+                        backend: str | None = None, autocast_adapter_dtype: bool = True) -> CGCModel:
+        """Rebuild the CGCModel saved in `directory` on `model` (the same base architecture).
+
+        As PEFT's: ready for inference by default (eval mode, every parameter frozen);
+        `is_trainable=True` leaves the adapter and gate parameters trainable and the mode as the
+        base model's (to continue training)."""
         config, tensors = read_checkpoint(directory)
-        cgc = cls(model, config, backend=backend)
+        cgc = cls(model, config, backend=backend, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             cgc._load_adapter_tensors(tensors, cgc.clusters)
         except Exception:
             cgc.unload()  # leave the caller's model as it was
             raise
+        if not is_trainable:
+            cgc.eval()
+            for p in cgc.parameters():
+                p.requires_grad_(False)
         return cgc
 
 

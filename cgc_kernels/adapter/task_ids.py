@@ -36,30 +36,51 @@ class TaskRequest:
 
 
 class TaskIdsMixin:
-    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`)."""
+    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`,
+    `_active_task`, `_adapter_disabled`)."""
+
+    # ---- task selection: what calls without task_ids use ---------------------------------------
+    def set_task(self, task: str | int | None) -> None:
+        """Select the task that every call without `task_ids` uses (forward, generate, and so
+        transformers' pipelines); None clears the selection (task_ids are then required)."""
+        self._active_task = None if task is None else self.tasks[self.task_index(task)]
+
+    @property
+    def active_task(self) -> str | None:
+        """The task selected by `set_task` (its name), or None."""
+        return self._active_task
+
+    @contextlib.contextmanager
+    def task(self, task: str | int | None) -> Iterator[None]:
+        """`with cgc.task("sum"): ...`: set_task for the block, the previous selection after it."""
+        before = self._active_task
+        self.set_task(task)
+        try:
+            yield
+        finally:
+            self._active_task = before
 
     def resolve_task_ids(self, task_ids, batch: int, seq: int | None = None) -> TaskRequest:
         """Check task ids once, on the host: a task name or id for the whole batch, [batch] names
-        or ids (one task per sequence), or [batch, seq] ids (per token; -1 = base model)."""
+        or ids (one task per sequence), or [batch, seq] ids (per token); -1 or None = base model.
+        Tensors, numpy arrays and (nested) lists are accepted. None (no ids) uses the active task
+        (`set_task`); inside `disable_adapter()` every row is the base model."""
+        if getattr(self, "_adapter_disabled", False):
+            return TaskRequest(torch.full((batch,), -1, dtype=torch.int64), per_sequence=True)
+        if task_ids is None:
+            task_ids = getattr(self, "_active_task", None)
         if task_ids is None:
             raise ValueError(
-                "task_ids is required: a task name or id per sequence (or per token; -1 = base model)"
+                "task_ids is required: a task name or id per sequence (or per token; -1 = base model), "
+                "or select one for every call with cgc.set_task(name) / `with cgc.task(name):`"
             )
         T = self.num_tasks
-        if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
+        if _is_numpy(task_ids):
+            task_ids = _numpy_ids(task_ids)
+        if _is_scalar_id(task_ids):
             task_ids = [task_ids] * batch
         if isinstance(task_ids, Sequence) and not isinstance(task_ids, str):
-            if any(isinstance(t, str) for t in task_ids):
-                # one entry per sequence: a name, an id, or -1 / None for the base model
-                bad = [t for t in task_ids if t is not None and not isinstance(t, (str, int))]
-                if bad:
-                    raise ValueError(f"task_ids entries must be names, ints or None, got {bad[:3]}")
-                task_ids = [-1 if t is None else self.task_index(t) if isinstance(t, str) else t
-                            for t in task_ids]
-            try:
-                task_ids = torch.tensor(task_ids, dtype=torch.int64)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"task_ids must be names, ints or an integer tensor: {e}") from None
+            task_ids = torch.tensor(self._list_ids(task_ids), dtype=torch.int64)
         if not isinstance(task_ids, torch.Tensor):
             raise ValueError(f"task_ids must be a tensor, a list of names or ids, or one name/id; got "
                              f"{type(task_ids).__name__}")
@@ -75,6 +96,25 @@ class TaskIdsMixin:
             raise ValueError(f"per-token task_ids are {tuple(task_ids.shape)} but input is [{batch}, {seq}]")
         check_task_ids(task_ids.reshape(-1), T)  # one host sync per request, none per layer
         return TaskRequest(task_ids.detach().to("cpu", torch.int64), per_sequence=task_ids.dim() == 1)
+
+    def _list_ids(self, entries) -> list:
+        """A (nested) list of names, ints and None as a (nested) list of ints; -1 for None."""
+        out = []
+        for t in entries:
+            if t is None:
+                out.append(-1)
+            elif isinstance(t, str):
+                out.append(self.task_index(t))
+            elif _is_scalar_id(t):
+                out.append(int(t))
+            elif isinstance(t, (list, tuple)) or _is_numpy(t) or (isinstance(t, torch.Tensor) and t.dim() == 1):
+                out.append(self._list_ids(t.tolist() if not isinstance(t, (list, tuple)) else t))
+            else:
+                raise ValueError(f"task_ids entries must be names, ints or None, got {t!r}")
+        if any(isinstance(t, list) for t in out) and not all(isinstance(t, list) for t in out):
+            raise ValueError("task_ids entries must be names, ints or None (one per sequence), or one list "
+                             "of ids per sequence; got a mix")
+        return out
 
     def _cluster_index(self, device: torch.device) -> torch.Tensor | None:
         if len(self._clusters) == 1:
@@ -124,3 +164,31 @@ def check_input_rank(x: torch.Tensor, is_ids: bool, where: str) -> None:
     if x.dim() != want:
         name, shape = ("input_ids", "[batch, seq]") if is_ids else ("inputs_embeds", "[batch, seq, hidden]")
         raise ValueError(f"{where}: {name} must be {shape}, got shape {tuple(x.shape)}")
+
+
+def _is_scalar_id(t) -> bool:
+    """One task id or name: str, int (not bool), a numpy integer, or a 0-d integer tensor."""
+    if isinstance(t, bool):
+        return False
+    if isinstance(t, (str, int)):
+        return True
+    if _is_numpy(t) and getattr(t, "ndim", None) == 0 and t.dtype.kind in "iu":
+        return True
+    return isinstance(t, torch.Tensor) and t.dim() == 0 and not t.dtype.is_floating_point and t.dtype != torch.bool
+
+
+def _is_numpy(t) -> bool:
+    return type(t).__module__ == "numpy"
+
+
+def _numpy_ids(t):
+    """A numpy array or scalar of task ids as a tensor (integers) or a list (object arrays: names,
+    ints and None); anything else (floats, bools) is a clear error."""
+    import numpy as np
+
+    arr = np.asarray(t)
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(arr.astype(np.int64))
+    if arr.dtype.kind in "OU":
+        return arr.tolist()
+    raise ValueError(f"task_ids must be integer ids or task names, got a numpy array of {arr.dtype}")

@@ -9,6 +9,8 @@ from .common import base_dtype, cgc_config_from_args, log, model_spec, save_trai
 
 
 def cmd_train(args) -> int:
+    from ..adapter.targets import summarize_targets
+    from ..adapter.trainer import ResumeError
     from ..data.reader import check_tasks, read_jsonl, tasks_of
     from ..multitask.models import adapters_to_float32, load_base
     from ..multitask.recipe import accuracy_table, evaluate, interleave
@@ -26,12 +28,16 @@ def cmd_train(args) -> int:
     cgc = wrap(base, config)
     adapters_to_float32(cgc)
     tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
+    log(f"adapting {summarize_targets(cgc.targeted_module_names)}")
     log(f"training CGC-LoRA on {len(rows)} rows of {len(tasks)} tasks: {', '.join(tasks)}")
     before = None
     if eval_rows:
         before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out before")
     trainer = _make_trainer(cgc, tokenizer, rows, tasks, args)
-    trainer.train(resume_from_checkpoint=args.resume or None)
+    try:
+        trainer.train(resume_from_checkpoint=args.resume or None)
+    except ResumeError as e:
+        raise UserError(str(e)) from None
     cgc.eval()
     out = os.path.abspath(args.out)
     save_trained(cgc, tokenizer, out, spec, base, args.system, dtype)
@@ -45,33 +51,11 @@ def cmd_train(args) -> int:
 
 def _make_trainer(cgc, tokenizer, rows, tasks, args):
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     from ..adapter.collator import CGCDataCollator
+    from ..adapter.trainer import CGCTrainer
     from ..multitask.recipe import encode_for_trainer
-
-    class CGCTrainer(Trainer):
-        """Checkpoints hold the adapter only (the frozen base is never rewritten)."""
-
-        def _save(self, output_dir=None, state_dict=None):
-            output_dir = output_dir or self.args.output_dir
-            cgc.save_pretrained(output_dir)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            import torch
-            from safetensors.torch import load_file
-
-            from ..adapter.save_load import WEIGHTS_NAME
-
-            path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise UserError(f"{resume_from_checkpoint} is not a checkpoint of cgc-lora train "
-                                f"(no {WEIGHTS_NAME})")
-            try:
-                with torch.no_grad():
-                    cgc._load_adapter_tensors(load_file(path), cgc.clusters)
-            except ValueError as e:
-                raise UserError(f"cannot resume from {resume_from_checkpoint}: {e}") from None
 
     dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
     targs = TrainingArguments(
