@@ -3,13 +3,14 @@
 The demo's four tasks barely interact (gradient cosines <= 0.2), so no method wins there. This
 suite plants the two effects that multi-task adapters are about, plus a bystander:
 
-    part       task                rows (train / held-out)  example
-    transfer   add                 300 / 100   "What is 37 + 45?"                            -> "82"
-    transfer   sub                 300 / 100   "What is 82 - 45?"                            -> "37"
-    transfer   word_problem         30 / 100   "Mia has 37 coins and finds 45 more. How ..." -> "82"
-    conflict   sentiment           300 / 100   "Review: The soup was bland.\nTask: sentiment. ..."          -> "negative"
-    conflict   sentiment_inverted  300 / 100   "Review: The soup was bland.\nTask: inverted sentiment. ..." -> "positive"
-    unrelated  plural              300 / 100   "Give the plural of: berry"                   -> "berries"
+    part       task                train / held-out  prompt -> response
+    transfer   add                 300 / 100   "What is 37 + 45?" -> "82"
+    transfer   sub                 300 / 100   "What is 82 - 45?" -> "37"
+    transfer   word_problem         30 / 100   "Mia has 37 coins and finds 45 more. How many ...?" -> "82"
+    conflict   sentiment           300 / 100   "Review: The soup was bland.\nTask: sentiment. ..." -> "negative"
+    conflict   sentiment_inverted  300 / 100   "Review: The soup was bland.\nTask: inverted sentiment. ..."
+                                               -> "positive"
+    unrelated  plural              300 / 100   "Give the plural of: berry" -> "berries"
 
 * Transfer: the three arithmetic tasks share one skill and one answer format (the bare number).
   word_problem is the low-resource task (30 rows beside 300): on its own it has almost nothing to
