@@ -9,6 +9,7 @@ from .common import base_dtype, cgc_config_from_args, log, model_spec, save_trai
 
 
 def cmd_train(args) -> int:
+    from ..adapter.gate_report import gate_movement, gate_snapshot
     from ..data.reader import check_tasks, read_jsonl, tasks_of
     from ..multitask.models import adapters_to_float32, load_base
     from ..multitask.recipe import accuracy_table, evaluate, interleave
@@ -31,8 +32,12 @@ def cmd_train(args) -> int:
     if eval_rows:
         before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out before")
     trainer = _make_trainer(cgc, tokenizer, rows, tasks, args)
+    start = gate_snapshot(cgc)
     trainer.train(resume_from_checkpoint=args.resume or None)
     cgc.eval()
+    if start is not None:
+        log("gate movement (what training changed in the task gates)")
+        log(gate_movement(start, cgc).format())
     out = os.path.abspath(args.out)
     save_trained(cgc, tokenizer, out, spec, base, args.system, dtype)
     if eval_rows:
@@ -48,10 +53,19 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args):
     from transformers import Trainer, TrainingArguments
 
     from ..adapter.collator import CGCDataCollator
+    from ..adapter.param_groups import parameter_groups
     from ..multitask.recipe import encode_for_trainer
 
     class CGCTrainer(Trainer):
-        """Checkpoints hold the adapter only (the frozen base is never rewritten)."""
+        """Checkpoints hold the adapter only (the frozen base is never rewritten); the gates train
+        at --gate-lr-ratio times the learning rate, in an AdamW group of their own."""
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                self.optimizer = torch.optim.AdamW(parameter_groups(
+                    cgc, self.args.learning_rate, gate_lr_ratio=args.gate_lr_ratio,
+                    weight_decay=self.args.weight_decay))
+            return self.optimizer
 
         def _save(self, output_dir=None, state_dict=None):
             output_dir = output_dir or self.args.output_dir
