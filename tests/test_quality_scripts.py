@@ -48,3 +48,21 @@ def test_run_quality_on_the_suite_tiny(tmp_path):
     assert saved["settings"]["gate_lr_ratio"] == 10 and saved["settings"]["data"] == "suite"
     for key, runs in saved["gates"].items():
         assert set(runs[0]) == set(suite_tasks.TASKS), key
+
+
+def test_compare_command_on_the_suite_tiny(tmp_path):
+    from cgc_kernels.cli import main
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--tiny", "--suite", "--out", str(out), "--steps", "1", "--batch-size", "4",
+               "--warmup-steps", "0", "--eval-limit", "1", "--max-new-tokens", "2", "--target-modules", "q_proj,v_proj",
+               "--gate-lr-ratio", "5", "--gate-embedding-dim", "4", "--gate-init", "random"])
+    assert rc == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["tasks"] == list(suite_tasks.TASKS) and saved["settings"]["system"] == suite_tasks.SYSTEM
+    assert saved["settings"]["gate_init"] == "random" and saved["settings"]["gate_lr_ratio"] == 5
+    assert sum(saved["eval_counts"].values()) == len(suite_tasks.TASKS)
+    assert "Gate weight" in (out / "compare.md").read_text()
+    # User errors: one line and status 2, before any model loads.
+    assert main(["compare", "--tiny", "--suite", "--data", "x.jsonl", "--out", str(out)]) == 2
+    assert main(["compare", "--tiny", "--suite", "--gate-init", "random", "--out", str(out)]) == 2

@@ -7,7 +7,7 @@ import os
 import time
 
 from ..adapter.config import CGCLoRAConfig
-from ..data import demo_tasks
+from ..data import demo_tasks, suite_tasks
 from ..data.reader import UserError, read_jsonl, tasks_of
 from ..multitask.clustering import read_clusters
 from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
@@ -25,6 +25,9 @@ def add_compare_command(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
     p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
     p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set)")
+    p.add_argument("--suite", action="store_true",
+                   help="the shipped multi-task suite (transfer, conflict, an unrelated task; QUALITY.md) "
+                        "instead of the demo's tasks")
     p.add_argument("--out", default="cgc-lora-compare", help="output directory: compare.md, .png, .json")
     p.add_argument("--clusters", help="a clusters file {task: cluster}: also compare CGC-LoRA with one shared "
                                       "group per cluster")
@@ -57,6 +60,12 @@ def cmd_compare(args) -> int:
 
     t0 = time.perf_counter()
     spec = model_spec(args)
+    if args.suite:
+        if args.data or args.eval_data:
+            raise UserError("--suite and --data / --eval-data exclude each other")
+        args.data, args.eval_data = suite_tasks.paths()
+        if args.system is None:
+            args.system = suite_tasks.SYSTEM
     use_demo = args.data is None
     train_path = args.data or os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[0])
     eval_path = args.eval_data or (os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1]) if use_demo else None)
