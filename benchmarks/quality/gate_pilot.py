@@ -89,7 +89,8 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     train_path, eval_path = suite_tasks.paths()
     train = read_jsonl(train_path)
-    held = [r for t in suite_tasks.TASKS for r in [r for r in read_jsonl(eval_path) if r["task"] == t][:args.eval_limit]]
+    all_held = read_jsonl(eval_path)
+    held = [r for t in suite_tasks.TASKS for r in [r for r in all_held if r["task"] == t][:args.eval_limit]]
     held = interleave(held) if held else []
     tasks = tasks_of(train)
     base, tok = load_base(TINY_MODEL if args.tiny else None)
