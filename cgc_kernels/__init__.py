@@ -7,10 +7,19 @@ Four layers, each importing only itself and the layers below: `op` (the op and i
 
 from .adapter.collator import CGCDataCollator
 from .adapter.config import CGCLoRAConfig
-from .adapter.gate_report import GateTable, gate_table, shared_specific_split, write_gate_report
+from .adapter.gate_report import (
+    GateMovement,
+    GateTable,
+    gate_movement,
+    gate_snapshot,
+    gate_table,
+    shared_specific_split,
+    write_gate_report,
+)
 from .adapter.gates import StackedTaskGate, TaskGate, TokenGate
 from .adapter.layer import CGCLoRALinear
 from .adapter.model import CGCModel
+from .adapter.param_groups import gate_parameters, parameter_groups
 from .op import reference
 from .op.dispatch import cgc_lora
 from .op.routing import TaskRouting, build_routing
@@ -33,6 +42,7 @@ __all__ = [
     "CGCLoRALinear",
     "CGCModel",
     "CGCTrainer",
+    "GateMovement",
     "GateTable",
     "StackedTaskGate",
     "TaskGate",
@@ -40,7 +50,11 @@ __all__ = [
     "TokenGate",
     "build_routing",
     "cgc_lora",
+    "gate_movement",
+    "gate_parameters",
+    "gate_snapshot",
     "gate_table",
+    "parameter_groups",
     "reference",
     "shared_specific_split",
     "write_gate_report",

@@ -1,10 +1,14 @@
-"""The numbers in QUALITY.md: task clustering and the method comparison on the demo's data and model.
+"""The numbers in QUALITY.md: task clustering and the method comparison, on the demo's data or on
+the multi-task suite (cgc_kernels/data/suite_tasks.py), with SmolLM2-135M-Instruct.
 
     python benchmarks/quality/run_quality.py [--steps 40] [--seeds 0,1] [--out benchmarks/quality/results]
+    python benchmarks/quality/run_quality.py --suite --with-clustered --gate-lr-ratio 50 --seeds 0,1,2
 
-Loads SmolLM2-135M-Instruct once (CPU, fp32), measures task affinity and clusters the four demo
-tasks into two, then trains and evaluates every method seed by seed, rewriting results.json,
-compare.md and compare.png after each seed so that an interrupted run still leaves its numbers.
+Loads the model once (CPU, fp32; `--tiny` for a tiny random Llama, to try the script), measures
+task affinity and clusters the tasks, then trains and evaluates every method seed by seed,
+rewriting results.json, compare.md and compare.png after each seed so that an interrupted run
+still leaves its numbers. With --suite, compare.md also has each part's average (transfer,
+conflict, unrelated), the low-resource task's gain from sharing, and the gate movement.
 """
 
 from __future__ import annotations
@@ -17,54 +21,113 @@ import time
 import torch
 
 from cgc_kernels.data import demo_tasks as demo_data
+from cgc_kernels.data import suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
 from cgc_kernels.multitask.clustering import cluster_summary, cluster_tasks, task_affinity, write_clusters
-from cgc_kernels.multitask.compare import Comparison, compare_methods, plan_methods
-from cgc_kernels.multitask.models import load_base
+from cgc_kernels.multitask.compare import REFERENCE, Comparison, compare_methods, plan_methods
+from cgc_kernels.multitask.models import TINY_MODEL, load_base
 from cgc_kernels.multitask.recipe import DEMO_SYSTEM
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--suite", action="store_true", help="the multi-task suite instead of the demo's four tasks")
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (a quick try)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (default: all 50)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (0: all)")
     ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--rank", type=int, default=8, help="rank of each per-task LoRA: the budget is T x rank")
     ap.add_argument("--clusters", type=int, default=2)
     ap.add_argument("--affinity-warmup", type=int, default=10)
     ap.add_argument("--affinity-batches", type=int, default=4)
     ap.add_argument("--with-clustered", action="store_true", help="also CGC-LoRA with the measured clusters")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    g = ap.add_argument_group("gates (the same for every method)")
+    g.add_argument("--gate-lr-ratio", type=float, default=1.0, help="the gates' learning rate over the experts'")
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer")
+    g.add_argument("--gate-embedding-dim", type=int, default=None)
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform")
+    ap.add_argument("--out", default=None,
+                    help="output directory (default benchmarks/quality/results, or suite_results with --suite)")
+    return ap.parse_args(argv)
+
+
+def load_rows(suite: bool, eval_limit: int) -> tuple[list[dict], list[dict]]:
+    module = suite_tasks if suite else demo_data
+    train, held = (read_jsonl(os.path.join(module.data_dir(), name)) for name in module.FILES)
+    if eval_limit:
+        held = [r for t in tasks_of(held) for r in [r for r in held if r["task"] == t][:eval_limit]]
+    return train, held
+
+
+def suite_summary(result: Comparison) -> str:
+    """Per method: each part's average score, and the low-resource task's gain from sharing (its
+    score minus per-task LoRA's, which learns it from its own 30 rows alone)."""
+    parts = {p: [t for t in ts if t in result.tasks] for p, ts in suite_tasks.PARTS.items()}
+    low = suite_tasks.LOW_RESOURCE
+    head = ["method"] + [f"{p} ({', '.join(ts)})" for p, ts in parts.items()] + [f"{low} gain over per-task LoRA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in result.methods:
+        if m.key not in result.scores:
+            continue
+        cells = [f"{sum(result.mean_score(m.key, t) for t in ts) / len(ts):.3f}" for ts in parts.values()]
+        gain = "(reference)" if m.key == REFERENCE or REFERENCE not in result.scores else \
+            f"{result.mean_score(m.key, low) - result.mean_score(REFERENCE, low):+.3f}"
+        lines.append("| " + " | ".join([m.label, *cells, gain]) + " |")
+    return "\n".join(lines)
+
+
+def report(result: Comparison, suite: bool) -> str:
+    text = result.markdown()
+    if suite:
+        text += "\n\nBy part (mean over seeds):\n\n" + suite_summary(result)
+    text += ("\n\nGate weight on the shared experts at the end, min..max over layers and seeds "
+             "(largest change of any gate weight):\n\n" + result.gate_markdown())
+    return text
+
+
+def main(argv=None) -> Comparison:
+    args = parse_args(argv)
+    out = args.out or os.path.join(HERE, "suite_results" if args.suite else "results")
+    os.makedirs(out, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True)
-    train = read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[0]))
-    held = read_jsonl(os.path.join(demo_data.data_dir(), demo_data.FILES[1]))
-    if args.eval_limit:
-        held = [r for t in tasks_of(held) for r in [r for r in held if r["task"] == t][: args.eval_limit]]
+
+    def log(m):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True)
+
+    train, held = load_rows(args.suite, args.eval_limit)
+    system = suite_tasks.SYSTEM if args.suite else DEMO_SYSTEM
     tasks = tasks_of(train)
-    base, tok = load_base(None)
-    log(f"model loaded; torch threads {torch.get_num_threads()}")
+    model_name = "tiny random Llama" if args.tiny else "SmolLM2-135M-Instruct"
+    base, tok = load_base(TINY_MODEL if args.tiny else None)
+    log(f"{model_name} loaded; torch threads {torch.get_num_threads()}")
 
-    aff = task_affinity(base, tok, train, warmup_steps=args.affinity_warmup, batches=args.affinity_batches,
-                        batch_size=8, system=DEMO_SYSTEM)
-    clusters = cluster_tasks(aff.matrix, aff.tasks, args.clusters)
-    write_clusters(clusters, os.path.join(args.out, "clusters.json"))
-    with open(os.path.join(args.out, "affinity.json"), "w") as f:
-        json.dump(aff.to_dict(), f, indent=2)
-    log("affinity:\n" + aff.table() + "\n" + cluster_summary(clusters))
+    clusters = None
+    if args.with_clustered:
+        aff = task_affinity(base, tok, train, warmup_steps=args.affinity_warmup, batches=args.affinity_batches,
+                            batch_size=8, system=system)
+        clusters = cluster_tasks(aff.matrix, aff.tasks, args.clusters)
+        write_clusters(clusters, os.path.join(out, "clusters.json"))
+        with open(os.path.join(out, "affinity.json"), "w") as f:
+            json.dump(aff.to_dict(), f, indent=2)
+        log("affinity:\n" + aff.table() + "\n" + cluster_summary(clusters))
 
-    methods = plan_methods(len(tasks), task_rank=8, clusters=clusters if args.with_clustered else None)
+    methods = plan_methods(len(tasks), task_rank=args.rank, clusters=clusters)
+    gate = dict(gate_lr_ratio=args.gate_lr_ratio, gate_scope=args.gate_scope,
+                gate_embedding_dim=args.gate_embedding_dim, gate_init=args.gate_init)
     merged: Comparison | None = None
     for seed in [int(s) for s in args.seeds.split(",")]:
-        r = compare_methods(base, tok, train, held, methods=methods, steps=args.steps, seeds=(seed,),
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, system=DEMO_SYSTEM,
-                            log=log, model_name="SmolLM2-135M-Instruct")
+        r = compare_methods(base, tok, train, held, methods=methods, task_rank=args.rank, steps=args.steps,
+                            seeds=(seed,), batch_size=args.batch_size, lr=args.lr, max_new_tokens=args.max_new_tokens,
+                            system=system, log=log, model_name=model_name, **gate)
         if merged is None:
             merged = r
         else:
@@ -73,15 +136,18 @@ def main() -> None:
                 merged.scores[k] += r.scores[k]
                 merged.losses[k] += r.losses[k]
                 merged.seconds[k] += r.seconds[k]
+                merged.gates[k] += r.gates[k]
             merged.settings["wall_seconds"] += r.settings["wall_seconds"]
         merged.settings["total_seconds"] = round(time.perf_counter() - t0, 1)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        merged.settings["data"] = "suite" if args.suite else "demo"
+        with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(merged.to_dict(), f, indent=2)
-        with open(os.path.join(args.out, "compare.md"), "w") as f:
-            f.write(merged.markdown() + "\n")
-        merged.plot(os.path.join(args.out, "compare.png"))
-        log("seed done:\n" + merged.markdown())
-    log("done")
+        with open(os.path.join(out, "compare.md"), "w") as f:
+            f.write(report(merged, args.suite) + "\n")
+        merged.plot(os.path.join(out, "compare.png"))
+        log("seed done:\n" + report(merged, args.suite))
+    log(f"done; results in {out}/")
+    return merged
 
 
 if __name__ == "__main__":

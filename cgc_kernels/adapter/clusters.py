@@ -16,7 +16,7 @@ from .save_load import read_checkpoint
 DEFAULT_CLUSTER = "default"
 # Fields every cluster on one base model must share: they fix the layers' shapes and the op's scaling.
 _SHARED_FIELDS = ("num_shared_experts", "num_task_experts", "rank", "alpha", "dropout", "gate",
-                  "gate_scope", "gate_embedding_dim", "target_modules")
+                  "gate_scope", "gate_embedding_dim", "gate_init", "target_modules")
 
 
 def split_config(config: CGCLoRAConfig) -> OrderedDict[str, CGCLoRAConfig]:

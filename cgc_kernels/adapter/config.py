@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 CONFIG_NAME = "cgc_config.json"
 GATE_KINDS = ("task", "token")
 GATE_SCOPES = ("layer", "model")
+GATE_INITS = ("uniform", "random")  # the same as gates.GATE_INITS (config imports nothing of torch)
 
 
 @dataclass
@@ -31,6 +32,9 @@ class CGCLoRAConfig:
             by every layer).
         gate_embedding_dim: if set, task-gate logits come from a learned task embedding of this
             size through a linear map, instead of free per-task logits.
+        gate_init: "uniform" (every task starts from an even mixture of its experts) or
+            "random" (MOELoRA's gate: the task embedding and its linear map, without bias, drawn
+            at random; needs gate_embedding_dim, MOELoRA uses 64).
         target_modules: module names to adapt (a name matches if it equals a module's last
             component or the full path ends with "." + name; every name must match something),
             one regex string matched with re.fullmatch against full module paths, "all-linear"
@@ -48,6 +52,7 @@ class CGCLoRAConfig:
     gate: str = "task"
     gate_scope: str = "layer"
     gate_embedding_dim: int | None = None
+    gate_init: str = "uniform"
     target_modules: list[str] | str | None = field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self):
@@ -89,6 +94,11 @@ class CGCLoRAConfig:
             raise ValueError(
                 f"gate_embedding_dim must be a positive int or None, got {self.gate_embedding_dim}"
             )
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
+        if self.gate_init == "random" and (self.gate != "task" or self.gate_embedding_dim is None):
+            raise ValueError("gate_init='random' is MOELoRA's gate (a task gate from a task embedding): "
+                             "it needs gate='task' and gate_embedding_dim (e.g. 64)")
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:

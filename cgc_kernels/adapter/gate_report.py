@@ -4,6 +4,7 @@
     table.weights                                # [T, L, S+K] task x layer x expert, rows sum to 1
     shared_specific_split(cgc)                   # {task: {"shared": 0.62, "specific": 0.38}}
     write_gate_report(table, "gates.png")        # prints the split, writes the heatmap + a CSV
+    start = gate_snapshot(cgc); train(...); print(gate_movement(start, cgc).format())   # what training moved
     cgc-lora inspect DIR [--out gates.png]       # the same from a save_pretrained directory
 
 A task gate is a softmax over the S shared experts of the task's cluster (columns 0..S-1) and
@@ -160,7 +161,7 @@ def gate_table_from_dir(directory: str | os.PathLike) -> GateTable:
         for c in clusters:
             if (layer, c) not in params:
                 raise ValueError(f"{path} lacks the gate of cluster {c!r} for {layer}")
-            gate = TaskGate(len(tasks_of[c]), config.num_experts, config.gate_embedding_dim)
+            gate = TaskGate(len(tasks_of[c]), config.num_experts, config.gate_embedding_dim, config.gate_init)
             gate.load_state_dict(params[(layer, c)])
             with torch.no_grad():
                 parts.append(gate().float())
@@ -170,6 +171,61 @@ def gate_table_from_dir(directory: str | os.PathLike) -> GateTable:
     return GateTable(tasks=order, clusters=[config.clusters[t] if config.clusters else clusters[0] for t in order],
                      layers=layers, experts=_expert_names(config.num_shared_experts, config.num_task_experts),
                      num_shared=config.num_shared_experts, weights=torch.stack(per_layer, dim=1))
+
+
+def gate_snapshot(cgc) -> GateTable | None:
+    """The GateTable of a CGCModel now (to compare after training), or None for token gates."""
+    return None if cgc.cgc_config.gate != "task" else gate_table(cgc)
+
+
+@dataclass
+class GateMovement:
+    """How a run moved the task gates: two GateTables of the same adapter, before and after.
+
+    `summary()` per task: the shared share's range over layers at the start and at the end
+    ("start_min".."start_max", "end_min".."end_max"), its mean change over layers, and the
+    largest change of any expert's weight in any layer ("max_change"; what MOELoRA's all-shared
+    gates move, where the shared share is always 1).
+    """
+
+    start: GateTable
+    end: GateTable
+
+    def __post_init__(self):
+        a, b = self.start, self.end
+        if (a.tasks, a.layers, a.experts) != (b.tasks, b.layers, b.experts):
+            raise ValueError("gate tables of different adapters: tasks, layers or experts differ")
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        s0, s1 = self.start.shared_share(), self.end.shared_share()  # [T, L]
+        change = (self.end.weights - self.start.weights).abs().amax(dim=(1, 2))  # [T]
+        return {t: {"start_min": float(s0[i].min()), "start_max": float(s0[i].max()),
+                    "end_min": float(s1[i].min()), "end_max": float(s1[i].max()),
+                    "mean_change": float((s1[i] - s0[i]).mean()), "max_change": float(change[i])}
+                for i, t in enumerate(self.end.tasks)}
+
+    def largest_change(self) -> float:
+        """The largest change of any gate weight (any task, layer, expert)."""
+        return float((self.end.weights - self.start.weights).abs().max())
+
+    def format(self) -> str:
+        """One line per task: shared share min..max over layers before -> after, mean change of the
+        shared share, largest change of any expert weight."""
+        summary = self.summary()
+        width = max(4, *(len(t) for t in self.end.tasks))
+        n = len(self.end.layers)
+        over = "the model-wide gate" if self.end.layers == [MODEL_WIDE] else f"{n} layer{'s' * (n != 1)}"
+        lines = [f"{'task':<{width}}  shared share over {over} (min..max): start -> end   "
+                 f"mean change  largest expert-weight change"]
+        for t, m in summary.items():
+            lines.append(f"{t:<{width}}  {m['start_min']:.3f}..{m['start_max']:.3f} -> {m['end_min']:.3f}.."
+                         f"{m['end_max']:.3f}   {m['mean_change']:+.3f}   {m['max_change']:.3f}")
+        return "\n".join(lines)
+
+
+def gate_movement(start: GateTable, end) -> GateMovement:
+    """The GateMovement from `start` (a gate_snapshot) to `end` (a GateTable or the CGCModel now)."""
+    return GateMovement(start, end if isinstance(end, GateTable) else gate_table(end))
 
 
 def shared_specific_split(cgc_or_table) -> dict[str, dict[str, float]]:

@@ -2,6 +2,8 @@
 
 TaskGate   -> [T, S+K]  softmax of learned per-task logits (or of a linear map of a task embedding).
               Independent of the input, so a task's update is a fixed matrix that can be merged.
+              init="uniform" starts every task at an even mixture; init="random" is MOELoRA's
+              gate: a task embedding through a randomly initialised linear map without bias.
 TokenGate  -> [M, S+K]  softmax(Wg[t] x_m), PLE's CGC gate; input-dependent, so not mergeable.
 """
 
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+GATE_INITS = ("uniform", "random")
 
 
 class Float32Module(nn.Module):
@@ -29,16 +33,32 @@ class Float32Module(nn.Module):
 class TaskGate(Float32Module):
     """Per-task softmax over the S+K experts a task may use.
 
-    Logits start at zero (an even mixture), so a fresh module is plain averaging of its experts.
-    With `embedding_dim`, logits = Linear(embedding_dim, S+K)(task_embedding[t]).
+    Args:
+        num_tasks: T.
+        num_experts: S+K.
+        embedding_dim: None: free logits [T, S+K]. An int D: logits = task_embedding[t] @ W^T
+            (+ bias with init="uniform"), task_embedding [T, D], W [S+K, D].
+        init: "uniform": logits start at zero (W and bias zero), so a fresh module is plain
+            averaging of its experts. "random" (needs embedding_dim): MOELoRA's gate, the
+            embedding drawn from N(0, 1) (nn.Embedding's init) and W from nn.Linear's default
+            init, no bias, so tasks start from different mixtures.
     """
 
-    def __init__(self, num_tasks: int, num_experts: int, embedding_dim: int | None = None):
+    def __init__(self, num_tasks: int, num_experts: int, embedding_dim: int | None = None,
+                 init: str = "uniform"):
         super().__init__()
-        self.num_tasks, self.num_experts = num_tasks, num_experts
+        if init not in GATE_INITS:
+            raise ValueError(f"init must be one of {GATE_INITS}, got {init!r}")
+        if init == "random" and embedding_dim is None:
+            raise ValueError("init='random' draws the linear map of a task embedding: give embedding_dim")
+        self.num_tasks, self.num_experts, self.init = num_tasks, num_experts, init
         if embedding_dim is None:
             self.logits = nn.Parameter(torch.zeros(num_tasks, num_experts))
             self.embedding = self.proj = None
+        elif init == "random":
+            self.logits = None
+            self.embedding = nn.Parameter(torch.randn(num_tasks, embedding_dim))
+            self.proj = nn.Linear(embedding_dim, num_experts, bias=False)
         else:
             self.logits = None
             self.embedding = nn.Parameter(torch.randn(num_tasks, embedding_dim) / embedding_dim**0.5)
@@ -47,13 +67,16 @@ class TaskGate(Float32Module):
             nn.init.zeros_(self.proj.bias)
 
     def task_logits(self) -> torch.Tensor:
-        """[T, S+K] float32 logits."""
+        """[T, S+K] logits, float32 (float64 for a float64 gate): a low-precision gate would round
+        the small differences between logits away."""
         if self.logits is not None:
-            return self.logits.float()
-        return self.proj(self.embedding.float()).float()
+            return self.logits.to(torch.promote_types(self.logits.dtype, torch.float32))
+        dtype = torch.promote_types(self.embedding.dtype, torch.float32)
+        bias = None if self.proj.bias is None else self.proj.bias.to(dtype)
+        return nn.functional.linear(self.embedding.to(dtype), self.proj.weight.to(dtype), bias)
 
     def forward(self) -> torch.Tensor:
-        """[T, S+K] float32 expert weights; each row sums to 1."""
+        """[T, S+K] float32 (float64 for a float64 gate) expert weights; each row sums to 1."""
         return torch.softmax(self.task_logits(), dim=-1)
 
 

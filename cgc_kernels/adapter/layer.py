@@ -52,6 +52,7 @@ class CGCLoRALinear(nn.Module):
         task_cluster: [T] cluster of each task (list or tensor); None = one cluster.
         gate: "task" or "token", or a TaskGate module to share (model-wide gate scope).
         gate_embedding_dim: task gate from a task embedding of this size (gate="task" only).
+        gate_init: "uniform" or "random" (MOELoRA's random task-embedding gate); see TaskGate.
         backend: force the op's backend ("reference" / "triton"); None picks by device.
 
     Parameters: shared_a [C, S*r, d_in], shared_b [C, d_out, S*r], task_a [T, K*r, d_in],
@@ -71,6 +72,7 @@ class CGCLoRALinear(nn.Module):
         task_cluster: list[int] | torch.Tensor | None = None,
         gate: str | nn.Module = "task",
         gate_embedding_dim: int | None = None,
+        gate_init: str = "uniform",
         backend: str | None = None,
     ):
         super().__init__()
@@ -122,7 +124,7 @@ class CGCLoRALinear(nn.Module):
                                  f"T={T} tasks and S+K={S + K} experts")
             self.gate = gate
         elif gate == "task":
-            self.gate_kind, self.gate = "task", TaskGate(T, S + K, gate_embedding_dim)
+            self.gate_kind, self.gate = "task", TaskGate(T, S + K, gate_embedding_dim, gate_init)
         elif gate == "token":
             self.gate_kind, self.gate = "token", TokenGate(T, S + K, d_in)
         else:

@@ -203,7 +203,7 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
         self._cluster_index_cache.clear()
 
     def _new_task_gate(self, cfg: CGCLoRAConfig) -> TaskGate:
-        gate = TaskGate(cfg.num_tasks, cfg.num_experts, cfg.gate_embedding_dim)
+        gate = TaskGate(cfg.num_tasks, cfg.num_experts, cfg.gate_embedding_dim, cfg.gate_init)
         device = next((p.device for p in self.model.parameters()), None)
         return gate.to(device) if device is not None else gate
 

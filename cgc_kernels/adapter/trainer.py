@@ -16,6 +16,8 @@ whole state dict, the frozen base included, and cannot load it back into a CGCMo
   checkpoint's adapter into the live model; a checkpoint of another configuration is a
   `ResumeError` naming the directory and the tensor.
 * With no data_collator, a CGCDataCollator padding with the processing class's pad token.
+* `gate_lr_ratio`: the task gates train in an AdamW group of their own at that multiple of the
+  learning rate (param_groups.parameter_groups), when no optimizer is given.
 
 Sharded training (FSDP, DeepSpeed ZeRO-3) is not handled here: the adapter is saved from the
 unwrapped model of each writing process (DDP and single-device training).
@@ -30,6 +32,7 @@ from transformers import Trainer
 
 from .collator import CGCDataCollator
 from .model import CGCModel
+from .param_groups import parameter_groups
 from .save_load import read_checkpoint
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the same file
@@ -43,7 +46,8 @@ class CGCTrainer(Trainer):
     """transformers.Trainer whose checkpoints hold the CGC-LoRA adapter only (see the module
     docstring); every Trainer argument works as documented by transformers."""
 
-    def __init__(self, model: CGCModel | None = None, args=None, data_collator=None, **kwargs):
+    def __init__(self, model: CGCModel | None = None, args=None, data_collator=None, *,
+                 gate_lr_ratio: float = 1.0, **kwargs):
         if not isinstance(model, CGCModel):
             raise ValueError(f"CGCTrainer trains a CGCModel, got {type(model).__name__}")
         if data_collator is None:
@@ -52,7 +56,17 @@ class CGCTrainer(Trainer):
                 raise ValueError("CGCTrainer needs a data_collator, or a processing_class with a pad token "
                                  "to build a CGCDataCollator from")
             data_collator = CGCDataCollator(pad_token_id=pad, tasks=model.tasks)
+        self.gate_lr_ratio = gate_lr_ratio
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+
+    def create_optimizer(self, model=None):
+        """AdamW over the trainable parameters, the gates in a group of their own at
+        gate_lr_ratio x the learning rate (no weight decay on them)."""
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(parameter_groups(
+                self._cgc(), self.args.learning_rate, gate_lr_ratio=self.gate_lr_ratio,
+                weight_decay=self.args.weight_decay))
+        return self.optimizer
 
     def _cgc(self) -> CGCModel:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)

@@ -20,7 +20,7 @@ import sys
 
 from ..data.reader import UserError
 from . import bench, cluster, compare, demo, deploy, inspect, train
-from .common import DEFAULT_TARGETS
+from .common import DEFAULT_TARGETS, positive_ratio
 
 
 # ---- parsing -----------------------------------------------------------------------------------
@@ -41,6 +41,9 @@ def _add_cgc_args(p) -> None:
                    help="LoRA alpha; scaling = alpha / rank (default 16)")
     g.add_argument("--target-modules", default=DEFAULT_TARGETS,
                    help=f"comma-separated module names, or re:REGEX (default {DEFAULT_TARGETS})")
+    g.add_argument("--gate-lr-ratio", type=positive_ratio, default=1.0,
+                   help="the gates' learning rate over the experts' (their own optimizer group, like "
+                        "LoRA+ for B; 0 freezes the gates; default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--gate", choices=("task", "token"), default="task")
     g.add_argument("--gate-scope", choices=("layer", "model"), default="layer")
+    g.add_argument("--gate-embedding-dim", type=int, default=None,
+                   help="task gate logits from a learned task embedding of this size (default: free logits)")
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
+                   help="uniform: every task starts from an even mixture; random: MOELoRA's random "
+                        "task-embedding gate (needs --gate-embedding-dim; default uniform)")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=0, help="optimizer steps (default: --epochs over the data)")
     t.add_argument("--epochs", type=float, default=1.0)

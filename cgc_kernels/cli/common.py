@@ -17,6 +17,20 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
+def positive_ratio(text: str) -> float:
+    """argparse type of --gate-lr-ratio: a finite number >= 0."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 # ---- shared steps ------------------------------------------------------------------------------
 def model_spec(args) -> str | None:
     if getattr(args, "tiny", False):
@@ -63,7 +77,8 @@ def cgc_config_from_args(args, tasks: list[str]):
         return CGCLoRAConfig(tasks=tasks, clusters=clusters, num_shared_experts=args.shared_experts,
                              num_task_experts=args.task_experts, rank=args.rank, alpha=args.alpha,
                              dropout=args.dropout, gate=args.gate, gate_scope=args.gate_scope,
-                             target_modules=targets)
+                             gate_embedding_dim=getattr(args, "gate_embedding_dim", None),
+                             gate_init=getattr(args, "gate_init", "uniform"), target_modules=targets)
     except ValueError as e:
         raise UserError(str(e)) from None
 

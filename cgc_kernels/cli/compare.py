@@ -6,13 +6,14 @@ import json
 import os
 import time
 
-from ..data import demo_tasks
+from ..adapter.config import CGCLoRAConfig
+from ..data import demo_tasks, suite_tasks
 from ..data.reader import UserError, read_jsonl, tasks_of
 from ..multitask.clustering import read_clusters
 from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
 from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
-from .common import log, model_spec
+from .common import log, model_spec, positive_ratio
 
 
 def add_compare_command(sub) -> None:
@@ -24,6 +25,9 @@ def add_compare_command(sub) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
     p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
     p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set)")
+    p.add_argument("--suite", action="store_true",
+                   help="the shipped multi-task suite (transfer, conflict, an unrelated task; QUALITY.md) "
+                        "instead of the demo's tasks")
     p.add_argument("--out", default="cgc-lora-compare", help="output directory: compare.md, .png, .json")
     p.add_argument("--clusters", help="a clusters file {task: cluster}: also compare CGC-LoRA with one shared "
                                       "group per cluster")
@@ -41,6 +45,14 @@ def add_compare_command(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (default: all)")
     p.add_argument("--system", help="system prompt (default: the demo's, with the demo data)")
     p.add_argument("--max-new-tokens", type=int, default=12)
+    g = p.add_argument_group("gates (the same for every method)")
+    g.add_argument("--gate-lr-ratio", type=positive_ratio, default=1.0,
+                   help="the gates' learning rate over the experts' (default 1)")
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer")
+    g.add_argument("--gate-embedding-dim", type=int, default=None,
+                   help="gate logits from a task embedding of this size (default: free logits)")
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
+                   help="random: MOELoRA's random task-embedding gate (needs --gate-embedding-dim)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -48,6 +60,12 @@ def cmd_compare(args) -> int:
 
     t0 = time.perf_counter()
     spec = model_spec(args)
+    if args.suite:
+        if args.data or args.eval_data:
+            raise UserError("--suite and --data / --eval-data exclude each other")
+        args.data, args.eval_data = suite_tasks.paths()
+        if args.system is None:
+            args.system = suite_tasks.SYSTEM
     use_demo = args.data is None
     train_path = args.data or os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[0])
     eval_path = args.eval_data or (os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1]) if use_demo else None)
@@ -73,6 +91,9 @@ def cmd_compare(args) -> int:
         clusters = read_clusters(args.clusters, tasks) if args.clusters else None
         methods = plan_methods(len(tasks), task_rank=args.rank, cgc_shared=args.cgc_shared, cgc_task=args.cgc_task,
                                moe_experts=args.moe_experts, clusters=clusters)
+        # The gate settings checked now, before the model loads.
+        CGCLoRAConfig(tasks=tasks, gate_scope=args.gate_scope, gate_embedding_dim=args.gate_embedding_dim,
+                      gate_init=args.gate_init)
     except ValueError as e:
         raise UserError(str(e)) from None
     system = args.system if args.system is not None else (DEMO_SYSTEM if use_demo else None)
@@ -85,12 +106,15 @@ def cmd_compare(args) -> int:
         result = compare_methods(base, tokenizer, train_rows, eval_rows, methods=methods, task_rank=args.rank,
                                  target_modules=targets, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                  warmup_steps=args.warmup_steps, seeds=seeds, system=system,
-                                 max_new_tokens=args.max_new_tokens, log=log, model_name=name)
+                                 max_new_tokens=args.max_new_tokens, log=log, model_name=name,
+                                 gate_lr_ratio=args.gate_lr_ratio, gate_scope=args.gate_scope,
+                                 gate_embedding_dim=args.gate_embedding_dim, gate_init=args.gate_init)
     except ValueError as e:
         raise UserError(str(e)) from None
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    table = result.markdown()
+    table = result.markdown() + "\n\nGate weight on the shared experts at the end, min..max over layers " \
+        "(largest change of any gate weight):\n\n" + result.gate_markdown()
     with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
     with open(os.path.join(out, "compare.json"), "w", encoding="utf-8") as f:

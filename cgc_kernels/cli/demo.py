@@ -15,6 +15,7 @@ DEMO_OUT = "cgc-lora-demo"
 
 def cmd_demo(args) -> int:
 
+    from ..adapter.gate_report import gate_movement, gate_snapshot
     from ..data import demo_tasks
     from ..data.reader import read_jsonl, tasks_of
     from ..multitask.models import adapters_to_float32, load_base
@@ -67,7 +68,9 @@ def cmd_demo(args) -> int:
     before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
                          desc="held-out before")
     log("  held-out exact match before training: " + ", ".join(f"{t} {before[t]:.2f}" for t in tasks))
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             gate_lr_ratio=args.gate_lr_ratio)
+    start = gate_snapshot(cgc)
     losses = train_loop(cgc, tokenizer, train_rows, tasks, settings, system=system)
     after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=system, max_new_tokens=max_new,
                         desc="held-out after")
@@ -75,10 +78,13 @@ def cmd_demo(args) -> int:
     log("")
     log("held-out exact match (greedy, mixed-task batches)")
     log(accuracy_table(before, after, counts))
-    if cgc.cgc_config.gate == "task":
+    if start is not None:
         log("")
         log("gate weight on shared vs task-specific experts (mean over layers)")
         log(cgc.gate_table().format())
+        log("")
+        log(f"gate movement (gates at {args.gate_lr_ratio:g} x the learning rate)")
+        log(gate_movement(start, cgc).format())
 
     out = os.path.abspath(args.out)
     adapter_dir = os.path.join(out, "adapter")

@@ -9,6 +9,7 @@ from .common import base_dtype, cgc_config_from_args, log, model_spec, save_trai
 
 
 def cmd_train(args) -> int:
+    from ..adapter.gate_report import gate_movement, gate_snapshot
     from ..adapter.targets import summarize_targets
     from ..adapter.trainer import ResumeError
     from ..data.reader import check_tasks, read_jsonl, tasks_of
@@ -34,11 +35,15 @@ def cmd_train(args) -> int:
     if eval_rows:
         before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out before")
     trainer = _make_trainer(cgc, tokenizer, rows, tasks, args)
+    start = gate_snapshot(cgc)
     try:
         trainer.train(resume_from_checkpoint=args.resume or None)
     except ResumeError as e:
         raise UserError(str(e)) from None
     cgc.eval()
+    if start is not None:
+        log("gate movement (what training changed in the task gates)")
+        log(gate_movement(start, cgc).format())
     out = os.path.abspath(args.out)
     save_trained(cgc, tokenizer, out, spec, base, args.system, dtype)
     if eval_rows:
@@ -70,4 +75,5 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args):
     return CGCTrainer(
         model=cgc, args=targs, train_dataset=dataset,
         data_collator=CGCDataCollator(tokenizer.pad_token_id, tasks=tasks, response_only=True),
+        gate_lr_ratio=args.gate_lr_ratio,
     )

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..adapter.config import CGCLoRAConfig
+from ..adapter.gate_report import gate_movement, gate_snapshot
 from ..adapter.model import CGCModel
 from ..data.reader import tasks_of
 from .recipe import TrainSettings, evaluate, interleave, train_loop
@@ -62,11 +63,13 @@ class Method:
             parts.append(f"{self.num_task_experts} per task")
         return f"{' + '.join(parts)}, r={self.rank}"
 
-    def config(self, tasks: list[str], target_modules, alpha_per_rank: float) -> CGCLoRAConfig:
+    def config(self, tasks: list[str], target_modules, alpha_per_rank: float, **gate) -> CGCLoRAConfig:
+        """The CGCLoRAConfig of this layout; `gate`: gate_scope / gate_embedding_dim / gate_init,
+        the same for every method."""
         # The same scaling alpha / r = alpha_per_rank for every method, whatever its rank.
         return CGCLoRAConfig(tasks=list(tasks), clusters=self.clusters, num_shared_experts=self.num_shared_experts,
                              num_task_experts=self.num_task_experts, rank=self.rank,
-                             alpha=alpha_per_rank * self.rank, target_modules=target_modules)
+                             alpha=alpha_per_rank * self.rank, target_modules=target_modules, **gate)
 
 
 def plan_methods(num_tasks: int, *, task_rank: int = 8, cgc_shared: int = 4, cgc_task: int = 1,
@@ -110,7 +113,9 @@ class Comparison:
     """What `compare_methods` measured.
 
     scores[method key][seed index][task]: held-out exact match; params[key]: trainable count;
-    losses[key][seed index]: the training losses; seconds[key][seed index]: train + eval wall time."""
+    losses[key][seed index]: the training losses; seconds[key][seed index]: train + eval wall time;
+    gates[key][seed index]: {task: gate movement} (GateMovement.summary(): the shared share's range
+    over layers at the start and the end, its mean change, the largest expert-weight change)."""
 
     tasks: list[str]
     methods: list[Method]
@@ -121,6 +126,7 @@ class Comparison:
     seconds: dict[str, list[float]] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     eval_counts: dict[str, int] = field(default_factory=dict)
+    gates: dict[str, list[dict[str, dict[str, float]]]] = field(default_factory=dict)
 
     # ---- statistics --------------------------------------------------------------------------
     def mean_score(self, key: str, task: str | None = None) -> float:
@@ -182,6 +188,22 @@ class Comparison:
             lines.append("| " + " | ".join(row) + " |")
         return "\n".join(lines)
 
+    def gate_markdown(self) -> str:
+        """Per method and task: the shared share's range over layers at the end of training
+        (min..max over seeds' layer ranges) and the largest change of any gate weight, max over seeds."""
+        head = ["method"] + self.tasks
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in self.methods:
+            runs = self.gates.get(m.key)
+            if not runs:
+                continue
+            cells = []
+            for t in self.tasks:
+                lo, hi = min(r[t]["end_min"] for r in runs), max(r[t]["end_max"] for r in runs)
+                cells.append(f"{lo:.2f}..{hi:.2f} (Δ≤{max(r[t]['max_change'] for r in runs):.2f})")
+            lines.append("| " + " | ".join([m.label, *cells]) + " |")
+        return "\n".join(lines)
+
     def plot(self, path: str) -> str:
         """Grouped bars: held-out exact match per task and the average, one bar per method, error
         bars = standard deviation over seeds. Written with matplotlib's Agg backend."""
@@ -216,21 +238,23 @@ class Comparison:
     def to_dict(self) -> dict:
         return {"tasks": self.tasks, "seeds": self.seeds, "methods": [asdict(m) for m in self.methods],
                 "scores": self.scores, "params": self.params, "losses": self.losses, "seconds": self.seconds,
-                "settings": self.settings, "eval_counts": self.eval_counts}
+                "settings": self.settings, "eval_counts": self.eval_counts, "gates": self.gates}
 
     @classmethod
     def from_dict(cls, d: dict) -> Comparison:
         methods = [Method(**m) for m in d["methods"]]
         return cls(tasks=d["tasks"], methods=methods, seeds=d["seeds"], scores=d["scores"], params=d["params"],
                    losses=d["losses"], seconds=d["seconds"], settings=d["settings"],
-                   eval_counts=d.get("eval_counts", {}))
+                   eval_counts=d.get("eval_counts", {}), gates=d.get("gates", {}))
 
 
 def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dict], *,
                     methods: list[Method] | None = None, task_rank: int = 8, alpha_per_rank: float = 2.0,
                     target_modules=None, steps: int = 40, batch_size: int = 16, lr: float = 2e-3,
                     warmup_steps: int = 6, max_length: int = 96, seeds=(0,), system: str | None = None,
-                    max_new_tokens: int = 12, log=None, model_name: str = "") -> Comparison:
+                    max_new_tokens: int = 12, log=None, model_name: str = "", gate_lr_ratio: float = 1.0,
+                    gate_scope: str = "layer", gate_embedding_dim: int | None = None,
+                    gate_init: str = "uniform") -> Comparison:
     """Train and evaluate each method on `base` (modified in place for each run, restored after).
 
     Args:
@@ -242,6 +266,9 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
         steps, batch_size, lr, warmup_steps, max_length: the same training for every method
             (AdamW, cosine decay, mixed-task batches in the same order for the same seed).
         seeds: each method runs once per seed; a seed fixes the initial experts and the data order.
+        gate_lr_ratio: the gates' learning rate over the experts' (their own AdamW group).
+        gate_scope, gate_embedding_dim, gate_init: the task gates' parameterisation (CGCLoRAConfig),
+            the same for every method.
 
     Returns: a Comparison. Raises ValueError if the trainable counts differ by more than 5%.
     """
@@ -262,10 +289,13 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
                                       warmup_steps=warmup_steps, max_length=max_length,
                                       alpha_per_rank=alpha_per_rank, target_modules=targets,
                                       task_rank=task_rank, max_new_tokens=max_new_tokens, system=system,
+                                      gate_lr_ratio=gate_lr_ratio, gate_scope=gate_scope,
+                                      gate_embedding_dim=gate_embedding_dim, gate_init=gate_init,
                                       train_rows=len(train_rows), eval_rows=len(eval_rows)))
+    gate = dict(gate_scope=gate_scope, gate_embedding_dim=gate_embedding_dim, gate_init=gate_init)
     # Equal budgets first, before any training time is spent.
     for m in methods:
-        cgc = CGCModel(base, m.config(tasks, targets, alpha_per_rank))
+        cgc = CGCModel(base, m.config(tasks, targets, alpha_per_rank, **gate))
         result.params[m.key] = trainable_parameters(cgc)
         cgc.unload()
     ref = result.params.get(REFERENCE, max(result.params.values()))
@@ -279,12 +309,14 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
             t0 = time.perf_counter()
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
-                cgc = CGCModel(base, m.config(tasks, targets, alpha_per_rank))
+                cgc = CGCModel(base, m.config(tasks, targets, alpha_per_rank, **gate))
             try:
                 order = list(cgc.tasks)  # global task order: what task ids index
                 settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                         max_length=max_length, seed=seed)
+                                         max_length=max_length, seed=seed, gate_lr_ratio=gate_lr_ratio)
+                start = gate_snapshot(cgc)
                 losses = train_loop(cgc, tokenizer, train_rows, order, settings, system=system, progress=False)
+                moved = gate_movement(start, cgc)
                 scores, _ = evaluate(cgc, tokenizer, eval_rows, order, system=system,
                                      max_new_tokens=max_new_tokens, progress=False)
             finally:
@@ -293,9 +325,10 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
             result.scores.setdefault(m.key, []).append({t: scores.get(t, float("nan")) for t in tasks})
             result.losses.setdefault(m.key, []).append(losses)
             result.seconds.setdefault(m.key, []).append(dt)
+            result.gates.setdefault(m.key, []).append(moved.summary())
             avg = sum(scores.values()) / len(scores)
             log(f"  seed {seed} {m.label:<24} loss {sum(losses[-5:]) / len(losses[-5:]):.3f}  "
                 + "  ".join(f"{t} {scores[t]:.2f}" for t in tasks if t in scores)
-                + f"  avg {avg:.3f}  ({dt:.0f} s)")
+                + f"  avg {avg:.3f}  gates moved <= {moved.largest_change():.3f}  ({dt:.0f} s)")
     result.settings["wall_seconds"] = round(time.perf_counter() - t_all, 1)
     return result

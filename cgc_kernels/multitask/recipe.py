@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapter.param_groups import parameter_groups
 from ..data.reader import tasks_of
 
 IGNORE_INDEX = -100
@@ -79,12 +80,16 @@ def training_batch(encoded: list[dict], pad_id: int) -> dict:
 # ---- training ----------------------------------------------------------------------------------
 @dataclass
 class TrainSettings:
+    """gate_lr_ratio: the gates' learning rate over the experts' (their own AdamW group, see
+    adapter/param_groups.py); 1 trains everything at `lr`."""
+
     steps: int = 64
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 6
     max_length: int = 96
     seed: int = 0
+    gate_lr_ratio: float = 1.0
 
 
 def mixed_batches(n_rows: int, batch_size: int, steps: int, seed: int):
@@ -113,7 +118,8 @@ def response_loss(cgc, batch: dict, task_ids: torch.Tensor) -> torch.Tensor:
 
 def train_loop(cgc, tokenizer, rows: list[dict], tasks: list[str], settings: TrainSettings,
                system: str | None = None, progress: bool = True) -> list[float]:
-    """AdamW with linear warm-up and cosine decay on mixed-task batches; returns the loss of each step."""
+    """AdamW with linear warm-up and cosine decay on mixed-task batches, the gates at
+    `settings.gate_lr_ratio` times the experts' learning rate; returns the loss of each step."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -122,7 +128,7 @@ def train_loop(cgc, tokenizer, rows: list[dict], tasks: list[str], settings: Tra
     params = [p for p in cgc.parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(parameter_groups(cgc, settings.lr, gate_lr_ratio=settings.gate_lr_ratio))
     sched = get_cosine_schedule_with_warmup(opt, settings.warmup_steps, settings.steps)
     torch.manual_seed(settings.seed)
     cgc.train()
