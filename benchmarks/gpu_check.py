@@ -20,8 +20,9 @@ The summary table (per step: planned and measured seconds, status, key numbers) 
 and written to DIR/summary.md and DIR/summary.json.
 
 --dry-run runs the very same steps on CPU: Triton's interpreter, the "ci" benchmark size, a
-one-test selection of the kernel suites, the C++ tests collected only, and `pip install --dry-run` (resolves, installs nothing); a test
-in the suite runs it, so every commit proves the plumbing (order, limits, outputs, summary).
+one-test selection of the kernel suites, the C++ tests collected only, and `pip install --dry-run`
+(resolves, installs nothing); a test in the suite runs it, so every commit proves the plumbing
+(order, limits, outputs, summary).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def key_ratios(data: dict) -> dict:
     for r in rows:
         if r["level"] == "op" and r["provider"] == "fused" and r["mode"] == "full" and r.get("lora_bytes"):
             gbs = r["lora_bytes"] / r["median_s"] / 1e9
-            nums[f"op full {r['case'].split('-T')[0]} GB/s"] = f"{gbs:.0f} ({100 * gbs * 1e9 / env['copy_bandwidth_bytes_per_s']:.0f}% copy)"
+            share = 100 * gbs * 1e9 / env["copy_bandwidth_bytes_per_s"]
+            nums[f"op full {r['case'].split('-T')[0]} GB/s"] = f"{gbs:.0f} ({share:.0f}% copy)"
     for case in sorted({r["case"] for r in rows if r["level"] == "layer"}):
         f, p = med("layer", "full", "fused", case), med("layer", "full", "peft_lora", case)
         if f and p:

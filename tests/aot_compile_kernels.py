@@ -34,7 +34,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from cgc_kernels.op.triton import backward, dropout, forward  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
-INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64", "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
+INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64",
+              "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
               "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
 FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr"}
 FLOAT_SCALARS = {"p_drop", "scaling", "p"}
@@ -139,7 +140,8 @@ def compile_one(job):
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spill_st = int(re.search(r"(\d+) bytes spill stores", info).group(1))
     spill_ld = int(re.search(r"(\d+) bytes spill loads", info).group(1))
-    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs, spill_stores=spill_st,
+    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs,
+                spill_stores=spill_st,
                 spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
                 has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx)
 

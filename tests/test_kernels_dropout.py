@@ -89,9 +89,9 @@ def test_seed_lives_on_the_device_and_is_not_drawn_at_p0(device):
     args = make_inputs(case, dtype=torch.float32, device=device)
     args["x"] = args["x"].requires_grad_()
     for p in (0.0, P):
-        saved = []
+        saved: list[torch.Tensor] = []
         before = _rng_state(device)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             y = cgc_lora(**args, backend="triton", dropout_p=p)
         drew = not torch.equal(before, _rng_state(device))
         assert drew == (p > 0), f"dropout_p={p}: the generator {'was not' if p else 'was'} advanced"
@@ -136,6 +136,6 @@ def test_no_integer_argument_that_changes_per_call_is_specialized():
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
-    for name, (arg_names, unspecialized) in kernels.items():
+    for name, (arg_names, _unspecialized) in kernels.items():
         assert "seed" not in arg_names and "seed_ptr" in arg_names, name
     assert "M" in kernels["_keep_mask_kernel"][1]

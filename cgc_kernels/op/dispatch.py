@@ -28,6 +28,8 @@ Every launch runs under x's device (`common.device_guard`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference
@@ -51,12 +53,17 @@ def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
 def _rank_too_large(shared_a: torch.Tensor, task_a: torch.Tensor) -> bool:
     """Beyond the kernels' register budget: a side's padded stacked rank over MAX_RANK_PAD, or both
     sides' together over the largest tier of this dtype and Triton version."""
-    pads = [common.rank_pad(n) for n in (shared_a.shape[1], task_a.shape[1]) if n > 0]
+    return _rank_too_large_for(shared_a.shape[1], task_a.shape[1], shared_a.dtype)
+
+
+@functools.lru_cache(maxsize=256)  # per call otherwise: an import and a dict merge on the hot path
+def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
+    pads = [common.rank_pad(n) for n in (rs, rk) if n > 0]
     if max(pads, default=0) > common.MAX_RANK_PAD:
         return True
     from .triton import backward
 
-    return sum(pads) > backward.max_rank_size(shared_a.dtype)
+    return sum(pads) > backward.max_rank_size(dtype)
 
 
 # ---- launches (shared by the eager path and the custom ops) ------------------------------------
