@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.stub_kernels import stubbed_kernels
+from tests.stub_kernels import stubbed_kernels
 from cgc_kernels import CGCLoRALinear, build_routing
 
 # (name, training): decode-style inference and one training step
