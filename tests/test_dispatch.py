@@ -61,3 +61,21 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch, grad):
     assert sum(launches.values()) == (3 if grad else 1)
     assert not outside, f"launched outside the device guard: {outside}"
     assert guarded and all(d == torch.device("cpu") for d in guarded)
+
+
+def test_checked_signature_cache_never_hides_an_error():
+    # A call with a routing is checked once per signature (shapes, dtypes, devices, arguments); a
+    # later call that differs in any of them is checked again and fails as it would have.
+    from cgc_kernels.op.routing import build_routing
+
+    args = make_inputs(CASE, dtype=torch.float32)
+    args["task_ids"] = build_routing(args["task_ids"], CASE.T)
+    with stubbed_kernels(), torch.no_grad():
+        for _ in range(2):
+            dispatch.cgc_lora(**args, backend="triton")
+        with pytest.raises(ValueError, match="experts must match x"):
+            dispatch.cgc_lora(**{**args, "task_b": args["task_b"].double()}, backend="triton")
+        with pytest.raises(ValueError, match="dropout_p"):
+            dispatch.cgc_lora(**args, dropout_p=1.0, backend="triton")
+        with pytest.raises(ValueError, match="gates must be"):
+            dispatch.cgc_lora(**{**args, "gates": args["gates"][:1]}, backend="triton")
