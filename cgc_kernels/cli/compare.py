@@ -12,7 +12,17 @@ from ..multitask.clustering import read_clusters
 from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
 from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
+from .arguments import (
+    add_overwrite,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_list,
+    split_targets,
+    target_modules,
+)
 from .common import log, model_spec
+from .output import check_output, staged_output
 
 
 def add_compare_command(sub) -> None:
@@ -23,24 +33,26 @@ def add_compare_command(sub) -> None:
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
     p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
-    p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set)")
+    p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set; needed with --data)")
     p.add_argument("--out", default="cgc-lora-compare", help="output directory: compare.md, .png, .json")
+    add_overwrite(p)
     p.add_argument("--clusters", help="a clusters file {task: cluster}: also compare CGC-LoRA with one shared "
-                                      "group per cluster")
-    p.add_argument("--rank", type=int, default=8, help="rank of each per-task LoRA; the budget is T x rank "
-                                                       "rank units per layer (default 8)")
-    p.add_argument("--cgc-shared", type=int, default=4, help="S of CGC-LoRA (default 4)")
-    p.add_argument("--cgc-task", type=int, default=1, help="K of CGC-LoRA (default 1)")
-    p.add_argument("--moe-experts", type=int, default=8, help="E of MOELoRA (default 8)")
-    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS))
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=6)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (default: all)")
-    p.add_argument("--system", help="system prompt (default: the demo's, with the demo data)")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+                                      "group per cluster (default: not compared)")
+    p.add_argument("--rank", type=positive_int, default=8, help="rank of each per-task LoRA; the budget is "
+                                                                "T x rank rank units per layer")
+    p.add_argument("--cgc-shared", type=non_negative_int, default=4, help="S of CGC-LoRA")
+    p.add_argument("--cgc-task", type=non_negative_int, default=1, help="K of CGC-LoRA")
+    p.add_argument("--moe-experts", type=positive_int, default=8, help="E of MOELoRA")
+    p.add_argument("--target-modules", type=target_modules, default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated module names, or re:REGEX")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per method and seed")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per step, tasks mixed")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=6, help="linear warm-up steps")
+    p.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds")
+    p.add_argument("--eval-limit", type=non_negative_int, default=0, help="held-out rows per task (default 0: all)")
+    p.add_argument("--system", help="system prompt (default: the demo's, with the demo data; else none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="greedy tokens per answer, at most")
     p.set_defaults(func=cmd_compare)
 
 
@@ -63,12 +75,8 @@ def cmd_compare(args) -> int:
             if seen[r["task"]] <= args.eval_limit:
                 kept.append(r)
         eval_rows = kept
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
-    tm = args.target_modules
-    targets = tm[3:] if tm.startswith("re:") else [t.strip() for t in tm.split(",") if t.strip()]
+    seeds = args.seeds
+    targets = split_targets(args.target_modules)
     try:
         clusters = read_clusters(args.clusters, tasks) if args.clusters else None
         methods = plan_methods(len(tasks), task_rank=args.rank, cgc_shared=args.cgc_shared, cgc_task=args.cgc_task,
@@ -80,6 +88,8 @@ def cmd_compare(args) -> int:
     name = names.get(spec, os.path.basename(str(spec)))
     log(f"comparing {len(methods)} methods on {len(tasks)} tasks ({', '.join(tasks)}) with {name}: "
          f"{args.steps} steps x batch {args.batch_size}, seeds {seeds}")
+    inputs = [train_path, eval_path, args.clusters, None if spec in (None, TINY_MODEL) else spec]
+    check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     base, tokenizer = load_base(spec)
     try:
         result = compare_methods(base, tokenizer, train_rows, eval_rows, methods=methods, task_rank=args.rank,
@@ -89,13 +99,13 @@ def cmd_compare(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     table = result.markdown()
-    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump(result.to_dict(), f, indent=2)
-    result.plot(os.path.join(out, "compare.png"))
+    with staged_output(args.out, overwrite=args.overwrite, inputs=inputs) as staging:
+        with open(os.path.join(staging, "compare.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        with open(os.path.join(staging, "compare.json"), "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        result.plot(os.path.join(staging, "compare.png"))
     log("")
     log(table)
     log(f"\nwritten to {out}/ (compare.md, compare.png, compare.json) in "
