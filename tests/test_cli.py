@@ -41,6 +41,8 @@ def run(tmp_path_factory):
                str(clusters), "--steps", "3", "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0",
                "--save-steps", "2", "--rank", "4"])
     assert rc == 0
+    # The base as a plain folder, which PEFT exports name as their base.
+    assert main(["export-base", str(out), "--out", str(d / "base")]) == 0
     return d, out
 
 
@@ -69,21 +71,33 @@ def test_train_writes_adapter_and_checkpoints(run):
 
 @pytest.mark.parametrize("task", ["add", "capital"])  # one task of each cluster
 def test_peft_export_matches_unified_model(run, task):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     d, out = run
-    peft_dir = d / f"peft-{task}"
-    assert main(["export", str(out), "--task", task, "--out", str(peft_dir), "--peft"]) == 0
+    peft_dir, exact_dir = d / f"peft-{task}", d / f"peft-{task}-exact"
+    assert main(["export", str(out), "--task", task, "--out", str(peft_dir), "--peft", "--model", str(d / "base")]) == 0
+    assert main(["export", str(out), "--task", task, "--out", str(exact_dir), "--model", str(d / "base"),
+                 "--no-pad-rank"]) == 0
+    # (S+K)*r = 3*4 = 12 is not a rank vLLM serves: padded to 16 by default, kept with --no-pad-rank.
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["r"] == 16 and json.loads((exact_dir / "adapter_config.json").read_text())["r"] == 12
+    assert config["base_model_name_or_path"] == str(d / "base")
     tok = char_tokenizer()
     ids, mask = _batch(tok, ["What is 12 + 30?", "Tell me the capital of Peru."])
     cgc = _unified(out)
     with torch.no_grad():
         want = cgc(input_ids=ids, attention_mask=mask, task_ids=[task, task]).logits
-        base, _ = tiny_model()
-        peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+        peft_model = PeftModel.from_pretrained(tiny_model()[0], str(peft_dir)).eval()
         got = peft_model(input_ids=ids, attention_mask=mask).logits
+        exact = PeftModel.from_pretrained(tiny_model()[0], str(exact_dir)).eval()(input_ids=ids, attention_mask=mask)
+        # The adapter alone names a loadable base: no base model needed by hand.
+        auto = AutoPeftModelForCausalLM.from_pretrained(str(peft_dir)).eval()(input_ids=ids, attention_mask=mask)
         plain = tiny_model()[0](input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Zero rows of A and zero columns of B add exact zeros: the same function as the unpadded adapter.
+    torch.testing.assert_close(got, exact.logits, rtol=1e-6, atol=1e-7)
+    real = mask.bool()  # padded positions differ with the attention implementation (SDPA vs eager)
+    torch.testing.assert_close(auto.logits[real], got[real], rtol=1e-5, atol=1e-6)
     assert (want - plain).abs().max() > 1e-4  # the adapter does change the model
 
 
@@ -126,16 +140,44 @@ def test_generate_mixed_tasks(run):
 
 
 def test_demo_on_tiny_model(tmp_path, capsys):
-    rc = main(["demo", "--tiny", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-limit", "2"])
-    assert rc == 0
+    from peft import AutoPeftModelForCausalLM
+
+    demo = tmp_path / "demo"
+    argv = ["demo", "--tiny", "--out", str(demo), "--steps", "2", "--eval-limit", "2"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     for task in demo_data.TASKS:
         assert f"[{task}]" in printed  # one answer per task from the mixed batch
-        assert (tmp_path / "demo" / "peft" / task / "adapter_config.json").is_file()
-    assert (tmp_path / "demo" / "merged-add" / "config.json").is_file()
-    assert (tmp_path / "demo" / "adapter" / "cgc_cli.json").is_file()
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+        config = json.loads((demo / "peft" / task / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(demo / "base") and config["r"] == 32  # 3 x 8 -> 32
+    assert (demo / "merged-add" / "config.json").is_file()
+    assert (demo / "adapter" / "cgc_cli.json").is_file()
+    results = json.loads((demo / "results.json").read_text())
     assert set(results["after"]) == set(demo_data.TASKS) and len(results["losses"]) == 2
+    # The exported adapter loads by itself onto base/ and answers as the unified model does.
+    tok = char_tokenizer()
+    ids, mask = _batch(tok, ["What is 12 + 30?"])
+    with torch.no_grad():
+        base = _load_plain(demo / "base")
+        want = CGCModel.from_pretrained(base, str(demo / "adapter")).eval()(
+            input_ids=ids, attention_mask=mask, task_ids=["add"]).logits
+        got = AutoPeftModelForCausalLM.from_pretrained(str(demo / "peft" / "add")).eval()(
+            input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+    # Run twice in a row, as the README's command is: refused with a hint, then replaced on request.
+    stamp = (demo / "results.json").stat().st_mtime_ns
+    _one_line_error(capsys, argv, "already exists", "--overwrite")
+    assert (demo / "results.json").stat().st_mtime_ns == stamp
+    (demo / "stale.txt").write_text("from an older run")
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (demo / "stale.txt").exists() and (demo / "base" / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def _load_plain(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
 # ---- user mistakes -----------------------------------------------------------------------------
@@ -169,7 +211,7 @@ def test_malformed_jsonl_line_names_its_line(tmp_path, capsys, line, message):
 
 def test_unknown_task(run, capsys):
     d, out = run
-    _one_line_error(capsys, ["export", str(out), "--task", "poetry", "--out", str(d / "x")],
+    _one_line_error(capsys, ["export", str(out), "--task", "poetry", "--out", str(d / "x"), "--merged"],
                     "unknown task 'poetry'", "sentiment")
     inp = d / "unknown-task.jsonl"
     inp.write_text('{"task": "add", "prompt": "1 + 1"}\n{"task": "poetry", "prompt": "a poem"}\n')
@@ -202,7 +244,7 @@ def test_model_the_adapter_was_not_trained_on(run, capsys, tmp_path):
 def test_not_a_trained_directory_and_bad_clusters(tmp_path, capsys, run):
     d, _ = run
     _one_line_error(capsys, ["generate", str(tmp_path), "--input", str(d / "eval.jsonl")], "not a cgc-lora")
-    argv = ["export", str(tmp_path / "missing"), "--task", "add", "--out", str(tmp_path / "o")]
+    argv = ["export", str(tmp_path / "missing"), "--task", "add", "--out", str(tmp_path / "o"), "--merged"]
     _one_line_error(capsys, argv, "no such directory")
     clusters = tmp_path / "clusters.json"
     clusters.write_text(json.dumps({"add": "a"}))
