@@ -65,6 +65,8 @@ def cmd_compare(args) -> int:
     eval_path = args.eval_data or (os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1]) if use_demo else None)
     if eval_path is None:
         raise UserError("--eval-data is needed with --data")
+    inputs = [train_path, eval_path, args.clusters, None if spec in (None, TINY_MODEL) else spec]
+    check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
     tasks = tasks_of(train_rows)
     if args.eval_limit:
@@ -88,8 +90,6 @@ def cmd_compare(args) -> int:
     name = names.get(spec, os.path.basename(str(spec)))
     log(f"comparing {len(methods)} methods on {len(tasks)} tasks ({', '.join(tasks)}) with {name}: "
          f"{args.steps} steps x batch {args.batch_size}, seeds {seeds}")
-    inputs = [train_path, eval_path, args.clusters, None if spec in (None, TINY_MODEL) else spec]
-    check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     base, tokenizer = load_base(spec)
     try:
         result = compare_methods(base, tokenizer, train_rows, eval_rows, methods=methods, task_rank=args.rank,
