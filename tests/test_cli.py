@@ -106,7 +106,12 @@ def test_merged_export_matches_unified_model(run):
 
     d, out = run
     merged_dir = d / "merged-sentiment"
-    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged"]) == 0
+    # Over an earlier PEFT export of the same folder: --overwrite replaces it as a whole, so no
+    # adapter_config.json is left to make transformers load the folder as a PEFT adapter.
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--model", str(d / "base")]) == 0
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged"]) == 2
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged", "--overwrite"]) == 0
+    assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     ids, mask = _batch(tok, ["Review: The movie was great. Is the sentiment positive or negative?"])
@@ -114,6 +119,43 @@ def test_merged_export_matches_unified_model(run):
         want = _unified(out)(input_ids=ids, attention_mask=mask, task_ids=["sentiment"]).logits
         got = merged(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dtype_is_recorded_and_exports_keep_the_stored_dtype(run, tmp_path):
+    """A run whose base ran in bfloat16 (--dtype) records that and why; its merged export is in the
+    base's stored float32, as the base on disk is."""
+    from safetensors import safe_open
+
+    d, out = run
+    meta = json.loads((out / "cgc_cli.json").read_text())
+    assert meta["dtype"] == "float32" and meta["dtype_reason"].startswith("auto: float32 for the tiny model")
+    bf16_run = tmp_path / "bf16-run"
+    assert main(["train", "--model", str(d / "base"), "--dtype", "bfloat16", "--data", str(d / "train.jsonl"),
+                 "--out", str(bf16_run), "--steps", "1", "--batch-size", "4", "--rank", "2", "--warmup-steps", "0",
+                 "--target-modules", "q_proj"]) == 0
+    meta = json.loads((bf16_run / "cgc_cli.json").read_text())
+    recorded = (meta["dtype"], meta["dtype_reason"], meta["base_model"])
+    assert recorded == ("bfloat16", "--dtype bfloat16", str(d / "base"))
+    assert main(["export", str(bf16_run), "--task", "add", "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    # A model folder given as the base is the PEFT export's base, without export-base.
+    assert main(["export", str(bf16_run), "--task", "add", "--out", str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        d / "base")
+
+
+def test_auto_dtype_follows_capabilities_only(monkeypatch):
+    from cgc_kernels.multitask import models
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule")
+    first = models.auto_dtype()
+    assert all(models.auto_dtype() == first for _ in range(3))  # no timing: the same answer every time
+    for caps, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
+                       ({"avx512_bf16": False, "amx_bf16": False}, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert models.auto_dtype()[0] == want and models.pick_dtype("auto") == want
 
 
 def test_generate_mixed_tasks(run):
