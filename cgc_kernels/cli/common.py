@@ -1,5 +1,6 @@
-"""What the `cgc-lora` subcommands share: the run's metadata file, model and CGC-LoRA arguments,
-loading a trained directory, exporting one task."""
+"""What the `cgc-lora` subcommands share: the run's metadata file (cgc_cli.json: the base model,
+its fingerprint, the tasks, the system prompt, the dtype the base ran in and why), the CGC-LoRA
+config from the arguments, loading a trained directory, exporting one task or the base model."""
 
 from __future__ import annotations
 

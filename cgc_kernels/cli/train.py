@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
         dtype, dtype_reason = base_dtype(args, spec)
         log(f"base model in {dtype_name(dtype)} ({dtype_reason})")
         base, tokenizer = load_base(spec, dtype)
-        _check_max_length(tokenizer, rows, args)
+        _check_max_length(tokenizer, args)
         cgc = wrap(base, config)
         adapters_to_float32(cgc)
         tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _check_max_length(tokenizer, rows, args) -> None:
+def _check_max_length(tokenizer, args) -> None:
     """UserError if --max-length leaves no room for a response once the chat template is applied."""
     from ..multitask.recipe import prompt_text
 
