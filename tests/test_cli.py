@@ -338,3 +338,12 @@ def test_resume_from_checkpoint(run, tmp_path):
     # One more step from the checkpoint's weights: moved, but not back to a fresh start (B = 0).
     assert any(not torch.equal(after[k], before[k]) for k in after)
     assert all(float(v.abs().max()) > 0 for k, v in after.items() if "task_b" in k)
+
+
+@pytest.mark.parametrize("rank, served", [(1, 1), (2, 8), (12, 16), (24, 32), (320, 320), (321, 512), (512, 512)])
+def test_vllm_rank_is_the_next_one_vllm_accepts(rank, served):
+    from cgc_kernels.adapter.merge import VLLM_LORA_RANKS, vllm_lora_rank
+
+    assert vllm_lora_rank(rank) == served and served in VLLM_LORA_RANKS
+    with pytest.raises(ValueError, match="largest LoRA rank vLLM accepts"):
+        vllm_lora_rank(513)
