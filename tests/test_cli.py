@@ -41,6 +41,8 @@ def run(tmp_path_factory):
                str(clusters), "--steps", "3", "--batch-size", "8", "--lr", "5e-2", "--warmup-steps", "0",
                "--save-steps", "2", "--rank", "4"])
     assert rc == 0
+    # The base as a plain folder, which PEFT exports name as their base.
+    assert main(["export-base", str(out), "--out", str(d / "base")]) == 0
     return d, out
 
 
@@ -69,21 +71,33 @@ def test_train_writes_adapter_and_checkpoints(run):
 
 @pytest.mark.parametrize("task", ["add", "capital"])  # one task of each cluster
 def test_peft_export_matches_unified_model(run, task):
-    from peft import PeftModel
+    from peft import AutoPeftModelForCausalLM, PeftModel
 
     d, out = run
-    peft_dir = d / f"peft-{task}"
-    assert main(["export", str(out), "--task", task, "--out", str(peft_dir), "--peft"]) == 0
+    peft_dir, exact_dir = d / f"peft-{task}", d / f"peft-{task}-exact"
+    assert main(["export", str(out), "--task", task, "--out", str(peft_dir), "--peft", "--model", str(d / "base")]) == 0
+    assert main(["export", str(out), "--task", task, "--out", str(exact_dir), "--model", str(d / "base"),
+                 "--no-pad-rank"]) == 0
+    # (S+K)*r = 3*4 = 12 is not a rank vLLM serves: padded to 16 by default, kept with --no-pad-rank.
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["r"] == 16 and json.loads((exact_dir / "adapter_config.json").read_text())["r"] == 12
+    assert config["base_model_name_or_path"] == str(d / "base")
     tok = char_tokenizer()
     ids, mask = _batch(tok, ["What is 12 + 30?", "Tell me the capital of Peru."])
     cgc = _unified(out)
     with torch.no_grad():
         want = cgc(input_ids=ids, attention_mask=mask, task_ids=[task, task]).logits
-        base, _ = tiny_model()
-        peft_model = PeftModel.from_pretrained(base, str(peft_dir)).eval()
+        peft_model = PeftModel.from_pretrained(tiny_model()[0], str(peft_dir)).eval()
         got = peft_model(input_ids=ids, attention_mask=mask).logits
+        exact = PeftModel.from_pretrained(tiny_model()[0], str(exact_dir)).eval()(input_ids=ids, attention_mask=mask)
+        # The adapter alone names a loadable base: no base model needed by hand.
+        auto = AutoPeftModelForCausalLM.from_pretrained(str(peft_dir)).eval()(input_ids=ids, attention_mask=mask)
         plain = tiny_model()[0](input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Zero rows of A and zero columns of B add exact zeros: the same function as the unpadded adapter.
+    torch.testing.assert_close(got, exact.logits, rtol=1e-6, atol=1e-7)
+    real = mask.bool()  # padded positions differ with the attention implementation (SDPA vs eager)
+    torch.testing.assert_close(auto.logits[real], got[real], rtol=1e-5, atol=1e-6)
     assert (want - plain).abs().max() > 1e-4  # the adapter does change the model
 
 
@@ -92,7 +106,12 @@ def test_merged_export_matches_unified_model(run):
 
     d, out = run
     merged_dir = d / "merged-sentiment"
-    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged"]) == 0
+    # Over an earlier PEFT export of the same folder: --overwrite replaces it as a whole, so no
+    # adapter_config.json is left to make transformers load the folder as a PEFT adapter.
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--model", str(d / "base")]) == 0
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged"]) == 2
+    assert main(["export", str(out), "--task", "sentiment", "--out", str(merged_dir), "--merged", "--overwrite"]) == 0
+    assert not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     ids, mask = _batch(tok, ["Review: The movie was great. Is the sentiment positive or negative?"])
@@ -100,6 +119,43 @@ def test_merged_export_matches_unified_model(run):
         want = _unified(out)(input_ids=ids, attention_mask=mask, task_ids=["sentiment"]).logits
         got = merged(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dtype_is_recorded_and_exports_keep_the_stored_dtype(run, tmp_path):
+    """A run whose base ran in bfloat16 (--dtype) records that and why; its merged export is in the
+    base's stored float32, as the base on disk is."""
+    from safetensors import safe_open
+
+    d, out = run
+    meta = json.loads((out / "cgc_cli.json").read_text())
+    assert meta["dtype"] == "float32" and meta["dtype_reason"].startswith("auto: float32 for the tiny model")
+    bf16_run = tmp_path / "bf16-run"
+    assert main(["train", "--model", str(d / "base"), "--dtype", "bfloat16", "--data", str(d / "train.jsonl"),
+                 "--out", str(bf16_run), "--steps", "1", "--batch-size", "4", "--rank", "2", "--warmup-steps", "0",
+                 "--target-modules", "q_proj"]) == 0
+    meta = json.loads((bf16_run / "cgc_cli.json").read_text())
+    recorded = (meta["dtype"], meta["dtype_reason"], meta["base_model"])
+    assert recorded == ("bfloat16", "--dtype bfloat16", str(d / "base"))
+    assert main(["export", str(bf16_run), "--task", "add", "--out", str(tmp_path / "merged"), "--merged"]) == 0
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    # A model folder given as the base is the PEFT export's base, without export-base.
+    assert main(["export", str(bf16_run), "--task", "add", "--out", str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        d / "base")
+
+
+def test_auto_dtype_follows_capabilities_only(monkeypatch):
+    from cgc_kernels.multitask import models
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule")
+    first = models.auto_dtype()
+    assert all(models.auto_dtype() == first for _ in range(3))  # no timing: the same answer every time
+    for caps, want in [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16),
+                       ({"avx512_bf16": False, "amx_bf16": False}, torch.float32)]:
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert models.auto_dtype()[0] == want and models.pick_dtype("auto") == want
 
 
 def test_generate_mixed_tasks(run):
@@ -126,16 +182,44 @@ def test_generate_mixed_tasks(run):
 
 
 def test_demo_on_tiny_model(tmp_path, capsys):
-    rc = main(["demo", "--tiny", "--out", str(tmp_path / "demo"), "--steps", "2", "--eval-limit", "2"])
-    assert rc == 0
+    from peft import AutoPeftModelForCausalLM
+
+    demo = tmp_path / "demo"
+    argv = ["demo", "--tiny", "--out", str(demo), "--steps", "2", "--eval-limit", "2"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     for task in demo_data.TASKS:
         assert f"[{task}]" in printed  # one answer per task from the mixed batch
-        assert (tmp_path / "demo" / "peft" / task / "adapter_config.json").is_file()
-    assert (tmp_path / "demo" / "merged-add" / "config.json").is_file()
-    assert (tmp_path / "demo" / "adapter" / "cgc_cli.json").is_file()
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+        config = json.loads((demo / "peft" / task / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(demo / "base") and config["r"] == 32  # 3 x 8 -> 32
+    assert (demo / "merged-add" / "config.json").is_file()
+    assert (demo / "adapter" / "cgc_cli.json").is_file()
+    results = json.loads((demo / "results.json").read_text())
     assert set(results["after"]) == set(demo_data.TASKS) and len(results["losses"]) == 2
+    # The exported adapter loads by itself onto base/ and answers as the unified model does.
+    tok = char_tokenizer()
+    ids, mask = _batch(tok, ["What is 12 + 30?"])
+    with torch.no_grad():
+        base = _load_plain(demo / "base")
+        want = CGCModel.from_pretrained(base, str(demo / "adapter")).eval()(
+            input_ids=ids, attention_mask=mask, task_ids=["add"]).logits
+        got = AutoPeftModelForCausalLM.from_pretrained(str(demo / "peft" / "add")).eval()(
+            input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+    # Run twice in a row, as the README's command is: refused with a hint, then replaced on request.
+    stamp = (demo / "results.json").stat().st_mtime_ns
+    _one_line_error(capsys, argv, "already exists", "--overwrite")
+    assert (demo / "results.json").stat().st_mtime_ns == stamp
+    (demo / "stale.txt").write_text("from an older run")
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (demo / "stale.txt").exists() and (demo / "base" / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def _load_plain(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
 # ---- user mistakes -----------------------------------------------------------------------------
@@ -169,7 +253,7 @@ def test_malformed_jsonl_line_names_its_line(tmp_path, capsys, line, message):
 
 def test_unknown_task(run, capsys):
     d, out = run
-    _one_line_error(capsys, ["export", str(out), "--task", "poetry", "--out", str(d / "x")],
+    _one_line_error(capsys, ["export", str(out), "--task", "poetry", "--out", str(d / "x"), "--merged"],
                     "unknown task 'poetry'", "sentiment")
     inp = d / "unknown-task.jsonl"
     inp.write_text('{"task": "add", "prompt": "1 + 1"}\n{"task": "poetry", "prompt": "a poem"}\n')
@@ -202,7 +286,7 @@ def test_model_the_adapter_was_not_trained_on(run, capsys, tmp_path):
 def test_not_a_trained_directory_and_bad_clusters(tmp_path, capsys, run):
     d, _ = run
     _one_line_error(capsys, ["generate", str(tmp_path), "--input", str(d / "eval.jsonl")], "not a cgc-lora")
-    argv = ["export", str(tmp_path / "missing"), "--task", "add", "--out", str(tmp_path / "o")]
+    argv = ["export", str(tmp_path / "missing"), "--task", "add", "--out", str(tmp_path / "o"), "--merged"]
     _one_line_error(capsys, argv, "no such directory")
     clusters = tmp_path / "clusters.json"
     clusters.write_text(json.dumps({"add": "a"}))
@@ -256,3 +340,12 @@ def test_resume_from_checkpoint(run, tmp_path, capsys):
     # One more step from the checkpoint's weights: moved, but not back to a fresh start (B = 0).
     assert any(not torch.equal(after[k], before[k]) for k in after)
     assert all(float(v.abs().max()) > 0 for k, v in after.items() if "task_b" in k)
+
+
+@pytest.mark.parametrize("rank, served", [(1, 1), (2, 8), (12, 16), (24, 32), (320, 320), (321, 512), (512, 512)])
+def test_vllm_rank_is_the_next_one_vllm_accepts(rank, served):
+    from cgc_kernels.adapter.merge import VLLM_LORA_RANKS, vllm_lora_rank
+
+    assert vllm_lora_rank(rank) == served and served in VLLM_LORA_RANKS
+    with pytest.raises(ValueError, match="largest LoRA rank vLLM accepts"):
+        vllm_lora_rank(513)

@@ -137,8 +137,9 @@ def test_cluster_command_writes_a_file_train_reads(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _planted_rows()))
     out = tmp_path / "clusters.json"
-    rc = main(["cluster", "--tiny", "--data", str(data), "--clusters", "2", "--out", str(out),
+    rc = main(["cluster", "--tiny", "--data", str(data), "--num-clusters", "2", "--clusters-out", str(out),
                "--warmup-steps", "3", "--batches", "2", "--rank", "4", "--lr", "1e-2"])
     assert rc == 0
     assert _groups(json.loads(out.read_text())) == {frozenset({"a1", "a2"}), frozenset({"b1", "b2"})}
-    assert main(["cluster", "--tiny", "--data", str(data), "--clusters", "5", "--out", str(out)]) == 2
+    assert main(["cluster", "--tiny", "--data", str(data), "--num-clusters", "5", "--clusters-out", str(out),
+                 "--overwrite"]) == 2

@@ -126,12 +126,12 @@ def test_compare_command_tiny(tmp_path):
     assert set(d["scores"]) == {"shared_lora", REFERENCE, "moelora", "cgc_lora"}
     # A budget the layout cannot meet is a one-line error.
     assert main(["compare", "--tiny", "--data", str(data), "--eval-data", str(held), "--out", str(out),
-                 "--cgc-shared", "2", "--cgc-task", "1"]) == 2
+                 "--overwrite", "--cgc-shared", "2", "--cgc-task", "1"]) == 2
     # A clusters file naming tasks not in the data is a one-line error.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"nope": "c0"}))
     assert main(["compare", "--tiny", "--data", str(data), "--eval-data", str(held), "--clusters", str(bad),
-                 "--out", str(out)]) == 2
+                 "--out", str(out), "--overwrite"]) == 2
 
 
 def test_config_of_each_method():

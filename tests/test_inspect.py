@@ -111,13 +111,16 @@ def test_report_writes_png_and_csv_matching_gate_weights(tmp_path, capsys):
 
 def test_inspect_command(tmp_path, capsys):
     cgc = make_cgc()
-    cgc.save_pretrained(tmp_path)
-    assert cli_main(["inspect", str(tmp_path)]) == 0
-    assert (tmp_path / "gates.png").is_file() and (tmp_path / "gates.csv").is_file()
-    assert "shared" in capsys.readouterr().out
+    adapter, report = tmp_path / "adapter", tmp_path / "report"
+    cgc.save_pretrained(adapter)
+    assert cli_main(["inspect", str(adapter)]) == 0  # the table only: nothing written, least of all into DIR
+    assert "shared" in capsys.readouterr().out and sorted(p.name for p in adapter.iterdir()) == [
+        "cgc_adapter.safetensors", "cgc_config.json"]
+    assert cli_main(["inspect", str(adapter), "--out", str(report)]) == 0
+    assert sorted(p.name for p in report.iterdir()) == ["gates.csv", "gates.png"]
     assert cli_main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cgc-lora inspect: error:") and len(err.strip().splitlines()) == 1
+    assert err.startswith("cgc-lora: error:") and len(err.strip().splitlines()) == 1
 
 
 def test_token_gates_have_no_table(tmp_path):

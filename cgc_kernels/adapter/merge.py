@@ -15,6 +15,18 @@ from .quantized import dequantize_model_, dequantized_linear, model_activation_d
 from .save_load import atomic_write, save_file, write_text
 from .targets import ALL_LINEAR
 
+# The LoRA ranks vLLM's engine accepts (its max_lora_rank must be one of these, and an adapter of
+# a larger rank than max_lora_rank is refused): exports pad up to the next one.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that is >= `rank` (ValueError past the largest)."""
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"rank {rank} exceeds the largest LoRA rank vLLM accepts ({VLLM_LORA_RANKS[-1]})")
+
 
 class MergeExportMixin:
     """CGCModel's deployment verbs."""
@@ -97,30 +109,44 @@ class MergeExportMixin:
         return model
 
     @torch.no_grad()
-    def peft_adapter_state(self, task: str | int) -> tuple[dict, dict[str, torch.Tensor]]:
+    def peft_adapter_state(self, task: str | int, *, rank: int | None = None,
+                           base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """(adapter_config dict, {key: tensor}) of `task` as a standard PEFT LoRA adapter of rank
         R = (S+K) r: A = [shared A of its cluster; its own A], B = [shared B; own B], each expert's
-        B columns scaled by its gate weight; lora_alpha = s * R so PEFT's scaling is s."""
+        B columns scaled by its gate weight; lora_alpha = s * R so PEFT's scaling is s.
+
+        `rank` > R pads A with zero rows and B with zero columns (the same function, exactly: the
+        padded rank components contribute 0 * 0); e.g. vllm_lora_rank(R) for a rank vLLM serves.
+        `base_model_name_or_path` is recorded for loaders such as AutoPeftModelForCausalLM
+        (default: the base model's config._name_or_path)."""
         self._check_mergeable()
         t = self.task_index(task)
         cfg = next(iter(self._clusters.values()))
         S, K, r = cfg.num_shared_experts, cfg.num_task_experts, cfg.rank
         R = (S + K) * r
+        padded = R if rank is None else int(rank)
+        if padded < R:
+            raise ValueError(f"rank {rank} is below the adapter's rank (S+K)*r = {R}")
         tensors, conv1d = {}, False
         for name, layer in self.adapted_layers().items():
             c = int(layer.task_cluster[t])
             col = layer.task_gates()[t].repeat_interleave(r).to(layer.task_b.dtype)
             a = torch.cat([layer.shared_a[c], layer.task_a[t]], dim=0)
             b = torch.cat([layer.shared_b[c] * col[: S * r], layer.task_b[t] * col[S * r:]], dim=1)
+            if padded > R:
+                a = torch.cat([a, a.new_zeros(padded - R, a.shape[1])], dim=0)
+                b = torch.cat([b, b.new_zeros(b.shape[0], padded - R)], dim=1)
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous().clone()
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous().clone()
             conv1d = conv1d or _is_transposed(layer.base_layer)
-        alpha = cfg.scaling * R
+        alpha = cfg.scaling * padded  # PEFT scales by lora_alpha / r: s whatever the padding
+        if base_model_name_or_path is None:
+            base_model_name_or_path = getattr(getattr(self.model, "config", None), "_name_or_path", None)
         adapter_config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", None),
-            "r": R,
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": padded,
             "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
             "lora_dropout": cfg.dropout,
             # None and "all-linear" are resolved per model: name the modules this adapter holds
@@ -136,10 +162,13 @@ class MergeExportMixin:
         }
         return adapter_config, tensors
 
-    def export_peft_adapter(self, task: str | int, directory: str | os.PathLike) -> None:
+    def export_peft_adapter(self, task: str | int, directory: str | os.PathLike, *, rank: int | None = None,
+                            base_model_name_or_path: str | None = None) -> None:
         """Write `task` as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
-        that `peft.PeftModel.from_pretrained(base_model, directory)` loads as is."""
-        adapter_config, tensors = self.peft_adapter_state(task)
+        that `peft.PeftModel.from_pretrained(base_model, directory)` loads as is; `rank` and
+        `base_model_name_or_path` as in peft_adapter_state."""
+        adapter_config, tensors = self.peft_adapter_state(task, rank=rank,
+                                                          base_model_name_or_path=base_model_name_or_path)
         os.makedirs(directory, exist_ok=True)
         atomic_write(directory, {
             "adapter_model.safetensors": lambda p: save_file(tensors, p),

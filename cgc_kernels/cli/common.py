@@ -1,16 +1,18 @@
-"""What the `cgc-lora` subcommands share: the run's metadata file, model and CGC-LoRA arguments,
-loading a trained directory, exporting one task."""
+"""What the `cgc-lora` subcommands share: the run's metadata file (cgc_cli.json: the base model,
+its fingerprint, the tasks, the system prompt, the dtype the base ran in and why), the CGC-LoRA
+config from the arguments, loading a trained directory, exporting one task or the base model."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import torch
+
 from ..data.reader import UserError
 from ..multitask.models import TINY_MODEL
 
 META_NAME = "cgc_cli.json"
-DEFAULT_TARGETS = "q_proj,v_proj,o_proj,down_proj"
 
 
 def log(msg: str = "") -> None:
@@ -41,44 +43,31 @@ def model_spec(args) -> str | None:
     return os.path.abspath(spec) if spec else None
 
 
-def base_dtype(args, spec):
-    import torch
+def base_dtype(args, spec) -> tuple[torch.dtype, str]:
+    """(dtype the base runs in, why): --dtype, or for auto the device's capabilities (auto_dtype)."""
+    from ..multitask.models import auto_dtype, pick_dtype
 
-    from ..multitask.models import pick_dtype
-
-    if spec == TINY_MODEL and args.dtype == "auto":
-        return torch.float32  # the tiny model is for quick checks: exact arithmetic
-    return pick_dtype(args.dtype)
+    if args.dtype != "auto":
+        return pick_dtype(args.dtype), f"--dtype {args.dtype}"
+    if spec == TINY_MODEL:
+        return torch.float32, "auto: float32 for the tiny model (exact arithmetic for quick checks)"
+    dtype, why = auto_dtype()
+    return dtype, f"auto: {why}"
 
 
 def cgc_config_from_args(args, tasks: list[str]):
     from ..adapter.config import CGCLoRAConfig
+    from ..multitask.clustering import read_clusters
+    from .arguments import split_targets
 
-    clusters = None
-    if args.clusters:
-        if not os.path.isfile(args.clusters):
-            raise UserError(f"no such file: {args.clusters}")
-        try:
-            with open(args.clusters, encoding="utf-8") as f:
-                clusters = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{args.clusters}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(clusters, dict):
-            raise UserError(f"{args.clusters}: expected a JSON object {{task: cluster}}")
-        unknown = sorted(set(clusters) - set(tasks))
-        missing = [t for t in tasks if t not in clusters]
-        if unknown or missing:
-            raise UserError(f"{args.clusters}: must name a cluster for every task of the data"
-                            + (f"; missing {missing}" if missing else "")
-                            + (f"; tasks not in the data {unknown}" if unknown else ""))
-    tm = args.target_modules
-    targets = tm[3:] if tm.startswith("re:") else [t.strip() for t in tm.split(",") if t.strip()]
     try:
+        clusters = read_clusters(args.clusters, tasks) if args.clusters else None
         return CGCLoRAConfig(tasks=tasks, clusters=clusters, num_shared_experts=args.shared_experts,
                              num_task_experts=args.task_experts, rank=args.rank, alpha=args.alpha,
                              dropout=args.dropout, gate=args.gate, gate_scope=args.gate_scope,
                              gate_embedding_dim=getattr(args, "gate_embedding_dim", None),
-                             gate_init=getattr(args, "gate_init", "uniform"), target_modules=targets)
+                             gate_init=getattr(args, "gate_init", "uniform"),
+                             target_modules=split_targets(args.target_modules))
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -92,14 +81,21 @@ def wrap(model, config):
         raise UserError(str(e)) from None
 
 
-def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None, dtype) -> None:
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None, dtype: torch.dtype,
+                 dtype_reason: str) -> None:
+    """The adapter, the tokenizer and cgc_cli.json (the base model, its fingerprint, the tasks, the
+    system prompt, and the dtype the base ran in with why it was chosen)."""
     from ..multitask.models import model_fingerprint, quiet_transformers
 
     with quiet_transformers():
         cgc.save_pretrained(out)
         tokenizer.save_pretrained(out)
     meta = {"base_model": spec, "fingerprint": model_fingerprint(base), "tasks": list(cgc.tasks),
-            "system": system, "dtype": str(dtype).removeprefix("torch.")}
+            "system": system, "dtype": dtype_name(dtype), "dtype_reason": dtype_reason}
     with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
@@ -128,20 +124,46 @@ def check_task(task: str, meta: dict) -> None:
         raise UserError(f"unknown task {task!r}; the adapter's tasks: {', '.join(meta['tasks'])}")
 
 
-def load_trained(directory: str, meta: dict, model_override: str | None):
-    """(cgc, tokenizer) of a trained directory; UserError if the base model is not the one it was
-    trained on."""
+def recorded_base(meta: dict, model_override: str | None) -> str | None:
+    """The base model spec to load: --model if given, else the one the run recorded."""
+    if model_override:
+        return TINY_MODEL if model_override == TINY_MODEL else os.path.abspath(model_override)
+    return meta.get("base_model")
+
+
+def is_plain_model_dir(spec: str | None) -> bool:
+    """True for a transformers model folder (what PEFT, vLLM and AutoModel load by path)."""
+    return spec not in (None, TINY_MODEL) and os.path.isfile(os.path.join(spec, "config.json"))
+
+
+def check_exportable(directory: str) -> None:
+    """UserError, before any model loads, if the adapter in `directory` has per-token gates (a
+    task then has no single low-rank update to export or merge)."""
+    from ..adapter.config import CONFIG_NAME
+
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            gate = json.load(f).get("gate", "task")
+    except (OSError, ValueError, AttributeError):
+        return  # load_trained reports a damaged adapter
+    if gate == "token":
+        raise UserError(f"the adapter in {directory} has per-token gates (--gate token): a task has no single "
+                        f"update, so it cannot be exported or merged; train with --gate task to deploy")
+
+
+def load_trained(directory: str, meta: dict, model_override: str | None, dtype: torch.dtype | None = None):
+    """(cgc, tokenizer) of a trained directory, the base in `dtype` (default: the dtype it was
+    trained in); UserError if the base model is not the one it was trained on."""
     from transformers import AutoTokenizer
 
     from ..adapter.model import CGCModel
     from ..multitask.models import DTYPES, describe, load_base, model_fingerprint
 
-    spec = meta.get("base_model")
-    if model_override:
-        spec = TINY_MODEL if model_override == TINY_MODEL else os.path.abspath(model_override)
+    spec = recorded_base(meta, model_override)
     own_tokenizer = spec != TINY_MODEL and os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
-    base, tokenizer = load_base(spec, DTYPES.get(meta.get("dtype"), DTYPES["float32"]),
-                                with_tokenizer=not own_tokenizer)
+    if dtype is None:
+        dtype = DTYPES.get(meta.get("dtype"), torch.float32)
+    base, tokenizer = load_base(spec, dtype, with_tokenizer=not own_tokenizer)
     fp, want = model_fingerprint(base), meta.get("fingerprint")
     if want and fp != want:
         where = "the model given" if model_override else f"its recorded base model {spec}"
@@ -160,16 +182,43 @@ def load_trained(directory: str, meta: dict, model_override: str | None):
     return cgc, tokenizer
 
 
-def export_task(cgc, tokenizer, task: str, out: str, merged: bool) -> None:
+def export_task(cgc, tokenizer, task: str, out: str, merged: bool, *, pad_rank: bool = True,
+                base_path: str | None = None) -> str:
+    """Write `task` into the (new, empty) folder `out`: a PEFT LoRA adapter, its rank padded with
+    zeros to the next rank vLLM accepts unless not `pad_rank`, recording `base_path` as its base;
+    or the merged model. Returns a one-line description of what was written."""
+    from ..adapter.merge import vllm_lora_rank
     from ..multitask.models import quiet_transformers
 
     if task not in cgc.tasks:
         raise UserError(f"unknown task {task!r}; the adapter's tasks: {', '.join(cgc.tasks)}")
+    cfg = cgc.cgc_config
+    rank = (cfg.num_shared_experts + cfg.num_task_experts) * cfg.rank
+    try:
+        with quiet_transformers():
+            if merged:
+                model = cgc.merge_task(task)
+                model.hf_quantizer = None  # a dequantized GGUF base saves as plain weights
+                model.save_pretrained(out)
+                what = f"merged model ({dtype_name(next(model.parameters()).dtype)})"
+            else:
+                padded = vllm_lora_rank(rank) if pad_rank else rank
+                cgc.export_peft_adapter(task, out, rank=padded, base_model_name_or_path=base_path)
+                what = f"PEFT adapter of rank {padded}" + (f" ((S+K)*r = {rank}, zero-padded for vLLM)"
+                                                           if padded != rank else "")
+            tokenizer.save_pretrained(out)
+    except ValueError as e:
+        raise UserError(f"cannot export task {task!r}: {str(e).splitlines()[0]}") from None
+    return what
+
+
+def write_plain_base(model, tokenizer, out: str) -> None:
+    """The base model as a plain transformers safetensors folder with its tokenizer, in `out`."""
+    from ..multitask.models import quiet_transformers
+
+    model.hf_quantizer = None  # a dequantized GGUF model saves as plain weights
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with quiet_transformers():
-        if merged:
-            model = cgc.merge_task(task)
-            model.hf_quantizer = None  # a dequantized GGUF base saves as plain weights
-            model.save_pretrained(out)
-        else:
-            cgc.export_peft_adapter(task, out)
+        model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

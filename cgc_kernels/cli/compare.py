@@ -13,7 +13,18 @@ from ..multitask.clustering import read_clusters
 from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
 from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
-from .common import log, model_spec, positive_ratio
+from .arguments import (
+    add_overwrite,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_list,
+    split_targets,
+    target_modules,
+)
+from .common import log, model_spec
+from .output import check_output, staged_output
 
 
 def add_compare_command(sub) -> None:
@@ -24,32 +35,35 @@ def add_compare_command(sub) -> None:
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
     p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
-    p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set)")
+    p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set; needed with --data)")
     p.add_argument("--suite", action="store_true",
                    help="the shipped multi-task suite (transfer, conflict, an unrelated task; QUALITY.md) "
                         "instead of the demo's tasks")
     p.add_argument("--out", default="cgc-lora-compare", help="output directory: compare.md, .png, .json")
+    add_overwrite(p)
     p.add_argument("--clusters", help="a clusters file {task: cluster}: also compare CGC-LoRA with one shared "
-                                      "group per cluster")
-    p.add_argument("--rank", type=int, default=8, help="rank of each per-task LoRA; the budget is T x rank "
-                                                       "rank units per layer (default 8)")
-    p.add_argument("--cgc-shared", type=int, default=4, help="S of CGC-LoRA (default 4)")
-    p.add_argument("--cgc-task", type=int, default=1, help="K of CGC-LoRA (default 1)")
-    p.add_argument("--moe-experts", type=int, default=8, help="E of MOELoRA (default 8)")
-    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS))
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=6)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--eval-limit", type=int, default=0, help="held-out rows per task (default: all)")
-    p.add_argument("--system", help="system prompt (default: the demo's, with the demo data)")
-    p.add_argument("--max-new-tokens", type=int, default=12)
+                                      "group per cluster (default: not compared)")
+    p.add_argument("--rank", type=positive_int, default=8, help="rank of each per-task LoRA; the budget is "
+                                                                "T x rank rank units per layer")
+    p.add_argument("--cgc-shared", type=non_negative_int, default=4, help="S of CGC-LoRA")
+    p.add_argument("--cgc-task", type=non_negative_int, default=1, help="K of CGC-LoRA")
+    p.add_argument("--moe-experts", type=positive_int, default=8, help="E of MOELoRA")
+    p.add_argument("--target-modules", type=target_modules, default=",".join(DEFAULT_TARGETS),
+                   help="comma-separated module names, or re:REGEX")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps per method and seed")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per step, tasks mixed")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=6, help="linear warm-up steps")
+    p.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated seeds")
+    p.add_argument("--eval-limit", type=non_negative_int, default=0, help="held-out rows per task (default 0: all)")
+    p.add_argument("--system", help="system prompt (default: the demo's, with the demo data; else none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=12, help="greedy tokens per answer, at most")
     g = p.add_argument_group("gates (the same for every method)")
-    g.add_argument("--gate-lr-ratio", type=positive_ratio, default=1.0,
-                   help="the gates' learning rate over the experts' (default 1)")
-    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer")
-    g.add_argument("--gate-embedding-dim", type=int, default=None,
+    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
+                   help="the gates' learning rate over the experts'")
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
+                   help="a gate per adapted layer, or one for the whole model")
+    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
                    help="gate logits from a task embedding of this size (default: free logits)")
     g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
                    help="random: MOELoRA's random task-embedding gate (needs --gate-embedding-dim)")
@@ -71,6 +85,8 @@ def cmd_compare(args) -> int:
     eval_path = args.eval_data or (os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1]) if use_demo else None)
     if eval_path is None:
         raise UserError("--eval-data is needed with --data")
+    inputs = [train_path, eval_path, args.clusters, None if spec in (None, TINY_MODEL) else spec]
+    check_output(args.out, overwrite=args.overwrite, inputs=inputs)
     train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
     tasks = tasks_of(train_rows)
     if args.eval_limit:
@@ -81,12 +97,8 @@ def cmd_compare(args) -> int:
             if seen[r["task"]] <= args.eval_limit:
                 kept.append(r)
         eval_rows = kept
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
-    tm = args.target_modules
-    targets = tm[3:] if tm.startswith("re:") else [t.strip() for t in tm.split(",") if t.strip()]
+    seeds = args.seeds
+    targets = split_targets(args.target_modules)
     try:
         clusters = read_clusters(args.clusters, tasks) if args.clusters else None
         methods = plan_methods(len(tasks), task_rank=args.rank, cgc_shared=args.cgc_shared, cgc_task=args.cgc_task,
@@ -112,14 +124,14 @@ def cmd_compare(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     table = result.markdown() + "\n\nGate weight on the shared experts at the end, min..max over layers " \
         "(largest change of any gate weight):\n\n" + result.gate_markdown()
-    with open(os.path.join(out, "compare.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "compare.json"), "w", encoding="utf-8") as f:
-        json.dump(result.to_dict(), f, indent=2)
-    result.plot(os.path.join(out, "compare.png"))
+    with staged_output(args.out, overwrite=args.overwrite, inputs=inputs) as staging:
+        with open(os.path.join(staging, "compare.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        with open(os.path.join(staging, "compare.json"), "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=2)
+        result.plot(os.path.join(staging, "compare.png"))
     log("")
     log(table)
     log(f"\nwritten to {out}/ (compare.md, compare.png, compare.json) in "

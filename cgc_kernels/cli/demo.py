@@ -1,4 +1,7 @@
-"""`cgc-lora demo`: 1+N fine-tuning of SmolLM2-135M on the four shipped tasks, end to end."""
+"""`cgc-lora demo`: 1+N fine-tuning of SmolLM2-135M on the four shipped tasks, end to end.
+
+Like every writing command, it refuses an existing non-empty --out (./cgc-lora-demo) unless
+given --overwrite, and writes into a temporary sibling renamed into place at the end."""
 
 from __future__ import annotations
 
@@ -8,26 +11,26 @@ import time
 
 from ..multitask.models import TINY_MODEL
 from ..multitask.recipe import DEMO_SYSTEM
-from .common import base_dtype, cgc_config_from_args, export_task, log, model_spec, save_trained, wrap
+from .common import (
+    base_dtype,
+    cgc_config_from_args,
+    dtype_name,
+    export_task,
+    log,
+    model_spec,
+    save_trained,
+    wrap,
+    write_plain_base,
+)
+from .output import staged_output
 
 DEMO_OUT = "cgc-lora-demo"
 
 
 def cmd_demo(args) -> int:
-
-    from ..adapter.gate_report import gate_movement, gate_snapshot
     from ..data import demo_tasks
     from ..data.reader import read_jsonl, tasks_of
-    from ..multitask.models import adapters_to_float32, load_base
-    from ..multitask.recipe import (
-        TrainSettings,
-        accuracy_table,
-        evaluate,
-        format_seconds,
-        generate_answers,
-        interleave,
-        train_loop,
-    )
+    from ..multitask.recipe import interleave
 
     t0 = time.perf_counter()
     spec = model_spec(args)
@@ -46,11 +49,36 @@ def cmd_demo(args) -> int:
              TINY_MODEL: "a tiny random Llama"}
     log(f"cgc-lora demo: 1+N fine-tuning of {names.get(spec, spec)} on {len(tasks)} tasks: "
          f"{', '.join(tasks)}")
-    dtype = base_dtype(args, spec)
-    log(f"  {len(train_rows)} training rows, {len(eval_rows)} held-out rows; loading the model "
-         f"({str(dtype).removeprefix('torch.')})...")
-    base, tokenizer = load_base(spec, dtype)
-    log(f"  loaded in {time.perf_counter() - t0:.0f} s")
+    with staged_output(args.out, overwrite=args.overwrite,
+                       inputs=[None if spec in (None, TINY_MODEL) else spec]) as staging:
+        _demo(args, spec, staging, train_rows, eval_rows, tasks, t0)
+    return 0
+
+
+def _demo(args, spec, staging: str, train_rows, eval_rows, tasks, t0) -> None:
+    from ..adapter.gate_report import gate_movement, gate_snapshot
+    from ..adapter.model import CGCModel
+    from ..multitask.models import adapters_to_float32, load_base, stored_dtype
+    from ..multitask.recipe import (
+        TrainSettings,
+        accuracy_table,
+        evaluate,
+        format_seconds,
+        generate_answers,
+        train_loop,
+    )
+
+    out = os.path.abspath(args.out)  # where the outputs will be once complete (staging until then)
+    dtype, dtype_reason = base_dtype(args, spec)
+    stored = stored_dtype(spec)
+    log(f"  {len(train_rows)} training rows, {len(eval_rows)} held-out rows; loading the model...")
+    base, tokenizer = load_base(spec, stored)
+    # The base as a plain transformers folder, in its stored dtype: what vLLM and PEFT load, and
+    # what the per-task PEFT adapters name as their base.
+    base_dir = os.path.join(staging, "base")
+    write_plain_base(base, tokenizer, base_dir)
+    base = base.to(dtype)
+    log(f"  loaded in {time.perf_counter() - t0:.0f} s; the base runs in {dtype_name(dtype)} ({dtype_reason})")
 
     args.clusters, args.dropout, args.gate, args.gate_scope = None, 0.0, "task", "layer"
     config = cgc_config_from_args(args, tasks)
@@ -86,13 +114,18 @@ def cmd_demo(args) -> int:
         log(f"gate movement (gates at {args.gate_lr_ratio:g} x the learning rate)")
         log(gate_movement(start, cgc).format())
 
-    out = os.path.abspath(args.out)
-    adapter_dir = os.path.join(out, "adapter")
-    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype)
+    adapter_dir = os.path.join(staging, "adapter")
+    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype, dtype_reason)
+    # Exports from the base in its stored dtype, as `cgc-lora export` writes them.
+    exporter = cgc
+    if dtype != stored:
+        exporter = CGCModel.from_pretrained(load_base(base_dir, stored, with_tokenizer=False)[0], adapter_dir).eval()
     for t in tasks:
-        export_task(cgc, tokenizer, t, os.path.join(out, "peft", t), merged=False)
+        export_task(exporter, tokenizer, t, os.path.join(staging, "peft", t), merged=False,
+                    base_path=os.path.join(out, "base"))
     merged_task = tasks[0]
-    export_task(cgc, tokenizer, merged_task, os.path.join(out, f"merged-{merged_task}"), merged=True)
+    export_task(exporter, tokenizer, merged_task, os.path.join(staging, f"merged-{merged_task}"), merged=True)
+    del exporter
 
     # One answer per task, all tasks in one batch.
     samples = [next(r for r in eval_rows if r["task"] == t) for t in tasks]
@@ -101,16 +134,16 @@ def cmd_demo(args) -> int:
     log("one mixed-task batch:")
     for r, a in zip(samples, answers, strict=True):
         log(f"  [{r['task']}] {r['prompt']}  ->  {a}")
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(staging, "results.json"), "w", encoding="utf-8") as f:
         samples_out = [dict(r, output=a) for r, a in zip(samples, answers, strict=True)]
         json.dump({"before": before, "after": after, "held_out": counts, "losses": losses,
-                   "samples": samples_out}, f, indent=2)
+                   "samples": samples_out, "dtype": dtype_name(dtype), "dtype_reason": dtype_reason}, f, indent=2)
 
     log("")
     log(f"outputs in {out}/")
     log("  adapter/          the CGC-LoRA adapter (cgc-lora generate / export read it)")
-    log(f"  peft/<task>/      one standard PEFT LoRA adapter per task ({', '.join(tasks)})")
+    log("  base/             the base model as a plain transformers folder (vLLM, PEFT)")
+    log(f"  peft/<task>/      one standard PEFT LoRA adapter per task on base/ ({', '.join(tasks)})")
     log(f"  merged-{merged_task}/     a plain transformers model with the {merged_task!r} task merged in")
     log("  results.json      accuracies, losses and the sample answers")
-    log(f"done in {format_seconds(time.perf_counter() - t0)}")
-    return 0
+    log(f"done in {format_seconds(time.perf_counter() - t0)}; docs/deploy.md serves them with vLLM and PEFT")

@@ -1,30 +1,38 @@
-"""`cgc-lora inspect DIR`: the gate report of a saved adapter (see adapter/gate_report.py)."""
+"""`cgc-lora inspect DIR`: the gate report of a saved adapter (see adapter/gate_report.py).
+
+It prints the shared / task-specific split per task; with --out it also writes gates.csv (the full
+task x layer x expert table) and gates.png (the heatmap) into that new directory, never into DIR."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from ..adapter.gate_report import write_gate_report
+from ..data.reader import UserError
+from .common import log
+from .output import staged_output
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `cgc-lora inspect` (for a subcommand parser)."""
     parser.add_argument("dir", help="a directory written by CGCModel.save_pretrained (or `cgc-lora train`)")
-    parser.add_argument("--out", help="heatmap PNG (default: DIR/gates.png)")
-    parser.add_argument("--csv", help="the full task x layer x expert table (default: DIR/gates.csv)")
+    parser.add_argument("--out", help="output directory for gates.csv and gates.png (default: print the table only)")
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    """Run `cgc-lora inspect` on parsed arguments; a bad directory ends with one line on stderr
-    and status 2."""
-    out = args.out or os.path.join(args.dir, "gates.png")
-    csv_path = args.csv or os.path.join(args.dir, "gates.csv")
+    """Run `cgc-lora inspect` on parsed arguments; a bad directory is a UserError (one line)."""
+    from ..adapter.gate_report import gate_table_from_dir, plot_gate_heatmap
+
     try:
-        write_gate_report(args.dir, out, csv_path)
+        table = gate_table_from_dir(args.dir)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"cgc-lora inspect: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} and {csv_path}")
+        raise UserError(str(e).splitlines()[0]) from None
+    if args.out is None:
+        log(table.format())
+        return 0
+    with staged_output(args.out, overwrite=args.overwrite, inputs=[args.dir]) as staging:
+        log(table.format())
+        table.to_csv(os.path.join(staging, "gates.csv"))  # first: it needs no plotting library
+        plot_gate_heatmap(table, os.path.join(staging, "gates.png"))
+    log(f"wrote gates.csv and gates.png in {os.path.abspath(args.out)}")
     return 0

@@ -145,30 +145,53 @@ def describe(fp: dict) -> str:
             f"vocab {fp['vocab_size']})")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def auto_dtype() -> tuple[torch.dtype, str]:
+    """(dtype, why) for `--dtype auto`, decided from the device's capabilities alone, so that the
+    same command on the same machine always makes the same choice: bfloat16 on a CUDA device that
+    supports it, and on a CPU with native bf16 dot-product instructions (AVX512-BF16 or AMX-BF16,
+    which oneDNN's bf16 matmuls use); float32 otherwise."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, f"CUDA device {name} supports bfloat16"
+        return torch.float32, f"CUDA device {name} has no native bfloat16"
+    level = torch.backends.cpu.get_cpu_capability()
+    get_caps = getattr(torch.cpu, "get_capabilities", None)  # torch >= 2.8
+    if get_caps is not None:
+        caps = get_caps()
+        native = [f for f in ("amx_bf16", "avx512_bf16") if caps.get(f)]
+    else:
+        probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+        native = [f for f, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    if native:
+        return torch.bfloat16, f"CPU ({level}) has {native[0].upper().replace('_', '-')}"
+    return torch.float32, f"CPU ({level}) has no native bfloat16 instructions"
 
 
 def pick_dtype(name: str) -> torch.dtype:
-    """The base model's dtype: "float32", "bfloat16", or "auto": bfloat16 where it is the faster
-    one (a GPU that has it; a CPU with bf16 instructions, found by timing a matmul), else float32."""
+    """The base model's dtype: "float32", "bfloat16", or "auto" (see auto_dtype)."""
     if name != "auto":
         return DTYPES[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    import time
+    return auto_dtype()[0]
 
-    def rate(dt):
-        a, b = torch.randn(256, 1024, dtype=dt), torch.randn(1024, 1024, dtype=dt)
-        a @ b
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            best = min(best, time.perf_counter() - t)
-        return best
 
-    return torch.bfloat16 if rate(torch.bfloat16) * 1.3 < rate(torch.float32) else torch.float32
+def stored_dtype(spec: str | None) -> torch.dtype:
+    """The dtype a base model is stored in: a transformers directory's config (torch_dtype or
+    dtype), float32 for a GGUF file (its quantized blocks dequantize to float32) and the tiny
+    model; float32 when the config does not say."""
+    if spec is None or spec == TINY_MODEL or os.path.isfile(spec):
+        return torch.float32
+    try:
+        with open(os.path.join(spec, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype) \
+        else torch.float32
 
 
 def adapters_to_float32(cgc) -> None:
