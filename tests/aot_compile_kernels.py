@@ -28,18 +28,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cgc_kernels.op.triton import backward, dropout, forward  # noqa: E402
+from cgc_kernels.op.triton import backward, backward_grid, dropout, forward, forward_grid  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
 INDEX_PTRS = {"order_ptr": "*i64", "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
-              "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
-FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr"}
+              "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32", "seed_ptr": "*i64"}
+FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr", "zp_ptr", "psa_ptr", "psb_ptr", "pta_ptr", "ptb_ptr"}
 FLOAT_SCALARS = {"p_drop", "scaling", "p"}
 # What Triton's launcher specializes at run time for contiguous inputs: inner strides equal to 1
 # become constants (vectorised loads); pointers and row strides of d-sized dims divisible by 16.
 UNIT_STRIDES = {"stride_xk", "stride_sak", "stride_sbr", "stride_tak", "stride_tbr", "stride_ge", "stride_bn",
                 "stride_yn", "stride_zr", "stride_dyn", "stride_dzr", "stride_dxk", "stride_dge",
-                "stride_dsak", "stride_dsbr", "stride_dtak", "stride_dtbr"}
+                "stride_dsak", "stride_dsbr", "stride_dtak", "stride_dtbr", "stride_zpr", "stride_psak",
+                "stride_psbr", "stride_ptak", "stride_ptbr"}
 ALIGNED = {"stride_xm", "stride_dym", "stride_ym", "stride_bm", "stride_dxm", "d_in", "d_out",
            "stride_sac", "stride_sar", "stride_sbc", "stride_sbn", "stride_tat", "stride_tar", "stride_tbt",
            "stride_tbn", "stride_dsac", "stride_dsar", "stride_dsbc", "stride_dsbn", "stride_dtat",
@@ -81,11 +82,19 @@ def jobs(caps, dtypes):
                     out.append((kname, cname, cap, dt, consts, warps, stages))
         # The mask kernel has no float input: one compile per capability.
         out.append(("dropout_mask", "default", cap, "-", dict(BLOCK_M=64, BLOCK_K=64), 4, 1))
+        # The GPU-filling kernels: every (kernel, config) of their config tables.
+        for dt in dtypes:
+            for space in (forward_grid.forward_config_space, backward_grid.backward_config_space):
+                for kname, cname, consts, warps, stages in space(dt):
+                    out.append((kname, cname, cap, dt, consts, warps, stages))
     return out
 
 
 FNS = {"forward": forward._cgc_lora_fwd_kernel, "bwd_tile": backward._cgc_lora_bwd_tile_kernel,
-       "bwd_weight": backward._cgc_lora_bwd_weight_kernel, "dropout_mask": dropout._keep_mask_kernel}
+       "bwd_weight": backward._cgc_lora_bwd_weight_kernel, "dropout_mask": dropout._keep_mask_kernel,
+       "fwd_grid": forward_grid._fwd_kernel, "shrink": forward_grid._shrink_kernel,
+       "bwd_rows": backward_grid._bwd_rows_kernel, "bwd_weights": backward_grid._bwd_weight_kernel,
+       "bwd_reduce": backward_grid._bwd_reduce_kernel}
 
 
 def compile_one(job):
@@ -123,8 +132,11 @@ def main(argv=None):
     ap.add_argument("--caps", default="80,90")
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--kernels", default="", help="comma-separated kernel names to compile (default: all)")
     a = ap.parse_args(argv)
     todo = jobs([int(c) for c in a.caps.split(",")], a.dtypes.split(","))
+    if a.kernels:
+        todo = [j for j in todo if j[0] in a.kernels.split(",")]
     with ProcessPoolExecutor(a.workers) as pool:
         for r in pool.map(compile_one, todo):
             print(json.dumps(r), flush=True)

@@ -32,6 +32,7 @@ import triton.language as tl
 from . import common
 from .dropout import keep_mask
 from .forward import load_rank_gates
+from .forward_grid import seed_tensor
 from .slots import chunk_rows, task_chunk_span, tile_rows
 
 
@@ -49,7 +50,7 @@ def _bwd_rows_kernel(
     dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 out (WANT_DZ)
     dx_ptr, stride_dxm, stride_dxk,  # [M, d_in] out (WANT_DX)
     dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [programs, E_PAD] partials (WANT_DGATE)
-    seed, p_drop, scaling,
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
     M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
     RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr, T_PAD: tl.constexpr,
@@ -91,6 +92,8 @@ def _bwd_rows_kernel(
         oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
         oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
         inv_keep = 1.0 / (1.0 - p_drop)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
@@ -185,7 +188,7 @@ def _bwd_weight_kernel(
     ptb_ptr, stride_ptbs, stride_ptbn, stride_ptbr,  # [chunks, d_out, K*r] fp32 task dB partials
     dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (single-chunk tasks)
     dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out (single-chunk tasks)
-    seed, p_drop, scaling,
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
     d_in, d_out, r, RS, RK, S, T, n_a_blocks,  # axis-1 programs [0, n_a_blocks) do dA, the rest dB
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -205,12 +208,14 @@ def _bwd_weight_kernel(
         rs_ok = rs < RS
         rk_ok = rk < RK
         inv_keep = 1.0 / (1.0 - p_drop)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
         if blk < n_a_blocks:
             # ---- dA blocks [R, BLOCK_K] of both sides from one read of x ----
             kk = blk * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < d_in
-            acc_s = tl.zeros([RS_PAD, BLOCK_K], dtype=tl.float32)
-            acc_t = tl.zeros([RK_PAD, BLOCK_K], dtype=tl.float32)
+            acc_sa = tl.zeros([RS_PAD, BLOCK_K], dtype=tl.float32)
+            acc_ta = tl.zeros([RK_PAD, BLOCK_K], dtype=tl.float32)
             for p0 in range(lo, hi, BLOCK_R):
                 pos = p0 + tl.arange(0, BLOCK_R)
                 row_ok = pos < hi
@@ -224,28 +229,28 @@ def _bwd_weight_kernel(
                 if HAS_SHARED:
                     dz = tl.load(dzg_ptr + rows[:, None] * stride_dzm + rs[None, :] * stride_dzr,
                                  mask=row_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_R, RS_PAD]
-                    acc_s = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_s, input_precision=DOT_PRECISION)
+                    acc_sa = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_sa, input_precision=DOT_PRECISION)
                 if HAS_TASK:
                     dz = tl.load(dzg_ptr + rows[:, None] * stride_dzm + (RS + rk)[None, :] * stride_dzr,
                                  mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_R, RK_PAD]
-                    acc_t = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_t, input_precision=DOT_PRECISION)
+                    acc_ta = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_ta, input_precision=DOT_PRECISION)
             if HAS_SHARED:
                 tl.store(psa_ptr + slot64 * stride_psas + rs[:, None] * stride_psar + kk[None, :] * stride_psak,
-                         acc_s, mask=rs_ok[:, None] & k_ok[None, :])
+                         acc_sa, mask=rs_ok[:, None] & k_ok[None, :])
             if HAS_TASK:
-                io = rk_ok[:, None] & k_ok[None, :]
+                io_a = rk_ok[:, None] & k_ok[None, :]
                 if nt == 1:
                     tl.store(dta_ptr + t64 * stride_dtat + rk[:, None] * stride_dtar + kk[None, :] * stride_dtak,
-                             acc_t.to(dta_ptr.dtype.element_ty), mask=io)
+                             acc_ta.to(dta_ptr.dtype.element_ty), mask=io_a)
                 else:
                     tl.store(pta_ptr + slot64 * stride_ptas + rk[:, None] * stride_ptar + kk[None, :] * stride_ptak,
-                             acc_t, mask=io)
+                             acc_ta, mask=io_a)
         else:
             # ---- dB blocks [BLOCK_N, R] of both sides from one read of dy ----
             nn = (blk - n_a_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = nn < d_out
-            acc_s = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)
-            acc_t = tl.zeros([BLOCK_N, RK_PAD], dtype=tl.float32)
+            acc_sb = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)
+            acc_tb = tl.zeros([BLOCK_N, RK_PAD], dtype=tl.float32)
             for p0 in range(lo, hi, BLOCK_R):
                 pos = p0 + tl.arange(0, BLOCK_R)
                 row_ok = pos < hi
@@ -258,24 +263,24 @@ def _bwd_weight_kernel(
                                  mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
                     g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
                                         PER_TOKEN_GATES)
-                    acc_s = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_s, input_precision=DOT_PRECISION)
+                    acc_sb = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_sb, input_precision=DOT_PRECISION)
                 if HAS_TASK:
                     zr = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
                                  mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
                     g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
                                         PER_TOKEN_GATES)
-                    acc_t = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_t, input_precision=DOT_PRECISION)
+                    acc_tb = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_tb, input_precision=DOT_PRECISION)
             if HAS_SHARED:
                 tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
-                         acc_s, mask=n_ok[:, None] & rs_ok[None, :])
+                         acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
             if HAS_TASK:
-                io = n_ok[:, None] & rk_ok[None, :]
+                io_b = n_ok[:, None] & rk_ok[None, :]
                 if nt == 1:
                     tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
-                             acc_t.to(dtb_ptr.dtype.element_ty), mask=io)
+                             acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
                 else:
                     tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
-                             acc_t, mask=io)
+                             acc_tb, mask=io_b)
 
 
 @triton.jit
@@ -394,7 +399,7 @@ class BackwardPlan:
 # Keyed on padded rank (both sides in registers in every launch) and dtype kind; checked ahead of
 # time at the largest rank of each tier, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
 BACKWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLOCK_K=64,
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, rows_warps=8, BLOCK_R=64, WBLOCK_K=64,
                        WBLOCK_N=64, weight_warps=4, RBLOCK=128, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
@@ -477,7 +482,8 @@ def cgc_lora_backward_grid(
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
     counts: torch.Tensor, starts: torch.Tensor, tile_rows_n: int,
     z: torch.Tensor,  # [M, S*r + K*r] fp32 from the forward
-    scaling: float, per_token_gates: bool, dropout_p: float, seed: int,
+    scaling: float, per_token_gates: bool, dropout_p: float,
+    seed: torch.Tensor | int,  # [1] int64 on the device (or an int): the dropout seed
     need_x: bool, need_gates: bool, need_a: bool, need_b: bool,
     plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -491,6 +497,7 @@ def cgc_lora_backward_grid(
     r = (RS + RK) // E
     S = RS // r
     dev = x.device
+    seed = seed_tensor(seed, dev)
     rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
     rank_size = (rs_pad if RS else 0) + (rk_pad if RK else 0)
     e_pad = common.next_pow2(E, 16)

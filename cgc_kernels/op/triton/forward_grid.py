@@ -79,7 +79,7 @@ def _fwd_kernel(
     base_ptr, stride_bm, stride_bn,  # [M, d_out] (HAS_BASE); may be y itself (IN_PLACE)
     y_ptr, stride_ym, stride_yn,  # [M, d_out] out: base + delta
     z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 out (SAVE_Z): z = A drop(x), shared first
-    seed, p_drop, scaling,
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
     M, d_in, d_out, r, RS, RK, S, T, tile_rows_n, k_split, n_per_prog,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr,
@@ -130,6 +130,8 @@ def _fwd_kernel(
         in_dtype = x_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype  # interpreter: its bf16 dot is wrong
         inv_keep = 1.0 / (1.0 - p_drop)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
@@ -199,7 +201,7 @@ def _shrink_kernel(
     cluster_ptr,  # [T] (HAS_CLUSTER)
     order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,  # routing
     zp_ptr, stride_zps, stride_zpm, stride_zpr,  # [K_SPLIT, M, S*r + K*r] fp32 out
-    seed, p_drop,
+    seed_ptr, p_drop,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
     M, d_in, RS, RK, T, tile_rows_n, k_per_prog,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     T_PAD: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -219,6 +221,8 @@ def _shrink_kernel(
         in_dtype = x_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype
         inv_keep = 1.0 / (1.0 - p_drop)
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
         rs = tl.arange(0, RS_PAD)
         rk = tl.arange(0, RK_PAD)
         rs_ok = rs < RS
@@ -285,16 +289,16 @@ class ForwardPlan:
 # Blocks by padded rank (shared + task side, both in registers) and dtype kind; checked ahead of
 # time (tests/aot_compile_kernels.py) at the largest rank of each tier, spill-free on sm_80/sm_90.
 FORWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2))],
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
+    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
-# Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and long d_in parts.
+# Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 SPLIT_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=16, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))],
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=4, num_stages=2))],
+    "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -374,6 +378,14 @@ def forward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, int
 
 # ---- launchers -------------------------------------------------------------------------------
 
+def seed_tensor(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the [1] int64 device tensor the kernels read (no host sync, and a CUDA
+    graph replays a seed drawn inside it instead of baking a Python int in)."""
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
 def cgc_lora_forward_grid(
     x: torch.Tensor,  # [M, d_in]
     gates: torch.Tensor,  # [T, S+K] or [M, S+K]
@@ -382,7 +394,8 @@ def cgc_lora_forward_grid(
     task_cluster: torch.Tensor | None,  # [T] or None (one cluster)
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
     counts: torch.Tensor, tile_rows_n: int,  # routing (counts [T]; tile_rows_n = routing.block_m)
-    scaling: float, per_token_gates: bool, dropout_p: float, seed: int,
+    scaling: float, per_token_gates: bool, dropout_p: float,
+    seed: torch.Tensor | int,  # [1] int64 on the device (or an int): the dropout seed
     base: torch.Tensor | None,  # [M, d_out] base output (or None: the delta alone)
     out: torch.Tensor | None = None,  # [M, d_out] written; may be `base` itself (in place)
     save_z: bool = True,
@@ -398,6 +411,7 @@ def cgc_lora_forward_grid(
     r = (RS + RK) // E
     S = RS // r
     y = out if out is not None else torch.empty(M, d_out, dtype=x.dtype, device=x.device)
+    seed = seed_tensor(seed, x.device)
     z = torch.empty(M, RS + RK, dtype=torch.float32, device=x.device) if save_z else None
     if M == 0:
         return y, z
