@@ -404,7 +404,7 @@ BACKWARD_BLOCKS = {
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
     "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=4, BLOCK_R=32, WBLOCK_K=32,
-                       WBLOCK_N=32, weight_warps=4, RBLOCK=64, num_stages=2)),
+                       WBLOCK_N=32, weight_warps=8, RBLOCK=64, num_stages=2)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
 }

@@ -291,14 +291,14 @@ class ForwardPlan:
 FORWARD_BLOCKS = {
     "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2))],
+    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 SPLIT_BLOCKS = {
     "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2))],
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
