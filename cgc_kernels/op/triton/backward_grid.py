@@ -64,6 +64,10 @@ def _bwd_rows_kernel(
                           M, T, tile_rows_n, SUB, T_PAD)
     e = tl.arange(0, E_PAD)
     dg_prog = tl.zeros([E_PAD], dtype=tl.float32)
+    # Task gates: sum dz * z over the program's rows per rank column first, mapped to experts once
+    # at the end (a per-row one-hot dot would hold [BLOCK_M, E_PAD] and the maps in registers).
+    col_s = tl.zeros([RS_PAD], dtype=tl.float32)
+    col_t = tl.zeros([RK_PAD], dtype=tl.float32)
     if t < 0:
         # Task -1 rows: no LoRA gradient, but dx is written here rather than zero-filled before.
         if WANT_DX:
@@ -89,8 +93,6 @@ def _bwd_rows_kernel(
         rs_ok = rs < RS
         rk_ok = rk < RK
         # One-hot [rank column, gate column] maps: sum dz * z over each expert's r columns by a dot.
-        oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
-        oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
         inv_keep = 1.0 / (1.0 - p_drop)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
@@ -115,7 +117,8 @@ def _bwd_rows_kernel(
                                 mask=n_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
                     dz_t = tl.dot(dy, b.to(op_dtype), dz_t, input_precision=DOT_PRECISION)
             # ---- dzg = dz * g * s; dgates = s * sum dz * z per expert ----
-            dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            if PER_TOKEN_GATES:
+                dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
             dzg_s = dz_s
             dzg_t = dz_t
             if HAS_SHARED:
@@ -128,7 +131,11 @@ def _bwd_rows_kernel(
                 if WANT_DGATE:
                     z_s = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
                                   mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
-                    dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
+                    if PER_TOKEN_GATES:
+                        oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
+                        dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
+                    else:
+                        col_s += tl.sum(dz_s * z_s, axis=0)
             if HAS_TASK:
                 g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
                                       PER_TOKEN_GATES)
@@ -139,14 +146,15 @@ def _bwd_rows_kernel(
                 if WANT_DGATE:
                     z_t = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
                                   mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
-                    dg_rows = tl.dot(dz_t * z_t, oh_t, dg_rows, input_precision="ieee")
+                    if PER_TOKEN_GATES:
+                        oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
+                        dg_rows = tl.dot(dz_t * z_t, oh_t, dg_rows, input_precision="ieee")
+                    else:
+                        col_t += tl.sum(dz_t * z_t, axis=0)
             if WANT_DGATE:
-                dg_rows = dg_rows * scaling
                 if PER_TOKEN_GATES:
                     tl.store(dg_ptr + rows[:, None] * stride_dgm + e[None, :] * stride_dge,
-                             dg_rows.to(dg_ptr.dtype.element_ty), mask=row_ok[:, None] & (e < E)[None, :])
-                else:
-                    dg_prog += tl.sum(dg_rows, axis=0)
+                             (dg_rows * scaling).to(dg_ptr.dtype.element_ty), mask=row_ok[:, None] & (e < E)[None, :])
             # ---- dx = drop'(dzg @ A), one d_in block at a time ----
             if WANT_DX:
                 dzg_s_op = dzg_s.to(op_dtype)
@@ -170,6 +178,15 @@ def _bwd_rows_kernel(
                              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
     if WANT_DGATE:
         if not PER_TOKEN_GATES:
+            rs = tl.arange(0, RS_PAD)
+            rk = tl.arange(0, RK_PAD)
+            if HAS_SHARED:
+                hit_s = (rs[:, None] // r == e[None, :]) & (rs < RS)[:, None]
+                dg_prog += tl.sum(tl.where(hit_s, col_s[:, None], 0.0), axis=0)
+            if HAS_TASK:
+                hit_t = ((S + rk[:, None] // r) == e[None, :]) & (rk < RK)[:, None]
+                dg_prog += tl.sum(tl.where(hit_t, col_t[:, None], 0.0), axis=0)
+            dg_prog = dg_prog * scaling
             # This program's partial (zeros for task -1 parts); reduced per task in a fixed order.
             tl.store(dg_ptr + pid * stride_dgm + e * stride_dge, dg_prog)
 
@@ -400,10 +417,10 @@ class BackwardPlan:
 # time at the largest rank of each tier, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
 BACKWARD_BLOCKS = {
     "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, rows_warps=8, BLOCK_R=64, WBLOCK_K=64,
-                       WBLOCK_N=64, weight_warps=4, RBLOCK=128, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32,
+                       WBLOCK_N=64, weight_warps=8, RBLOCK=128, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=4, BLOCK_R=32, WBLOCK_K=32,
+    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=32,
                        WBLOCK_N=32, weight_warps=8, RBLOCK=64, num_stages=2)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
