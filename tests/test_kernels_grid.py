@@ -219,3 +219,30 @@ def test_gpu_block_configs(case, tile_rows, plan, device, monkeypatch):
     check(y, y_ref, torch.float16, "base + delta")
     for k in DIFF:
         check(grads[k], grads_ref[k], torch.float16, f"grad {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_op_base_is_functional_and_differentiable(backend, device):
+    # cgc_lora(..., base=b) returns b + delta as a new tensor (b untouched), and the base's
+    # producer (here W) gets its gradient through it, as with b + cgc_lora(...).
+    from cgc_kernels.op.dispatch import cgc_lora
+
+    case = Case(M=21, d_in=33, d_out=17, T=2, S=1, K=1, r=4, C=1, ids="with_unrouted")
+    args = make_inputs(case, dtype=torch.float32, device=device)
+    W0 = torch.randn(case.d_out, case.d_in, generator=torch.Generator().manual_seed(5)).to(device)
+    got = []
+    for use_base in (True, False):
+        W = W0.clone().requires_grad_()
+        a = {k: (v.detach().clone().requires_grad_() if k in DIFF else v) for k, v in args.items()}
+        b = a["x"] @ W.T
+        if use_base:
+            kept = b.detach().clone()
+            y = cgc_lora(**a, base=b, backend=backend)
+            assert y is not b and torch.equal(b.detach(), kept)
+        else:
+            y = b + reference.cgc_lora(**a)
+        y.square().sum().backward()
+        got.append([y.detach(), W.grad] + [a[k].grad for k in DIFF])
+    for g1, g2, what in zip(*got, ["y", "W"] + list(DIFF), strict=True):
+        check(g1, g2, torch.float32, what)

@@ -7,7 +7,7 @@ bf16 or fp32 (stacked rank per side <= 128) and the reference otherwise.
 The Triton path is three `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces
 through them:
 
-    cgc_kernels::lora_fwd          functional: (delta [M, d_out], z [M, (S+K) r] fp32, seed [1] cpu)
+    cgc_kernels::lora_fwd          functional: (base + delta [M, d_out], z [M, (S+K) r] fp32, seed [1] cpu)
     cgc_kernels::lora_fwd_inplace  out += delta in place; used when no gradient is needed
     cgc_kernels::lora_bwd          the gradients, from dy and the saved z (registered as lora_fwd's
                                    backward through `register_autograd`)
@@ -54,25 +54,26 @@ Tensor = torch.Tensor
 def _lora_fwd(
     x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor, task_b: Tensor,
     task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor, tile_end: Tensor,
-    counts: Tensor, starts: Tensor, scaling: float, per_token_gates: bool, dropout_p: float,
+    counts: Tensor, starts: Tensor, tile_rows: int, base: Tensor | None, scaling: float,
+    per_token_gates: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from .triton import dropout, forward
+    from .triton import dropout, forward_grid
 
     seed = dropout.new_seed() if dropout_p > 0 else 0
-    y = torch.zeros(x.shape[0], task_b.shape[1], dtype=x.dtype, device=x.device)  # task -1 rows: 0
-    z = forward.cgc_lora_forward(
+    # Every row written by the kernel: base + delta (base rows alone for task -1), nothing pre-filled.
+    y, z = forward_grid.cgc_lora_forward_grid(
         x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-        scaling, per_token_gates, dropout_p, seed, y=y,
+        counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=base,
     )
     return y, z, torch.tensor([seed], dtype=torch.int64)
 
 
 @_lora_fwd.register_fake
 def _(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-      counts, starts, scaling, per_token_gates, dropout_p):
+      counts, starts, tile_rows, base, scaling, per_token_gates, dropout_p):
     M = x.shape[0]
     return (
-        x.new_empty(M, task_b.shape[1]),
+        x.new_empty(M, task_b.shape[1], dtype=base.dtype if base is not None else x.dtype),
         x.new_empty(M, shared_a.shape[1] + task_a.shape[1], dtype=torch.float32),
         torch.empty(1, dtype=torch.int64, device="cpu"),
     )
@@ -82,20 +83,20 @@ def _(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_ta
 def _lora_fwd_inplace(
     out: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, scaling: float, per_token_gates: bool, dropout_p: float,
+    tile_end: Tensor, counts: Tensor, tile_rows: int, scaling: float, per_token_gates: bool, dropout_p: float,
 ) -> None:
-    from .triton import dropout, forward
+    from .triton import dropout, forward_grid
 
     seed = dropout.new_seed() if dropout_p > 0 else 0
-    forward.cgc_lora_forward(
+    forward_grid.cgc_lora_forward_grid(
         x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-        scaling, per_token_gates, dropout_p, seed, y=out, base=out, save_z=False,
+        counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=out, out=out, save_z=False,
     )
 
 
 @_lora_fwd_inplace.register_fake
 def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-      tile_end, scaling, per_token_gates, dropout_p):
+      tile_end, counts, tile_rows, scaling, per_token_gates, dropout_p):
     return None
 
 
@@ -103,17 +104,17 @@ def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, ti
 def _lora_bwd(
     dy: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor, scaling: float,
-    per_token_gates: bool, dropout_p: float, needs: list[bool],
+    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor, tile_rows: int,
+    scaling: float, per_token_gates: bool, dropout_p: float, needs: list[bool],
 ) -> list[Tensor]:
     """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded gradient is an empty tensor.
     needs = [x, gates, A (both sides), B (both sides)]."""
-    from .triton import backward
+    from .triton import backward_grid
 
     need_x, need_g, need_a, need_b = needs
-    grads = backward.cgc_lora_backward(
-        dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-        tile_end, counts, starts, z, scaling, per_token_gates, dropout_p, int(seed[0]),
+    grads = backward_grid.cgc_lora_backward_grid(
+        dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+        tile_start, tile_end, counts, starts, tile_rows, z, scaling, per_token_gates, dropout_p, int(seed[0]),
         need_x=need_x, need_gates=need_g, need_a=need_a, need_b=need_b,
     )
     return [g if g is not None else x.new_empty(0) for g in grads]
@@ -121,7 +122,7 @@ def _lora_bwd(
 
 @_lora_bwd.register_fake
 def _(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-      tile_end, counts, starts, z, seed, scaling, per_token_gates, dropout_p, needs):
+      tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates, dropout_p, needs):
     need_x, need_g, need_a, need_b = needs
     like = lambda t, need: torch.empty_like(t) if need else x.new_empty(0)
     return [like(x, need_x), like(gates, need_g), like(shared_a, need_a), like(shared_b, need_b),
@@ -130,26 +131,29 @@ def _(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, til
 
 def _setup_context(ctx, inputs, output):
     (x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-     counts, starts, scaling, per_token_gates, dropout_p) = inputs
+     counts, starts, tile_rows, base, scaling, per_token_gates, dropout_p) = inputs
     _, z, seed = output
     ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
                           tile_start, tile_end, counts, starts, z, seed)
-    ctx.scaling, ctx.per_token_gates, ctx.dropout_p = scaling, per_token_gates, dropout_p
+    ctx.tile_rows, ctx.scaling, ctx.per_token_gates, ctx.dropout_p = tile_rows, scaling, per_token_gates, dropout_p
 
 
 def _backward(ctx, dy, _dz, _dseed):
     n_x, n_g, n_sa, n_sb, n_ta, n_tb = ctx.needs_input_grad[:6]
     needs = [n_x, n_g, n_sa or n_ta, n_sb or n_tb]
-    none_after = [None] * 10  # task_cluster, routing tensors, scaling, per_token_gates, dropout_p
+    # y = base + delta: base's gradient is dy itself (no copy, no add).
+    d_base = dy if ctx.needs_input_grad[14] else None
+    none_mid = [None] * 8  # task_cluster, routing tensors, tile_rows
+    none_end = [None] * 3  # scaling, per_token_gates, dropout_p
     if not any(needs):
-        return (None,) * 6 + tuple(none_after)
+        return (None,) * 6 + tuple(none_mid) + (d_base, *none_end)
     saved = ctx.saved_tensors
     dx, dg, dsa, dsb, dta, dtb = torch.ops.cgc_kernels.lora_bwd(
-        dy, *saved, ctx.scaling, ctx.per_token_gates, ctx.dropout_p, needs,
+        dy, *saved, ctx.tile_rows, ctx.scaling, ctx.per_token_gates, ctx.dropout_p, needs,
     )
     pick = lambda g, need: g if need else None
     return (pick(dx, n_x), pick(dg, n_g), pick(dsa, n_sa), pick(dsb, n_sb), pick(dta, n_ta),
-            pick(dtb, n_tb), *none_after)
+            pick(dtb, n_tb), *none_mid, d_base, *none_end)
 
 
 _lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -172,12 +176,17 @@ def cgc_lora(
     dropout_p: float = 0.0,
     out: torch.Tensor | None = None,
     backend: str | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CGC-LoRA delta for a mixed-task batch; see `cgc_kernels.reference.cgc_lora` for the math.
 
     Shapes: x [M, d_in]; task_ids [M] in [-1, T) or a TaskRouting; gates [T, S+K] (or [M, S+K]
     with per_token_gates); shared_a [C, S*r, d_in]; shared_b [C, d_out, S*r]; task_a [T, K*r, d_in];
     task_b [T, d_out, K*r]; task_cluster [T] or None. Returns [M, d_out] (or `out` += delta).
+
+    base: [M, d_out] the base layer's output (not with `out`): returns base + delta as a new
+    tensor, differentiable in base (its gradient is dy). The Triton kernels write it in one pass
+    (no zero-fill, no add after), which is what a training step wants; `out=` adds in place.
 
     A TaskRouting skips the id check (no host sync) and is reused across layers; on the Triton
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
@@ -186,11 +195,14 @@ def cgc_lora(
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
         chosen = "reference"  # beyond the kernels' register budget
+    if base is not None:
+        _check_base(base, out, x, task_b)
     if chosen == "reference":
-        return reference.cgc_lora(
+        delta = reference.cgc_lora(
             x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
             task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
         )
+        return delta if base is None else base + delta.to(base.dtype)
     shp = check_cgc_lora_args(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
         task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
@@ -213,18 +225,32 @@ def cgc_lora(
     rt = (routing.order, routing.tile_task, routing.tile_start, routing.tile_end)
 
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out) if t is not None)
-    if not needs_grad:
-        target = out if out is not None else x.new_zeros(shp.M, shp.d_out)
+        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out, base) if t is not None)
+    if not needs_grad and out is not None:
         torch.ops.cgc_kernels.lora_fwd_inplace(
-            target, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt,
-            float(scaling), bool(per_token_gates), float(dropout_p),
+            out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
+            routing.block_m, float(scaling), bool(per_token_gates), float(dropout_p),
         )
-        return target
+        return out
+    # The functional op writes every row of a new tensor: base + delta, or the delta alone.
     y, _, _ = torch.ops.cgc_kernels.lora_fwd(
         x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts, routing.starts,
-        float(scaling), bool(per_token_gates), float(dropout_p),
+        routing.block_m, base, float(scaling), bool(per_token_gates), float(dropout_p),
     )
     if out is None:
         return y
     return out.add_(y)
+
+
+def _check_base(base, out, x, task_b) -> None:
+    if out is not None:
+        raise ValueError("pass base= (returns base + delta) or out= (adds into out in place), not both")
+    if not isinstance(base, torch.Tensor) or base.dim() != 2:
+        raise ValueError(f"base must be a 2-D tensor [M, d_out], got {getattr(base, 'shape', type(base))}")
+    want = (x.shape[0], task_b.shape[1]) if x.dim() == 2 and task_b.dim() == 3 else None
+    if want is not None and tuple(base.shape) != want:
+        raise ValueError(f"base must be [M, d_out] = {want}, got {tuple(base.shape)}")
+    if not base.dtype.is_floating_point:
+        raise ValueError(f"base must be a floating tensor, got {base.dtype}")
+    if base.device != x.device:
+        raise ValueError(f"base is on {base.device} but x is on {x.device}; all tensors must share a device")

@@ -416,13 +416,12 @@ class BackwardPlan:
 # Keyed on padded rank (both sides in registers in every launch) and dtype kind; checked ahead of
 # time at the largest rank of each tier, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
 BACKWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, rows_warps=8, BLOCK_R=64, WBLOCK_K=64,
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=64, WBLOCK_K=64,
                        WBLOCK_N=64, weight_warps=8, RBLOCK=128, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=32,
-                       WBLOCK_N=32, weight_warps=8, RBLOCK=64, num_stages=2)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
+    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill).
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
 }
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLOCK_K=64, WBLOCK_N=64,

@@ -291,14 +291,15 @@ class ForwardPlan:
 FORWARD_BLOCKS = {
     "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
+    # fp32 runs its dots on FMA units (no tensor cores): one small tier for every rank.
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
+# No fp32 tier above rank 64 (its shrink spills): those shapes take the fused plan.
 SPLIT_BLOCKS = {
     "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
+    "fp32": [(64, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2))],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -325,13 +326,15 @@ def forward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: t
     pinned = common.configs_pinned()
     fused_cfg = dict(PINNED) if pinned else _pick(FORWARD_BLOCKS[kt], rank_size)
     sub = max(1, min(tile_rows // fused_cfg["BLOCK_M"], 2))
+    split_tiers = SPLIT_BLOCKS[kt]
     if kind is None:
-        kind = "fused" if max_tiles * sub >= WAVE_PROGRAMS else "split"
+        splittable = pinned or rank_size <= split_tiers[-1][0]
+        kind = "fused" if max_tiles * sub >= WAVE_PROGRAMS or not splittable else "split"
     if kind == "fused":
         return ForwardPlan("fused", sub, n_split=1, k_split=1, **fused_cfg)
     if kind != "split":
         raise ValueError(f"forward plan kind must be 'fused' or 'split', got {kind!r}")
-    cfg = dict(PINNED) if pinned else _pick(SPLIT_BLOCKS[kt], rank_size)
+    cfg = dict(PINNED) if pinned else _pick(split_tiers, rank_size)
     # Row parts only as far as the tiles are full on average (decode tiles hold one row each).
     avg_rows = triton.cdiv(max(M, 1), max_tiles)
     sub = max(1, min(triton.cdiv(avg_rows, cfg["BLOCK_M"]), triton.cdiv(tile_rows, cfg["BLOCK_M"])))
