@@ -129,24 +129,36 @@ def _traffic(s: Shape, tile_rows: int) -> list[dict]:
     parts = [p for t in tiles for p in _parts(t, bplan.SUB, tile_rows)]
     mblocks = sum(_cdiv(p, bplan.BLOCK_M) for p in parts)
     g = bplan.grids(s.M, s.T, s.C, s.d_in, s.d_out, max_tiles)
-    issued = (Mr * s.d_out * eb + mblocks * R * (s.d_out + s.d_in) * eb + 2 * Mr * R * f4
-              + s.M * s.d_in * eb)
-    hbm = Mr * s.d_out * eb + w_a + w_b + 2 * Mr * R * f4 + s.M * s.d_in * eb
-    add(f"backward rows {g['rows']}", g["rows"][0], issued, hbm, "backward")
-
     chunks = _tiles(counts, bplan.CHUNK, s.M, s.T)
-    n_a, n_b = _cdiv(s.d_in, bplan.WBLOCK_K), _cdiv(s.d_out, bplan.WBLOCK_N)
+    n_a, n_b = g["dA"][1], g["dB"][1]
     multi = [t for t in range(s.T) if counts[t] > bplan.CHUNK]
     single = [t for t in range(s.T) if 0 < counts[t] <= bplan.CHUNK]
     n_multi_chunks = sum(_cdiv(counts[t], bplan.CHUNK) for t in multi)
-    parts_bytes = (len(chunks) * RS + n_multi_chunks * RK) * (s.d_in + s.d_out) * f4
-    direct = len(single) * RK * (s.d_in + s.d_out) * eb
-    issued = (Mr * (s.d_in + s.d_out) * eb + (n_a + n_b) * Mr * R * f4 + parts_bytes + direct)
-    hbm = Mr * (s.d_in + s.d_out) * eb + 2 * Mr * R * f4 + parts_bytes + direct
-    add(f"backward weights {g['weights']}", g["weights"][0] * g["weights"][1], issued, hbm, "backward")
-    out_rest = e_bytes - direct
-    add(f"backward reduce {g['reduce']}", g["reduce"][0] * g["reduce"][1], parts_bytes + out_rest,
-        parts_bytes + out_rest, "backward")
+    # fp32 partials of the shared side (every chunk) and of multi-chunk tasks; direct writes else.
+    parts_a = (len(chunks) * RS + n_multi_chunks * RK) * s.d_in * f4
+    parts_b = (len(chunks) * RS + n_multi_chunks * RK) * s.d_out * f4
+    direct_a = len(single) * RK * s.d_in * eb
+    direct_b = len(single) * RK * s.d_out * eb
+    dzp = n_b * Mr * R * f4 if bplan.dz_parts else 0
+    dy_once = Mr * s.d_out * eb
+    # launch 1: dy once -> dB blocks and dz partials; z per d_out block (issued), once (HBM)
+    issued = dy_once + n_b * Mr * R * f4 + len(chunks) * n_b * R * (s.d_out / n_b) * eb + parts_b + direct_b + dzp
+    hbm = dy_once + Mr * R * f4 + w_b + parts_b + direct_b + dzp
+    add(f"backward dB + dz parts {g['dB']}", g["dB"][0] * g["dB"][1], issued, hbm, "backward")
+    # launch 2: dz from the partials (or dy again), dgates, dzg, dx for every row
+    dz_in = dzp if bplan.dz_parts else dy_once
+    issued = dz_in + mblocks * R * s.d_in * eb + 2 * Mr * R * f4 + s.M * s.d_in * eb
+    if not bplan.dz_parts:
+        issued += mblocks * R * s.d_out * eb
+    hbm = dz_in + w_a + 2 * Mr * R * f4 + s.M * s.d_in * eb
+    add(f"backward rows {g['rows']}", g["rows"][0], issued, hbm, "backward")
+    # launch 3: x once -> dA blocks; dzg per d_in block (issued), once (HBM)
+    issued = Mr * s.d_in * eb + n_a * Mr * R * f4 + parts_a + direct_a
+    hbm = Mr * s.d_in * eb + Mr * R * f4 + parts_a + direct_a
+    add(f"backward dA {g['dA']}", g["dA"][0] * g["dA"][1], issued, hbm, "backward")
+    out_rest = e_bytes - direct_a - direct_b
+    add(f"backward reduce {g['reduce']}", g["reduce"][0] * g["reduce"][1], parts_a + parts_b + out_rest,
+        parts_a + parts_b + out_rest, "backward")
     for row in rows:
         row["floor"] = fwd_floor if row["pass_"] == "forward" else bwd_floor
     return rows

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cgc_kernels.op.triton import backward, backward_grid, dropout, forward, forward_grid  # noqa: E402
+from cgc_kernels.op.triton import backward, backward_grid, dropout, forward, forward_grid, reduce_parts  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
 INDEX_PTRS = {"order_ptr": "*i64", "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
@@ -95,7 +95,7 @@ FNS = {"forward": forward._cgc_lora_fwd_kernel, "bwd_tile": backward._cgc_lora_b
        "bwd_weight": backward._cgc_lora_bwd_weight_kernel, "dropout_mask": dropout._keep_mask_kernel,
        "fwd_grid": forward_grid._fwd_kernel, "shrink": forward_grid._shrink_kernel,
        "bwd_rows": backward_grid._bwd_rows_kernel, "bwd_weights": backward_grid._bwd_weight_kernel,
-       "bwd_reduce": backward_grid._bwd_reduce_kernel}
+       "bwd_reduce": reduce_parts._bwd_reduce_kernel}
 
 
 def compile_one(job):

@@ -58,7 +58,7 @@ def _routing(args, T, tile_rows):
     return build_routing(args["task_ids"], T, args["task_cluster"], block_m=tile_rows)
 
 
-def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, seed=0):
+def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, seed=0, dz_parts=None):
     """(y, grads dict) from the new launchers: y = base + delta, then every gradient from dy."""
     T = args["task_a"].shape[0]
     a = args
@@ -69,7 +69,8 @@ def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, s
     M, d_in = a["x"].shape
     RS, RK = a["shared_a"].shape[1], a["task_a"].shape[1]
     rank = (common.rank_pad(RS) if RS else 0) + (common.rank_pad(RK) if RK else 0)
-    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.block_m, chunk=chunk)
+    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.block_m, chunk=chunk,
+                                        rank=RS + RK, dz_parts=dz_parts)
     grads = backward_grid.cgc_lora_backward_grid(
         dy, a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, z,
@@ -114,6 +115,18 @@ def test_grid_kernels_match_reference(case, tile_rows, plan, dtype, device):
     for k in DIFF:
         assert grads[k].dtype == args[k].dtype and grads[k].shape == args[k].shape, k
         check(grads[k], grads_ref[k], dtype, f"grad {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case, tile_rows", [c for c in CASES if c.id in ("odd-d", "unrouted", "token-gates", "K0")])
+def test_dz_from_dy(case, tile_rows, device):
+    # The other way to dz (large ranks): the rows launch reads dy itself instead of the dB
+    # launch's partials; same results.
+    args, dy, base = _problem(case, torch.float32, device)
+    y, grads = run_grid(args, _routing(args, case.T, tile_rows), dy, base=base, chunk=16, dz_parts=False)
+    _, grads_ref = run_reference(args, dy, base=base)
+    for k in DIFF:
+        check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -191,9 +204,9 @@ def test_bitwise_rerun(device):
     case = Case(M=150, d_in=65, d_out=33, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
     args, dy, base = _problem(case, torch.float16, device)
     rt = _routing(args, case.T, 16)
-    for plan in PLANS:
-        y1, g1 = run_grid(args, rt, dy, plan=plan, base=base, chunk=16)
-        y2, g2 = run_grid(args, rt, dy, plan=plan, base=base, chunk=16)
+    for plan, dz_parts in zip(PLANS, (True, False), strict=True):
+        y1, g1 = run_grid(args, rt, dy, plan=plan, base=base, chunk=16, dz_parts=dz_parts)
+        y2, g2 = run_grid(args, rt, dy, plan=plan, base=base, chunk=16, dz_parts=dz_parts)
         assert torch.equal(y1, y2), plan
         for k in DIFF:
             assert torch.equal(g1[k], g2[k]), (plan, k)

@@ -1,20 +1,23 @@
-"""CGC-LoRA backward: dz / dx / dgates per row part, then the weight gradients in one chunked pass.
+"""CGC-LoRA backward in four launches that each read their big input once: dy, then x.
 
-With z saved by the forward, g each rank column's gate, s the scaling, h = drop(x):
+With z saved by the forward, g each rank column's gate, s the scaling, h = drop(x). A chunk is at
+most CHUNK sorted rows of ONE task (slots.py): a long segment (a Zipf-heavy task) becomes several
+balanced programs, and a task's chunks are consecutive slots.
 
-    launch 1 "rows", grid (tile x SUB row parts), like the forward:
-        dz     = dy[rows] @ [shared_b[c], task_b[t]]       ONE pass over dy (d_out loop)
-        dzg    = dz * g * s                                 saved [M, (S+K) r] fp32 for launch 2
-        dgates = s * sum_{rank cols of e} dz * z            per token, or one partial per program
-        dx     = drop'(dzg @ [shared_a[c]; task_a[t]])      every row written (task -1 rows: 0)
-    launch 2 "weights", grid (chunk, d_in blocks + d_out blocks): a chunk is at most CHUNK rows
-      of ONE task (slots.py), so a long segment is several balanced programs. Each program reads
-      its rows of x (dA) or dy (dB) ONCE for the shared and the task experts together:
-        dA part = dzg[rows]^T @ h[rows]       dB part = dy[rows]^T @ (z * g * s)[rows]
-      task side: written straight into dA / dB when the task has a single chunk, else an fp32
-      partial; shared side: always an fp32 partial per chunk.
-    launch 3 "reduce", grid (cluster or task, blocks): each cluster's shared partials and each
-      multi-chunk task's partials summed in chunk order; tasks and clusters without rows get 0.
+    launch 1 "dB", grid (chunk, d_out blocks): ONE read of dy[rows, block] gives
+        dB part  = dy^T @ (z * g * s)                 shared and task experts together
+        dz part  = dy @ B[block]                      fp32 [n_blocks, M, (S+K) r] (dz_parts plans)
+    launch 2 "rows", grid (tile x SUB row parts), like the forward:
+        dz       = sum of the dz parts, in block order (or dy @ B over all of d_out, reading dy
+                   again, when the parts would move more bytes: large ranks)
+        dzg      = dz * g * s                         saved [M, (S+K) r] fp32 for launch 3
+        dgates   = s * sum_{rank cols of e} dz * z    per token, or one partial per program
+        dx       = drop'(dzg @ A)                     every row written (task -1 rows: 0)
+    launch 3 "dA", grid (chunk, d_in blocks): ONE read of x[rows, block] gives
+        dA part  = dzg^T @ h                          shared and task experts together
+    launch 4 "reduce", grid (cluster or task, blocks): each cluster's shared parts and each
+        multi-chunk task's parts summed in chunk order; a task in one chunk had its dA / dB
+        written directly by launches 1 and 3; tasks and clusters without rows get exact zeros.
     per-task dgates: the per-program partials summed per task by a one-hot product (fixed order).
 
 No float atomics anywhere and every sum runs in a fixed order, so reruns are bitwise equal.
@@ -33,12 +36,14 @@ from . import common
 from .dropout import keep_mask
 from .forward import load_rank_gates
 from .forward_grid import seed_tensor
-from .slots import chunk_rows, task_chunk_span, tile_rows
+from .reduce_parts import _bwd_reduce_kernel
+from .slots import chunk_rows, tile_rows
 
 
 @triton.jit
 def _bwd_rows_kernel(
-    dy_ptr, stride_dym, stride_dyn,  # [M, d_out]
+    dy_ptr, stride_dym, stride_dyn,  # [M, d_out] (read unless DZ_FROM_PARTS)
+    dzp_ptr, stride_dzps, stride_dzpm, stride_dzpr,  # [n_parts, M, S*r + K*r] fp32 partial dz (DZ_FROM_PARTS)
     sa_ptr, stride_sac, stride_sar, stride_sak,  # shared_a [C, S*r, d_in]
     sb_ptr, stride_sbc, stride_sbn, stride_sbr,  # shared_b [C, d_out, S*r]
     ta_ptr, stride_tat, stride_tar, stride_tak,  # task_a [T, K*r, d_in]
@@ -51,12 +56,12 @@ def _bwd_rows_kernel(
     dx_ptr, stride_dxm, stride_dxk,  # [M, d_in] out (WANT_DX)
     dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [programs, E_PAD] partials (WANT_DGATE)
     seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
-    M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n,
+    M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, n_parts,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
     RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr, T_PAD: tl.constexpr,
     PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WANT_DX: tl.constexpr, WANT_DGATE: tl.constexpr, WANT_DZ: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DZ_FROM_PARTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SUB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -86,7 +91,7 @@ def _bwd_rows_kernel(
             c64 = tl.load(cluster_ptr + t).to(tl.int64)
         else:
             c64 = t64 * 0
-        in_dtype = dy_ptr.dtype.element_ty
+        in_dtype = sa_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype
         rs = tl.arange(0, RS_PAD)
         rk = tl.arange(0, RK_PAD)
@@ -100,22 +105,33 @@ def _bwd_rows_kernel(
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
             rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-            # ---- dz = dy @ B, one pass over dy ----
+            # ---- dz = dy @ B: the dB launch's partials over d_out blocks summed in a fixed order,
+            # or one pass over dy here (large ranks, where the partials would outweigh dy) ----
             dz_s = tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32)
             dz_t = tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32)
-            for n0 in range(0, d_out, BLOCK_N):
-                nn = n0 + tl.arange(0, BLOCK_N)
-                n_ok = nn < d_out
-                dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                             mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
-                if HAS_SHARED:
-                    b = tl.load(sb_ptr + c64 * stride_sbc + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
-                                mask=n_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_N, RS_PAD]
-                    dz_s = tl.dot(dy, b.to(op_dtype), dz_s, input_precision=DOT_PRECISION)
-                if HAS_TASK:
-                    b = tl.load(tb_ptr + t64 * stride_tbt + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
-                                mask=n_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-                    dz_t = tl.dot(dy, b.to(op_dtype), dz_t, input_precision=DOT_PRECISION)
+            if DZ_FROM_PARTS:
+                for j in range(0, n_parts):
+                    part = dzp_ptr + j * stride_dzps + rows[:, None] * stride_dzpm
+                    if HAS_SHARED:
+                        dz_s += tl.load(part + rs[None, :] * stride_dzpr, mask=row_ok[:, None] & rs_ok[None, :],
+                                        other=0.0)
+                    if HAS_TASK:
+                        dz_t += tl.load(part + (RS + rk)[None, :] * stride_dzpr,
+                                        mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
+            else:
+                for n0 in range(0, d_out, BLOCK_N):
+                    nn = n0 + tl.arange(0, BLOCK_N)
+                    n_ok = nn < d_out
+                    dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
+                                 mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
+                    if HAS_SHARED:
+                        b = tl.load(sb_ptr + c64 * stride_sbc + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
+                                    mask=n_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_N, RS_PAD]
+                        dz_s = tl.dot(dy, b.to(op_dtype), dz_s, input_precision=DOT_PRECISION)
+                    if HAS_TASK:
+                        b = tl.load(tb_ptr + t64 * stride_tbt + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
+                                    mask=n_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
+                        dz_t = tl.dot(dy, b.to(op_dtype), dz_t, input_precision=DOT_PRECISION)
             # ---- dzg = dz * g * s; dgates = s * sum dz * z per expert ----
             if PER_TOKEN_GATES:
                 dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
@@ -196,8 +212,12 @@ def _bwd_weight_kernel(
     x_ptr, stride_xm, stride_xk,  # [M, d_in]
     dy_ptr, stride_dym, stride_dyn,  # [M, d_out]
     z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 (forward)
-    dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 (launch 1)
+    dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 (rows launch; read by DO_A)
+    sb_ptr, stride_sbc, stride_sbn, stride_sbr,  # shared_b [C, d_out, S*r] (dz partials)
+    tb_ptr, stride_tbt, stride_tbn, stride_tbr,  # task_b [T, d_out, K*r] (dz partials)
+    dzp_ptr, stride_dzps, stride_dzpm, stride_dzpr,  # [n_blocks, M, S*r + K*r] fp32 out (WANT_DZP): dz parts
     g_ptr, stride_gm, stride_ge,  # gates
+    cluster_ptr,  # [T] (HAS_CLUSTER)
     order_ptr, counts_ptr, starts_ptr,  # routing: task segments of `order`
     psa_ptr, stride_psas, stride_psar, stride_psak,  # [chunks, S*r, d_in] fp32 shared dA partials
     psb_ptr, stride_psbs, stride_psbn, stride_psbr,  # [chunks, d_out, S*r] fp32 shared dB partials
@@ -206,9 +226,11 @@ def _bwd_weight_kernel(
     dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (single-chunk tasks)
     dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out (single-chunk tasks)
     seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
-    d_in, d_out, r, RS, RK, S, T, n_a_blocks,  # axis-1 programs [0, n_a_blocks) do dA, the rest dB
+    d_in, d_out, r, RS, RK, S, T,
+    DO_A: tl.constexpr,  # dA programs over d_in blocks; else dB (WANT_DB) and dz partials (WANT_DZP)
+    WANT_DB: tl.constexpr, WANT_DZP: tl.constexpr,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
-    T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -227,7 +249,7 @@ def _bwd_weight_kernel(
         inv_keep = 1.0 / (1.0 - p_drop)
         if HAS_DROPOUT:
             seed = tl.load(seed_ptr)
-        if blk < n_a_blocks:
+        if DO_A:
             # ---- dA blocks [R, BLOCK_K] of both sides from one read of x ----
             kk = blk * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = kk < d_in
@@ -263,125 +285,64 @@ def _bwd_weight_kernel(
                     tl.store(pta_ptr + slot64 * stride_ptas + rk[:, None] * stride_ptar + kk[None, :] * stride_ptak,
                              acc_ta, mask=io_a)
         else:
-            # ---- dB blocks [BLOCK_N, R] of both sides from one read of dy ----
-            nn = (blk - n_a_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+            # ---- one read of dy [rows, d_out block]: dB blocks [BLOCK_N, R] of both sides, and this
+            # block's share of dz = dy @ B [rows, R] (fp32 partials; the rows launch sums them) ----
+            if HAS_CLUSTER:
+                c64 = tl.load(cluster_ptr + t).to(tl.int64)
+            else:
+                c64 = t64 * 0
+            nn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = nn < d_out
             acc_sb = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)
             acc_tb = tl.zeros([BLOCK_N, RK_PAD], dtype=tl.float32)
+            if WANT_DZP:
+                if HAS_SHARED:
+                    b_s = tl.load(sb_ptr + c64 * stride_sbc + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
+                                  mask=n_ok[:, None] & rs_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_N, RS_PAD]
+                if HAS_TASK:
+                    b_t = tl.load(tb_ptr + t64 * stride_tbt + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
+                                  mask=n_ok[:, None] & rk_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_N, RK_PAD]
             for p0 in range(lo, hi, BLOCK_R):
                 pos = p0 + tl.arange(0, BLOCK_R)
                 row_ok = pos < hi
                 rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
                 dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                             mask=row_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-                dyt = tl.trans(dy.to(op_dtype))
+                             mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_R, BLOCK_N]
+                part = dzp_ptr + blk * stride_dzps + rows[:, None] * stride_dzpm
                 if HAS_SHARED:
-                    zr = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
-                                 mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
-                    g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
-                                        PER_TOKEN_GATES)
-                    acc_sb = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_sb, input_precision=DOT_PRECISION)
+                    if WANT_DB:
+                        zr = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
+                                     mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
+                        g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
+                                            PER_TOKEN_GATES)
+                        acc_sb = tl.dot(tl.trans(dy), (zr * g * scaling).to(op_dtype), acc_sb,
+                                        input_precision=DOT_PRECISION)
+                    if WANT_DZP:
+                        dz = tl.dot(dy, b_s, input_precision=DOT_PRECISION)  # [BLOCK_R, RS_PAD] fp32
+                        tl.store(part + rs[None, :] * stride_dzpr, dz, mask=row_ok[:, None] & rs_ok[None, :])
                 if HAS_TASK:
-                    zr = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
-                                 mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
-                    g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
-                                        PER_TOKEN_GATES)
-                    acc_tb = tl.dot(dyt, (zr * g * scaling).to(op_dtype), acc_tb, input_precision=DOT_PRECISION)
-            if HAS_SHARED:
-                tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
-                         acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
-            if HAS_TASK:
-                io_b = n_ok[:, None] & rk_ok[None, :]
-                if nt == 1:
-                    tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
-                             acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
-                else:
-                    tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
-                             acc_tb, mask=io_b)
-
-
-@triton.jit
-def _sum_parts(p_ptr, stride_s, stride_i, stride_j, slot_lo, slot_hi, ii, i_ok, jj, j_ok, acc):
-    """acc + sum over slots [slot_lo, slot_hi) of the fp32 partial tiles p[slot, ii, jj], in order."""
-    for s in range(slot_lo, slot_hi):
-        acc += tl.load(p_ptr + s * stride_s + ii[:, None] * stride_i + jj[None, :] * stride_j,
-                       mask=i_ok[:, None] & j_ok[None, :], other=0.0)
-    return acc
-
-
-@triton.jit
-def _bwd_reduce_kernel(
-    psa_ptr, stride_psas, stride_psar, stride_psak,  # [chunks, S*r, d_in] fp32
-    psb_ptr, stride_psbs, stride_psbn, stride_psbr,  # [chunks, d_out, S*r] fp32
-    pta_ptr, stride_ptas, stride_ptar, stride_ptak,  # [chunks, K*r, d_in] fp32
-    ptb_ptr, stride_ptbs, stride_ptbn, stride_ptbr,  # [chunks, d_out, K*r] fp32
-    dsa_ptr, stride_dsac, stride_dsar, stride_dsak,  # [C, S*r, d_in] out
-    dsb_ptr, stride_dsbc, stride_dsbn, stride_dsbr,  # [C, d_out, S*r] out
-    dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (multi-chunk / empty tasks)
-    dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out
-    cluster_ptr, counts_ptr,  # [T], [T]
-    d_in, d_out, RS, RK, C, T, n_a_blocks,
-    HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_CLUSTER: tl.constexpr,
-    WANT_A: tl.constexpr, WANT_B: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    owner = tl.program_id(0)  # [0, C): a cluster's shared experts; [C, C+T): a task's experts
-    blk = tl.program_id(1)
-    rr = tl.arange(0, R_PAD)
-    is_a = blk < n_a_blocks
-    kk = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-    nn = (blk - n_a_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = kk < d_in
-    n_ok = nn < d_out
-    if owner < C:
-        if HAS_SHARED:
-            c64 = owner.to(tl.int64)
-            r_ok = rr < RS
-            acc_a = tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32)
-            acc_b = tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32)
-            slot0 = 0
-            for tt in range(0, T):  # the cluster's tasks in index order, each task's chunks in order
-                n = ((tl.load(counts_ptr + tt) + CHUNK - 1) // CHUNK).to(tl.int32)
-                if HAS_CLUSTER:
-                    n_mine = tl.where(tl.load(cluster_ptr + tt) == owner, n, 0)
-                else:
-                    n_mine = n
-                if is_a:
-                    if WANT_A:
-                        acc_a = _sum_parts(psa_ptr, stride_psas, stride_psar, stride_psak, slot0,
-                                           slot0 + n_mine, rr, r_ok, kk, k_ok, acc_a)
-                else:
-                    if WANT_B:
-                        acc_b = _sum_parts(psb_ptr, stride_psbs, stride_psbn, stride_psbr, slot0,
-                                           slot0 + n_mine, nn, n_ok, rr, r_ok, acc_b)
-                slot0 += n
-            if is_a:
-                if WANT_A:
-                    tl.store(dsa_ptr + c64 * stride_dsac + rr[:, None] * stride_dsar + kk[None, :] * stride_dsak,
-                             acc_a.to(dsa_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
-            else:
-                if WANT_B:
-                    tl.store(dsb_ptr + c64 * stride_dsbc + nn[:, None] * stride_dsbn + rr[None, :] * stride_dsbr,
-                             acc_b.to(dsb_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
-    else:
-        if HAS_TASK:
-            t = owner - C
-            t64 = t.to(tl.int64)
-            first, nt = task_chunk_span(t, counts_ptr, T, CHUNK, T_PAD)
-            if nt != 1:  # one chunk: launch 2 wrote the gradient; none: zeros
-                r_ok = rr < RK
-                if is_a:
-                    if WANT_A:
-                        acc_a = _sum_parts(pta_ptr, stride_ptas, stride_ptar, stride_ptak, first, first + nt,
-                                           rr, r_ok, kk, k_ok, tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32))
-                        tl.store(dta_ptr + t64 * stride_dtat + rr[:, None] * stride_dtar + kk[None, :] * stride_dtak,
-                                 acc_a.to(dta_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
-                else:
-                    if WANT_B:
-                        acc_b = _sum_parts(ptb_ptr, stride_ptbs, stride_ptbn, stride_ptbr, first, first + nt,
-                                           nn, n_ok, rr, r_ok, tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32))
-                        tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rr[None, :] * stride_dtbr,
-                                 acc_b.to(dtb_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+                    if WANT_DB:
+                        zr = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
+                                     mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
+                        g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
+                                            PER_TOKEN_GATES)
+                        acc_tb = tl.dot(tl.trans(dy), (zr * g * scaling).to(op_dtype), acc_tb,
+                                        input_precision=DOT_PRECISION)
+                    if WANT_DZP:
+                        dz = tl.dot(dy, b_t, input_precision=DOT_PRECISION)  # [BLOCK_R, RK_PAD] fp32
+                        tl.store(part + (RS + rk)[None, :] * stride_dzpr, dz, mask=row_ok[:, None] & rk_ok[None, :])
+            if WANT_DB:
+                if HAS_SHARED:
+                    tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
+                             acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
+                if HAS_TASK:
+                    io_b = n_ok[:, None] & rk_ok[None, :]
+                    if nt == 1:
+                        tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
+                                 acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
+                    else:
+                        tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
+                                 acc_tb, mask=io_b)
 
 
 # ---- block configuration ---------------------------------------------------------------------
@@ -402,22 +363,23 @@ class BackwardPlan:
     weight_warps: int
     RBLOCK: int  # reduce launch: d block
     num_stages: int
+    dz_parts: bool = True  # dz from the dB launch's partials (else the rows launch reads dy again)
 
     def chunk_slots(self, M: int, T: int) -> int:
         return triton.cdiv(M, self.CHUNK) + T
 
     def grids(self, M: int, T: int, C: int, d_in: int, d_out: int, max_tiles: int) -> dict:
-        n_w = triton.cdiv(d_in, self.WBLOCK_K) + triton.cdiv(d_out, self.WBLOCK_N)
+        slots = self.chunk_slots(M, T)
         n_r = triton.cdiv(d_in, self.RBLOCK) + triton.cdiv(d_out, self.RBLOCK)
-        return {"rows": (max_tiles * self.SUB,), "weights": (self.chunk_slots(M, T), n_w),
-                "reduce": (C + T, n_r)}
+        return {"dB": (slots, triton.cdiv(d_out, self.WBLOCK_N)), "rows": (max_tiles * self.SUB,),
+                "dA": (slots, triton.cdiv(d_in, self.WBLOCK_K)), "reduce": (C + T, n_r)}
 
 
 # Keyed on padded rank (both sides in registers in every launch) and dtype kind; checked ahead of
 # time at the largest rank of each tier, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
 BACKWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=64, WBLOCK_K=64,
-                       WBLOCK_N=64, weight_warps=8, RBLOCK=128, num_stages=3)),
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64,
+                       WBLOCK_N=256, weight_warps=8, RBLOCK=128, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
     # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill).
@@ -439,9 +401,16 @@ _FORCED_CHUNK: list[int | None] = [None]
 
 
 def backward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype,
-                  tile_rows: int, chunk: int | None = None) -> BackwardPlan:
-    """The backward's blocks from shapes only; `chunk` (or `forced_chunk`) overrides CHUNK (tests:
-    small chunks make the chunked reductions run at small M)."""
+                  tile_rows: int, chunk: int | None = None, rank: int | None = None,
+                  dz_parts: bool | None = None) -> BackwardPlan:
+    """The backward's blocks from shapes only; `chunk` (or `set_forced_chunk`) overrides CHUNK
+    (tests: small chunks make the chunked reductions run at small M).
+
+    dz comes from fp32 partials written by the dB launch (which reads dy anyway) when they move
+    fewer bytes than a second read of dy: 2 * n_parts * rank * 4 < d_out * element size, with
+    `rank` = S*r + K*r (rank_size if not given) and n_parts the dB launch's d_out blocks.
+    `dz_parts` forces the choice (tests).
+    """
     if common.configs_pinned():
         cfg = dict(PINNED)
     else:
@@ -454,7 +423,11 @@ def backward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: 
             raise ValueError(f"padded rank {rank_size} exceeds the largest backward tier")
     sub = max(1, min(tile_rows // cfg["BLOCK_M"], 2))
     chunk = chunk or _FORCED_CHUNK[0] or chunk_rows_for(M, T)
-    return BackwardPlan(SUB=sub, CHUNK=chunk, **cfg)
+    if dz_parts is None:
+        n_parts = triton.cdiv(d_out, cfg["WBLOCK_N"])
+        elem = torch.empty((), dtype=dtype).element_size()
+        dz_parts = 2 * n_parts * (rank if rank is not None else rank_size) * 4 < d_out * elem
+    return BackwardPlan(SUB=sub, CHUNK=chunk, dz_parts=dz_parts, **cfg)
 
 
 def set_forced_chunk(chunk: int | None) -> int | None:
@@ -472,15 +445,20 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, in
     for limit, c in BACKWARD_BLOCKS[kind]:
         half = limit // 2
         name = f"r{limit}"
-        rows = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=half, RK_PAD=half, E_PAD=16, T_PAD=64,
-                    PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
-                    WANT_DZ=True, UPCAST=False, DOT_PRECISION=prec, SUB=2,
-                    BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"])
-        out.append(("bwd_rows", name, rows, c["rows_warps"], c["num_stages"]))
-        weights = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=half, RK_PAD=half, T_PAD=64, PER_TOKEN_GATES=True,
-                       HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION=prec, CHUNK=1024, BLOCK_R=c["BLOCK_R"],
-                       BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
-        out.append(("bwd_weights", name, weights, c["weight_warps"], c["num_stages"]))
+        for dz_parts in (True, False):
+            rows = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=half, RK_PAD=half, E_PAD=16, T_PAD=64,
+                        PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
+                        WANT_DZ=True, DZ_FROM_PARTS=dz_parts, UPCAST=False, DOT_PRECISION=prec, SUB=2,
+                        BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"])
+            out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), rows, c["rows_warps"],
+                        c["num_stages"]))
+        for do_a in (True, False):
+            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a, HAS_SHARED=True, HAS_TASK=True,
+                           RS_PAD=half, RK_PAD=half, T_PAD=64, PER_TOKEN_GATES=True, HAS_CLUSTER=True,
+                           HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION=prec, CHUNK=1024, BLOCK_R=c["BLOCK_R"],
+                           BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
+            out.append(("bwd_weights", name + ("-dA" if do_a else "-dB"), weights, c["weight_warps"],
+                        c["num_stages"]))
         red = dict(HAS_SHARED=True, HAS_TASK=True, HAS_CLUSTER=True, WANT_A=True, WANT_B=True, R_PAD=half,
                    T_PAD=64, CHUNK=1024, BLOCK_K=c["RBLOCK"], BLOCK_N=c["RBLOCK"])
         out.append(("bwd_reduce", name, red, 4, 1))
@@ -520,7 +498,7 @@ def cgc_lora_backward_grid(
     t_pad = common.next_pow2(T)
     max_tiles = tile_task.shape[0]
     if plan is None:
-        plan = backward_plan(M, T, d_in, d_out, rank_size, x.dtype, tile_rows_n)
+        plan = backward_plan(M, T, d_in, d_out, rank_size, x.dtype, tile_rows_n, rank=RS + RK)
     grids = plan.grids(M, T, C, d_in, d_out, max_tiles)
     cl = task_cluster if task_cluster is not None else counts  # never read without HAS_CLUSTER
     flags = dict(HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad, T_PAD=t_pad,
@@ -533,21 +511,61 @@ def cgc_lora_backward_grid(
             grids["rows"][0], e_pad, dtype=torch.float32, device=dev)
     dzg = torch.empty(M, RS + RK, dtype=torch.float32, device=dev) if need_a else None
 
-    if (need_x or need_gates or need_a) and M > 0:
+    want_rows = (need_x or need_gates or need_a) and M > 0
+    dsa = dsb = dta = dtb = None
+    if need_a:
+        dsa, dta = torch.empty_like(shared_a), torch.empty_like(task_a)
+    if need_b:
+        dsb, dtb = torch.empty_like(shared_b), torch.empty_like(task_b)
+    n_slots = grids["dA"][0]
+    f32 = dict(dtype=torch.float32, device=dev)
+    has_experts = RS + RK > 0
+    psa = torch.empty(n_slots, RS, d_in, **f32) if need_a and has_experts else z
+    pta = torch.empty(n_slots, RK, d_in, **f32) if need_a and has_experts else z
+    psb = torch.empty(n_slots, d_out, RS, **f32) if need_b and has_experts else z
+    ptb = torch.empty(n_slots, d_out, RK, **f32) if need_b and has_experts else z
+    as3 = lambda t: t.stride() if t.dim() == 3 else (0, 0, 0)  # noqa: E731
+    # Unwanted outputs point at a wanted one of the same dtype; their branch never runs.
+    dsa_t = dsa if dsa is not None else shared_a
+    dta_t = dta if dta is not None else task_a
+    dsb_t = dsb if dsb is not None else shared_b
+    dtb_t = dtb if dtb is not None else task_b
+    dzg_t = dzg if dzg is not None else z
+    weight_args = lambda dzp: (  # noqa: E731
+        x, *x.stride(), dy, *dy.stride(), z, *z.stride(), dzg_t, *dzg_t.stride(),
+        shared_b, *shared_b.stride(), task_b, *task_b.stride(), dzp, *as3(dzp),
+        gates, gates.stride(0), gates.stride(1), cl, order, counts, starts,
+        psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
+        dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
+        seed, float(dropout_p), float(scaling), d_in, d_out, r, RS, RK, S, T)
+    weight_flags = dict(PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
+                        HAS_DROPOUT=dropout_p > 0, CHUNK=plan.CHUNK, BLOCK_R=plan.BLOCK_R,
+                        BLOCK_K=plan.WBLOCK_K, BLOCK_N=plan.WBLOCK_N, **flags,
+                        num_warps=plan.weight_warps, num_stages=plan.num_stages)
+
+    # ---- launch 1: dB and (dz_parts) this d_out block's share of dz, one read of dy ----
+    dz_parts = plan.dz_parts and want_rows
+    # [M, n_parts, R] in memory (a row's parts side by side; int64 row offsets), seen as [n_parts, M, R].
+    dzp = torch.empty(M, grids["dB"][1], RS + RK, **f32).permute(1, 0, 2) if dz_parts else z
+    if (need_b or dz_parts) and has_experts and M > 0 and d_out > 0:
+        _bwd_weight_kernel[grids["dB"]](*weight_args(dzp), DO_A=False, WANT_DB=need_b, WANT_DZP=dz_parts,
+                                         **weight_flags)
+
+    # ---- launch 2: dz (from the partials, or from dy), dgates, dzg, dx ----
+    if want_rows:
         dxt = dx if dx is not None else x
         dgt = dgates if dgates is not None else z
-        dzt = dzg if dzg is not None else z
         _bwd_rows_kernel[grids["rows"]](
-            dy, *dy.stride(), shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
+            dy, *dy.stride(), dzp, *as3(dzp), shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
             task_a, *task_a.stride(), task_b, *task_b.stride(), gates, gates.stride(0), gates.stride(1),
             cl, order, tile_task, tile_start, tile_end, counts,
-            z, *z.stride(), dzt, *dzt.stride(), dxt, *dxt.stride(), dgt, dgt.stride(0), dgt.stride(1),
+            z, *z.stride(), dzg_t, *dzg_t.stride(), dxt, *dxt.stride(), dgt, dgt.stride(0), dgt.stride(1),
             seed, float(dropout_p), float(scaling),
-            M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n,
+            M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, grids["dB"][1],
             E_PAD=e_pad, PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
             HAS_DROPOUT=dropout_p > 0, WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,
-            SUB=plan.SUB, BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K, BLOCK_N=plan.BLOCK_N, **flags,
-            num_warps=plan.rows_warps, num_stages=plan.num_stages,
+            DZ_FROM_PARTS=dz_parts, SUB=plan.SUB, BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K,
+            BLOCK_N=plan.BLOCK_N, **flags, num_warps=plan.rows_warps, num_stages=plan.num_stages,
         )
     if need_gates and not per_token_gates:
         # Per-task sum of the per-program partials: a one-hot product in fp64, in a fixed order
@@ -558,41 +576,14 @@ def cgc_lora_backward_grid(
         onehot = prog_task[None, :] == torch.arange(T, device=dev)[:, None]
         dgates = (onehot.double() @ dgates[:, :E].double()).to(gates.dtype)
 
-    dsa = dsb = dta = dtb = None
-    if need_a:
-        dsa, dta = torch.empty_like(shared_a), torch.empty_like(task_a)
-    if need_b:
-        dsb, dtb = torch.empty_like(shared_b), torch.empty_like(task_b)
-    if (need_a or need_b) and RS + RK > 0:
-        n_slots = grids["weights"][0]
-        f32 = dict(dtype=torch.float32, device=dev)
-        psa = torch.empty(n_slots, RS, d_in, **f32) if need_a else z
-        pta = torch.empty(n_slots, RK, d_in, **f32) if need_a else z
-        psb = torch.empty(n_slots, d_out, RS, **f32) if need_b else z
-        ptb = torch.empty(n_slots, d_out, RK, **f32) if need_b else z
-        as3 = lambda t: t.stride() if t.dim() == 3 else (0, 0, 0)  # noqa: E731
-        # Unwanted outputs point at a wanted one; their branch never runs.
-        dsa_t = dsa if dsa is not None else shared_a
-        dta_t = dta if dta is not None else task_a
-        dsb_t = dsb if dsb is not None else shared_b
-        dtb_t = dtb if dtb is not None else task_b
-        n_a = triton.cdiv(d_in, plan.WBLOCK_K) if need_a else 0
-        n_b = triton.cdiv(d_out, plan.WBLOCK_N) if need_b else 0
-        if M > 0:
-            dzt = dzg if dzg is not None else z
-            _bwd_weight_kernel[(n_slots, n_a + n_b)](
-                x, *x.stride(), dy, *dy.stride(), z, *z.stride(), dzt, *dzt.stride(),
-                gates, gates.stride(0), gates.stride(1), order, counts, starts,
-                psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
-                dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
-                seed, float(dropout_p), float(scaling),
-                d_in, d_out, r, RS, RK, S, T, n_a,
-                PER_TOKEN_GATES=per_token_gates, HAS_DROPOUT=dropout_p > 0, CHUNK=plan.CHUNK,
-                BLOCK_R=plan.BLOCK_R, BLOCK_K=plan.WBLOCK_K, BLOCK_N=plan.WBLOCK_N, **flags,
-                num_warps=plan.weight_warps, num_stages=plan.num_stages,
-            )
-        n_ra = triton.cdiv(d_in, plan.RBLOCK) if need_a else 0
-        n_rb = triton.cdiv(d_out, plan.RBLOCK) if need_b else 0
+
+    # ---- launch 3: dA, one read of x; launch 4: partials reduced per cluster / multi-chunk task ----
+    if need_a and has_experts and M > 0 and d_in > 0:
+        _bwd_weight_kernel[grids["dA"]](*weight_args(dzp), DO_A=True, WANT_DB=False, WANT_DZP=False,
+                                         **weight_flags)
+    n_ra = triton.cdiv(d_in, plan.RBLOCK) if need_a else 0
+    n_rb = triton.cdiv(d_out, plan.RBLOCK) if need_b else 0
+    if has_experts and n_ra + n_rb > 0:
         _bwd_reduce_kernel[(C + T, n_ra + n_rb)](
             psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
             dsa_t, *dsa_t.stride(), dsb_t, *dsb_t.stride(), dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),

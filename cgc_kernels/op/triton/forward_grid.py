@@ -295,11 +295,11 @@ FORWARD_BLOCKS = {
     "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
-# No fp32 tier above rank 64 (its shrink spills): those shapes take the fused plan.
+# No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
 SPLIT_BLOCKS = {
     "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
-    "fp32": [(64, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=4, num_stages=2))],
+    "fp32": [],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
@@ -309,7 +309,8 @@ def _pick(table: list, rank_size: int) -> dict:
     for limit, cfg in table:
         if rank_size <= limit:
             return dict(cfg)
-    raise ValueError(f"padded rank {rank_size} exceeds the largest kernel tier ({table[-1][0]})")
+    largest = table[-1][0] if table else 0
+    raise ValueError(f"padded rank {rank_size} exceeds the largest kernel tier of this plan ({largest})")
 
 
 def forward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype,
@@ -328,7 +329,7 @@ def forward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: t
     sub = max(1, min(tile_rows // fused_cfg["BLOCK_M"], 2))
     split_tiers = SPLIT_BLOCKS[kt]
     if kind is None:
-        splittable = pinned or rank_size <= split_tiers[-1][0]
+        splittable = pinned or bool(split_tiers) and rank_size <= split_tiers[-1][0]
         kind = "fused" if max_tiles * sub >= WAVE_PROGRAMS or not splittable else "split"
     if kind == "fused":
         return ForwardPlan("fused", sub, n_split=1, k_split=1, **fused_cfg)
@@ -340,7 +341,7 @@ def forward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: t
     sub = max(1, min(triton.cdiv(avg_rows, cfg["BLOCK_M"]), triton.cdiv(tile_rows, cfg["BLOCK_M"])))
     rows = max_tiles * sub
     k_split = max(1, min(triton.cdiv(WAVE_PROGRAMS, rows), d_in // (2 * cfg["BLOCK_K"])))
-    n_split = triton.cdiv(d_out, cfg["BLOCK_N"])
+    n_split = max(1, triton.cdiv(d_out, cfg["BLOCK_N"]))
     return ForwardPlan("split", sub, n_split=n_split, k_split=k_split, **cfg)
 
 
