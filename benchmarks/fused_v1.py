@@ -20,7 +20,7 @@ class FusedV1(torch.autograd.Function):
         rt = (routing.order, routing.tile_task, routing.tile_start, routing.tile_end)
         y = torch.zeros(x.shape[0], task_b.shape[1], dtype=x.dtype, device=x.device)
         z = forward.cgc_lora_forward(x, gates, shared_a, shared_b, task_a, task_b, None, *rt,
-                                     scaling, False, 0.0, 0, y=y)
+                                     scaling, False, 0.0, None, y=y)
         ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, z)
         ctx.routing, ctx.scaling = routing, scaling
         return y
@@ -32,7 +32,7 @@ class FusedV1(torch.autograd.Function):
         n = ctx.needs_input_grad
         grads = backward.cgc_lora_backward(
             dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, None, rt.order, rt.tile_task,
-            rt.tile_start, rt.tile_end, rt.counts, rt.starts, z, ctx.scaling, False, 0.0, 0,
+            rt.tile_start, rt.tile_end, rt.counts, rt.starts, z, ctx.scaling, False, 0.0, None,
             need_x=n[0], need_gates=n[1], need_a=n[2] or n[4], need_b=n[3] or n[5])
         dx, dg, dsa, dsb, dta, dtb = grads
         return dx, dg, dsa, dsb, dta, dtb, None, None

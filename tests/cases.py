@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -73,16 +74,29 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0, device="cpu"):
 
 
 def _triton_skip_reason() -> str | None:
-    """Why backend="triton" cannot run here (None when it can): CPU tensors need TRITON_INTERPRET=1."""
+    """Why backend="triton" cannot run here (None when it can): CPU tensors need TRITON_INTERPRET=1,
+    CUDA tensors a GPU."""
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
     try:
-        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32),
-                             backend="triton")
+        cgc_kernels.cgc_lora(**make_inputs(Case(M=2, d_in=4, d_out=4, T=1, S=1, K=1, r=1), torch.float32,
+                                           device=device), backend="triton")
     except ValueError as e:
         return f"backend='triton' cannot run here: {e}"
     return None
 
 
 TRITON_SKIP = _triton_skip_reason()
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Devices the Triton backend's tests take: CPU tensors in the interpreter (TRITON_INTERPRET=1, the
+# CPU CI), CUDA when a GPU is present and the kernels run compiled (benchmarks/gpu_check.py).
+TRITON_DEVICES = ["cpu"] if INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_of(backend: str) -> str:
+    """Where a test of `backend` builds its tensors: the Triton backend on CUDA when the kernels
+    run compiled, everything else (and the interpreter) on CPU."""
+    return "cuda" if backend == "triton" and not INTERPRET and torch.cuda.is_available() else "cpu"
+
 # Parametrise a test over both backends of the dispatched op.
 BACKENDS = [
     pytest.param("reference"),

@@ -1,5 +1,6 @@
 """Every fused kernel compiles ahead of time for sm_80 and sm_90 (fp16, bf16, fp32) without a GPU,
-at every block config the dispatcher can choose, and spills no registers.
+at every block config the dispatcher can choose, and spills no registers, under the installed
+Triton (scripts/test runs this under Triton 3.7 in .venv and 3.6 in .venv-triton36).
 
 The compile runs in a subprocess without TRITON_INTERPRET: the interpreter replaces @triton.jit
 functions by Python, so they cannot be compiled in this (interpreted) test process.
@@ -32,17 +33,19 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     env["PYTHONPATH"] = str(SCRIPT.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, str(SCRIPT), "--caps", "80,90", "--dtypes", "fp16,bf16,fp32",
                           "--workers", str(min(4, os.cpu_count() or 1))],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=env, timeout=1800)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    print(f"\n{'kernel':<13}{'config':<9}{'cap':<5}{'dtype':<6}{'regs':>5}{'spill':>7}{'smem':>8}  mma")
+    print(f"\ntriton {rows[0]['triton'] if rows else '?'}")
+    print(f"{'kernel':<13}{'config':<9}{'cap':<5}{'dtype':<6}{'regs':>5}{'spill':>7}{'smem':>8}  mma")
     for r in rows:
         mma = "wgmma" if r["has_wgmma"] else "mma.sync" if r["has_mma"] else "-"
         print(f"{r['kernel']:<13}{r['config']:<9}{r['cap']:<5}{r['dtype']:<6}{r['regs']:>5}"
               f"{r['spill_stores']:>7}{r['shared']:>8}  {mma}")
     kernels = {r["kernel"] for r in rows}
-    assert kernels == {"forward", "bwd_tile", "bwd_weight", "dropout_mask", "fwd_grid", "shrink", "bwd_rows",
-                       "bwd_weights", "bwd_reduce"}, kernels
+    # today's kernels and the GPU-filling ones; new kernels join through aot_compile_kernels.KERNELS
+    assert {"forward", "bwd_tile", "bwd_weight", "dropout_mask", "fwd_grid", "shrink", "bwd_rows", "bwd_weights",
+            "bwd_reduce"} <= kernels, kernels
     assert {(r["cap"], r["dtype"]) for r in rows if r["kernel"] == "forward"} == {
         (c, d) for c in (80, 90) for d in ("fp16", "bf16", "fp32")}
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]

@@ -30,7 +30,7 @@ import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
 from cgc_kernels.adapter.gates import TaskGate
 
-from .cases import BACKENDS, TOLERANCES, Case, make_inputs
+from .cases import BACKENDS, TOLERANCES, Case, device_of, make_inputs
 from .oracle import naive_cgc_lora
 
 CORRECT = "correct result"
@@ -51,13 +51,31 @@ def op_args(**over) -> dict:
     return args
 
 
+def op(backend: str, **args) -> torch.Tensor:
+    """The op on `backend`'s device (CUDA for Triton on a GPU; cases are written with CPU tensors):
+    CPU tensors move there (gradients flow back to them), the result comes back to CPU, and an
+    `out=` tensor receives it in place, so `got is out` still holds."""
+    device = device_of(backend)
+    if device == "cpu":
+        return cgc_kernels.cgc_lora(**args, backend=backend)
+    moved = {k: (v.to(device) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
+             for k, v in args.items()}
+    got = cgc_kernels.cgc_lora(**moved, backend=backend)
+    out = args.get("out")
+    if isinstance(out, torch.Tensor) and out.device.type == "cpu":
+        with torch.no_grad():
+            out.copy_(got)
+        return out
+    return got.cpu() if got.device.type != "meta" else got
+
+
 def oracle(args: dict) -> torch.Tensor:
     a = {k: v for k, v in args.items() if k not in ("out", "backend", "dropout_p")}
     return naive_cgc_lora(**a)
 
 
 def op_call(backend: str, **over) -> Callable[[], torch.Tensor]:
-    return lambda: cgc_kernels.cgc_lora(**op_args(**over), backend=backend)
+    return lambda: op(backend, **op_args(**over))
 
 
 def op_correct(backend: str, **over) -> Callable[[], None]:
@@ -66,7 +84,7 @@ def op_correct(backend: str, **over) -> Callable[[], None]:
     def run():
         args = op_args(**over)
         plain = {k: v.contiguous().clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        got = cgc_kernels.cgc_lora(**args, backend=backend)
+        got = op(backend, **args)
         want = oracle(plain)
         if "out" in args and args["out"] is not None:
             want = want + plain["out"].double()
@@ -122,7 +140,7 @@ def op_nan(backend: str, where: str, value: float = float("nan")) -> Callable[[]
         assert hit.any() or where.startswith("x of"), "the case must reach some rows"
         for t in ("x", "gates", "shared_a", "shared_b", "task_a", "task_b"):
             bad[t].requires_grad_(True)
-        got = cgc_kernels.cgc_lora(**bad, backend=backend)
+        got = op(backend, **bad)
         want = oracle(clean)
         assert not torch.isfinite(got[hit]).all(dim=1).any(), f"every row reached by the {where} must be non-finite"
         torch.testing.assert_close(got[~hit].double(), want[~hit], **TOL32)
@@ -204,7 +222,7 @@ def _materialize(case: tuple, backend: str) -> tuple:
     entry, name, run, expect = case
     if isinstance(run, dict):
         over = run
-        run = lambda: cgc_kernels.cgc_lora(**op_args(**over), backend=backend)
+        run = lambda: op(backend, **op_args(**over))
     return entry, name, run, expect
 
 

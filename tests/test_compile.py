@@ -7,7 +7,7 @@ import torch
 
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.routing import build_routing
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 
 class TinyCGC(torch.nn.Module):
@@ -31,14 +31,15 @@ class TinyCGC(torch.nn.Module):
                         task_cluster=self.task_cluster, dropout_p=self.dropout_p, out=out, backend="triton")
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_matches_eager(compile_backend):
+def test_compile_fullgraph_matches_eager(compile_backend, device):
     case = Case(M=30, d_in=33, d_out=17, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
-    args = make_inputs(case, dtype=torch.float32)
+    args = make_inputs(case, dtype=torch.float32, device=device)
     routing = build_routing(args["task_ids"], case.T, args["task_cluster"])  # built outside: no sync inside
     torch.manual_seed(0)
-    eager = TinyCGC(args)
-    compiled_mod = TinyCGC(args)
+    eager = TinyCGC(args).to(device)
+    compiled_mod = TinyCGC(args).to(device)
     compiled_mod.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_mod, fullgraph=True, backend=compile_backend)
     results = []
@@ -52,25 +53,27 @@ def test_compile_fullgraph_matches_eager(compile_backend):
         torch.testing.assert_close(b, a, **tol)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_custom_ops_pass_opcheck(device):
     # Schema, fake (meta) implementations and autograd registration agree with the real kernels.
     case = Case(M=12, d_in=17, d_out=9, T=2, S=1, K=1, r=2)
-    args = make_inputs(case, dtype=torch.float32)
+    args = make_inputs(case, dtype=torch.float32, device=device)
     rt = build_routing(args["task_ids"], case.T)
     fwd_args = (args["x"].requires_grad_(), args["gates"], args["shared_a"], args["shared_b"],
                 args["task_a"], args["task_b"].requires_grad_(), None, rt.order, rt.tile_task,
-                rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, None, 2.0, False, 0.0)
+                rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, None, None, 2.0, False, 0.0)
     torch.library.opcheck(torch.ops.cgc_kernels.lora_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_compile_fullgraph_inference_in_place():
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_compile_fullgraph_inference_in_place(device):
     # Without autograd the op adds into the base output in place (the mutating custom op); the
     # compiled graph functionalises that mutation and must give the eager result.
     case = Case(M=20, d_in=33, d_out=17, T=2, S=1, K=1, r=4, ids="with_unrouted")
-    args = make_inputs(case, dtype=torch.float32)
+    args = make_inputs(case, dtype=torch.float32, device=device)
     routing = build_routing(args["task_ids"], case.T)
-    mod = TinyCGC(args)
+    mod = TinyCGC(args).to(device)
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         want = mod(args["x"], routing)

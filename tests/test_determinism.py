@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
 
-from .cases import BACKENDS, Case, make_inputs
+from .cases import BACKENDS, Case, device_of, make_inputs
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
@@ -71,9 +71,10 @@ def permuted(args: dict, order: torch.Tensor) -> dict:
     return a
 
 
-def _inputs(case: Case, dtype: torch.dtype):
-    args = make_inputs(case, dtype, seed=0)
-    dy = torch.randn(case.M, case.d_out, generator=torch.Generator().manual_seed(1)).to(dtype)
+def _inputs(case: Case, dtype: torch.dtype, backend: str):
+    device = device_of(backend)  # CUDA for Triton on a GPU
+    args = make_inputs(case, dtype, seed=0, device=device)
+    dy = torch.randn(case.M, case.d_out, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     return args, dy
 
 
@@ -81,7 +82,7 @@ def _inputs(case: Case, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_rerun_is_bitwise_equal(case, dtype, backend):
-    args, dy = _inputs(case, dtype)
+    args, dy = _inputs(case, dtype, backend)
     y1, g1 = run(args, dy, backend)
     y2, g2 = run(args, dy, backend)
     assert torch.equal(y1, y2)
@@ -95,10 +96,11 @@ def test_rerun_is_bitwise_equal(case, dtype, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES)
 def test_task_order_preserving_reordering_is_bitwise_equal(case, dtype, mode, backend):
-    args, dy = _inputs(case, dtype)
+    args, dy = _inputs(case, dtype, backend)
     y, grads = run(args, dy, backend)
-    order = task_order_preserving(args["task_ids"], mode, seed=5)
+    order = task_order_preserving(args["task_ids"].cpu(), mode, seed=5)
     assert not torch.equal(order, torch.arange(case.M)), "the batch must really be reordered"
+    order = order.to(args["x"].device)
     yp, gp = run(permuted(args, order), dy[order], backend)
     row_wise = {"x"} | ({"gates"} if case.per_token_gates else set())
     want = {k: grads[k][order] if k in row_wise else grads[k] for k in DIFF}
@@ -114,7 +116,7 @@ def _model(backend: str) -> CGCModel:
                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=96))
     cgc = CGCModel(base, CGCLoRAConfig(tasks=["qa", "sum", "cls"], num_shared_experts=2, num_task_experts=1,
                                        rank=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]),
-                   backend=backend)
+                   backend=backend).to(device_of(backend))
     with torch.no_grad():
         for layer in cgc.adapted_layers().values():
             layer.task_b.normal_(std=0.1)
@@ -126,7 +128,7 @@ def _model(backend: str) -> CGCModel:
 def test_training_steps_are_bitwise_reproducible(backend):
     # Same seed, same batches -> bitwise the same losses and adapter weights after a few AdamW
     # steps, LoRA dropout included (its mask comes from the seeded generator).
-    ids = torch.randint(3, 96, (4, 10), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 96, (4, 10), generator=torch.Generator().manual_seed(2)).to(device_of(backend))
     tids = torch.tensor([0, 2, -1, 1])
     results = []
     for _ in range(2):

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import cgc_kernels
 from cgc_kernels import reference
 
-from .cases import BACKENDS, TOLERANCES, Case, make_inputs
+from .cases import BACKENDS, TOLERANCES, Case, device_of, make_inputs
 from .oracle import naive_cgc_lora
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
@@ -102,22 +102,28 @@ def _grads(fn, args, dy, **kw):
     return y.detach(), {k: a[k].grad if a[k].grad is not None else torch.zeros_like(a[k]) for k in DIFF}
 
 
+def _on(args: dict, device: str) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+
+
 def check_example(backend: str, p: dict) -> None:
-    args, dtype = _args(p), p["dtype"]
+    # Inputs and the float64 truths on CPU; the backend's call on its device (CUDA for Triton on a GPU).
+    args, dtype, device = _args(p), p["dtype"], device_of(backend)
     tol = TOLERANCES[dtype]
     M, d_out = p["case"].M, p["case"].d_out
     truth = naive_cgc_lora(**{k: v for k, v in args.items()})  # float64 loop oracle
     if p["inplace"]:
         base = torch.randn(M, d_out, generator=torch.Generator().manual_seed(p["seed"])).to(dtype)
-        out = base.clone()
+        out = base.clone().to(device)
         with torch.no_grad():
-            got = cgc_kernels.cgc_lora(**args, out=out, backend=backend)
+            got = cgc_kernels.cgc_lora(**_on(args, device), out=out, backend=backend)
         assert got is out
-        torch.testing.assert_close(got.double(), base.double() + truth, **tol)
+        torch.testing.assert_close(got.cpu().double(), base.double() + truth, **tol)
         return
 
     dy = torch.randn(M, d_out, generator=torch.Generator().manual_seed(p["seed"] + 1)).to(dtype)
-    y, grads = _grads(cgc_kernels.cgc_lora, args, dy, backend=backend)
+    y, grads = _grads(cgc_kernels.cgc_lora, _on(args, device), dy.to(device), backend=backend)
+    y, grads = y.cpu(), {k: g.cpu() for k, g in grads.items()}
     y_ref, grads_ref = _grads(reference.cgc_lora, _f64(args), dy.double())
     _, grads_dense = _grads(dense_cgc_lora, _f64(args), dy.double())
     assert y.dtype == dtype and y.shape == (M, d_out)

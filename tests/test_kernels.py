@@ -13,9 +13,9 @@ import torch
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.routing import build_routing
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = TRITON_DEVICES
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
 CASES = [

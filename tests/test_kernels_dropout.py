@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.triton.dropout import dropout_keep_mask, new_seed
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = TRITON_DEVICES
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 P = 0.3
 
@@ -38,7 +44,7 @@ def test_dropout_matches_reference_with_kernel_mask(case, device):
     args = make_inputs(case, dtype=torch.float32, device=device)
     dy = torch.randn(case.M, case.d_out, generator=torch.Generator().manual_seed(5)).to(device)
     torch.manual_seed(1234)
-    seed = new_seed()  # the seed the op will draw after the same manual_seed
+    seed = new_seed(device)  # the seed the op will draw after the same manual_seed
     torch.manual_seed(1234)
     y, g = _grads(cgc_lora, args, dy, backend="triton", dropout_p=P)
     mask = dropout_keep_mask(seed, case.M, case.d_in, P, device)
@@ -69,3 +75,67 @@ def test_dropout_differs_between_calls(device):
     y1 = cgc_lora(**args, backend="triton", dropout_p=P)
     y2 = cgc_lora(**args, backend="triton", dropout_p=P)
     assert not torch.equal(y1, y2)
+
+
+def _rng_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_lives_on_the_device_and_is_not_drawn_at_p0(device):
+    # CUDA-graph safety: the seed is a [1] int64 tensor on x's device (saved for the backward, never
+    # a CPU tensor), drawn from that device's generator, and not drawn at all without dropout.
+    case = Case(M=16, d_in=33, d_out=17, T=2, S=1, K=1, r=4)
+    args = make_inputs(case, dtype=torch.float32, device=device)
+    args["x"] = args["x"].requires_grad_()
+    for p in (0.0, P):
+        saved: list[torch.Tensor] = []
+        before = _rng_state(device)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            y = cgc_lora(**args, backend="triton", dropout_p=p)
+        drew = not torch.equal(before, _rng_state(device))
+        assert drew == (p > 0), f"dropout_p={p}: the generator {'was not' if p else 'was'} advanced"
+        assert y.device.type == device
+        assert all(t.device.type == device for t in saved), [t.device for t in saved]
+        seeds = [t for t in saved if t.dtype == torch.int64 and t.shape == (1,)]
+        assert len(seeds) == (1 if p > 0 else 0)
+        with torch.no_grad():  # the in-place inference path draws no seed either at p = 0
+            before = _rng_state(device)
+            cgc_lora(**args, backend="triton", dropout_p=0.0, out=torch.zeros(case.M, case.d_out, device=device))
+            assert torch.equal(before, _rng_state(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_masks_follow_the_generator(device):
+    # A new mask on every call, and the same sequence of masks after the same manual_seed.
+    case = Case(M=16, d_in=33, d_out=17, T=2, S=1, K=1, r=4)
+    args = make_inputs(case, dtype=torch.float32, device=device)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append([cgc_lora(**args, backend="triton", dropout_p=P) for _ in range(3)])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[0][1]) and not torch.equal(runs[0][1], runs[0][2])
+
+
+def test_no_integer_argument_that_changes_per_call_is_specialized():
+    # Triton specializes integer arguments (divisible by 16, equal to 1): a per-call integer would
+    # compile a new variant every few calls. The seed is a pointer; the keep-mask kernel's M is
+    # not specialized. Read from the jitted kernels, so in a process without the interpreter.
+    code = (
+        "import json\n"
+        "from cgc_kernels.op.triton import backward, dropout, forward\n"
+        "ks = [forward._cgc_lora_fwd_kernel, backward._cgc_lora_bwd_tile_kernel,\n"
+        "      backward._cgc_lora_bwd_weight_kernel, dropout._keep_mask_kernel]\n"
+        "print(json.dumps({k.fn.__name__: [k.arg_names, [k.arg_names[i] if isinstance(i, int) else i\n"
+        "                  for i in k.do_not_specialize]] for k in ks}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    kernels = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, (arg_names, _unspecialized) in kernels.items():
+        assert "seed" not in arg_names and "seed_ptr" in arg_names, name
+    assert "M" in kernels["_keep_mask_kernel"][1]

@@ -4,22 +4,34 @@ Backends: "reference" (pure PyTorch, autograd; the CPU path) and "triton" (fused
 or CPU tensors under TRITON_INTERPRET=1). `backend=None` picks Triton for CUDA tensors in fp16,
 bf16 or fp32 (stacked rank per side <= 128) and the reference otherwise.
 
-The Triton path is three `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces
-through them:
+The Triton path reaches the kernel launchers two ways, with the same launches:
 
-    cgc_kernels::lora_fwd          functional: (base + delta [M, d_out], z [M, (S+K) r] fp32, seed [1] cpu)
+* eager (the common case): `_FusedCGCLoRA`, an autograd Function calling the launchers directly,
+  or the forward launcher alone when no gradient is needed. Tens of microseconds of host time.
+* under torch.compile (`torch.compiler.is_compiling()`): three `torch.library` custom ops, so
+  `torch.compile(fullgraph=True)` traces through them (the dispatcher's per-call schema work is
+  paid once, at trace time):
+
+    cgc_kernels::lora_fwd          functional: (base + delta [M, d_out], z [M, (S+K) r] fp32)
     cgc_kernels::lora_fwd_inplace  out += delta in place; used when no gradient is needed
     cgc_kernels::lora_bwd          the gradients, from dy and the saved z (registered as lora_fwd's
                                    backward through `register_autograd`)
 
-Routing tensors are passed individually (a custom op cannot take a dataclass). With `out=` under
-autograd, the functional op's delta is added into `out` by `out.add_`, so autograd passes the
-gradient of `out`'s producer through unchanged; without autograd the kernel adds into `out` itself.
-The dropout seed is drawn inside lora_fwd from torch's CPU generator and returned as a CPU tensor,
-so the backward regenerates the same mask (nothing else is stored).
+The kernels (op/triton/forward_grid.py, backward_grid.py) write every output row themselves:
+with `base=` the functional op returns base + delta in one pass (nothing zero-filled before,
+nothing added after; base's gradient is dy itself). Routing tensors are passed individually (a
+custom op cannot take a dataclass), with the routing's tile size. With `out=` under autograd, the
+delta is added into `out` by `out.add_`, so autograd passes the gradient of `out`'s producer
+through unchanged; without autograd the kernel adds into `out` itself.
+
+Dropout: the seed is a [1] int64 tensor drawn on x's device before the launch (an input of the
+ops, saved for the backward, which regenerates the same mask); none is drawn at dropout_p == 0.
+Every launch runs under x's device (`common.device_guard`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -42,61 +54,142 @@ def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
 
 
 def _rank_too_large(shared_a: torch.Tensor, task_a: torch.Tensor) -> bool:
-    return max(common.rank_pad(shared_a.shape[1]), common.rank_pad(task_a.shape[1])) > common.MAX_RANK_PAD
+    """Beyond the kernels' register budget: a side's padded stacked rank over MAX_RANK_PAD, or both
+    sides' together over the largest tier of this dtype and Triton version."""
+    return _rank_too_large_for(shared_a.shape[1], task_a.shape[1], shared_a.dtype)
 
 
-# ---- custom ops ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)  # per call otherwise: an import and a dict merge on the hot path
+def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
+    pads = [common.rank_pad(n) for n in (rs, rk) if n > 0]
+    if max(pads, default=0) > common.MAX_RANK_PAD:
+        return True
+    from .triton import backward_grid
+
+    return sum(pads) > backward_grid.max_rank_size(dtype)
+
+
+# ---- launches (shared by the eager path and the custom ops) ------------------------------------
 
 Tensor = torch.Tensor
 
+
+def _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
+                    tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p, *, base=None,
+                    out=None):
+    """Functional (out None): (base + delta, or the delta, [M, d_out]; z fp32), every row written
+    by the kernels. In place: out += delta, returns (out, None)."""
+    from .triton import forward_grid
+
+    with common.device_guard(x):
+        if out is not None:
+            return forward_grid.cgc_lora_forward_grid(
+                x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
+                tile_end, counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=out, out=out,
+                save_z=False,
+            )
+        return forward_grid.cgc_lora_forward_grid(
+            x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
+            counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=base,
+        )
+
+
+def _launch_backward(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+                     tile_start, tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates,
+                     dropout_p, needs):
+    """(dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b), None where not needed.
+    needs = [x, gates, A (both sides), B (both sides)]."""
+    from .triton import backward_grid
+
+    need_x, need_g, need_a, need_b = needs
+    with common.device_guard(x):
+        return backward_grid.cgc_lora_backward_grid(
+            dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+            tile_start, tile_end, counts, starts, tile_rows, z, scaling, per_token_gates, dropout_p, seed,
+            need_x, need_g, need_a, need_b,
+        )
+
+
+def _needs(ctx) -> list[bool]:
+    n_x, n_g, n_sa, n_sb, n_ta, n_tb = ctx.needs_input_grad[:6]
+    return [n_x, n_g, n_sa or n_ta, n_sb or n_tb]
+
+
+def _pick_grads(ctx, grads) -> tuple:
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6], strict=True))
+
+
+def _tail(ctx, dy) -> tuple:
+    """Gradients of the inputs after the six differentiable ones: task_cluster, the six routing
+    tensors, tile_rows, base (y = base + delta: its gradient is dy itself, no copy), seed,
+    scaling, per_token_gates, dropout_p."""
+    return (None,) * 8 + (dy if ctx.needs_input_grad[14] else None,) + (None,) * 4
+
+
+# ---- eager path ------------------------------------------------------------------------------
+
+class _FusedCGCLoRA(torch.autograd.Function):
+    """The Triton path outside torch.compile: the launchers called directly (no dispatcher)."""
+
+    @staticmethod
+    def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
+                tile_end, counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p):
+        y, z = _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+                               tile_start, tile_end, counts, tile_rows, seed, scaling, per_token_gates,
+                               dropout_p, base=base)
+        ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+                              tile_start, tile_end, counts, starts, z, seed)
+        ctx.tile_rows, ctx.scaling = tile_rows, scaling
+        ctx.per_token_gates, ctx.dropout_p = per_token_gates, dropout_p
+        ctx.mark_non_differentiable(z)
+        return y, z
+
+    @staticmethod
+    def backward(ctx, dy, _dz):
+        needs = _needs(ctx)
+        if not any(needs):
+            return (None,) * 6 + _tail(ctx, dy)
+        grads = _launch_backward(dy, *ctx.saved_tensors, ctx.tile_rows, ctx.scaling, ctx.per_token_gates,
+                                 ctx.dropout_p, needs)
+        return _pick_grads(ctx, grads) + _tail(ctx, dy)
+
+
+# ---- custom ops (torch.compile) --------------------------------------------------------------
 
 @torch.library.custom_op("cgc_kernels::lora_fwd", mutates_args=())
 def _lora_fwd(
     x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor, task_b: Tensor,
     task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor, tile_end: Tensor,
-    counts: Tensor, starts: Tensor, tile_rows: int, base: Tensor | None, scaling: float,
+    counts: Tensor, starts: Tensor, tile_rows: int, base: Tensor | None, seed: Tensor | None, scaling: float,
     per_token_gates: bool, dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    from .triton import dropout, forward_grid
-
-    seed = dropout.new_seed() if dropout_p > 0 else 0
-    # Every row written by the kernel: base + delta (base rows alone for task -1), nothing pre-filled.
-    y, z = forward_grid.cgc_lora_forward_grid(
-        x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-        counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=base,
-    )
-    return y, z, torch.tensor([seed], dtype=torch.int64)
+) -> tuple[Tensor, Tensor]:
+    return _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+                           tile_start, tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p,
+                           base=base)
 
 
 @_lora_fwd.register_fake
 def _(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-      counts, starts, tile_rows, base, scaling, per_token_gates, dropout_p):
+      counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p):
     M = x.shape[0]
-    return (
-        x.new_empty(M, task_b.shape[1], dtype=base.dtype if base is not None else x.dtype),
-        x.new_empty(M, shared_a.shape[1] + task_a.shape[1], dtype=torch.float32),
-        torch.empty(1, dtype=torch.int64, device="cpu"),
-    )
+    return (x.new_empty(M, task_b.shape[1], dtype=base.dtype if base is not None else x.dtype),
+            x.new_empty(M, shared_a.shape[1] + task_a.shape[1], dtype=torch.float32))
 
 
 @torch.library.custom_op("cgc_kernels::lora_fwd_inplace", mutates_args=("out",))
 def _lora_fwd_inplace(
     out: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, counts: Tensor, tile_rows: int, scaling: float, per_token_gates: bool, dropout_p: float,
+    tile_end: Tensor, counts: Tensor, tile_rows: int, seed: Tensor | None, scaling: float, per_token_gates: bool,
+    dropout_p: float,
 ) -> None:
-    from .triton import dropout, forward_grid
-
-    seed = dropout.new_seed() if dropout_p > 0 else 0
-    forward_grid.cgc_lora_forward_grid(
-        x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-        counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=out, out=out, save_z=False,
-    )
+    _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
+                    tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p, out=out)
 
 
 @_lora_fwd_inplace.register_fake
 def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-      tile_end, counts, tile_rows, scaling, per_token_gates, dropout_p):
+      tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p):
     return None
 
 
@@ -104,19 +197,13 @@ def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, ti
 def _lora_bwd(
     dy: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor, tile_rows: int,
+    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor | None, tile_rows: int,
     scaling: float, per_token_gates: bool, dropout_p: float, needs: list[bool],
 ) -> list[Tensor]:
-    """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded gradient is an empty tensor.
-    needs = [x, gates, A (both sides), B (both sides)]."""
-    from .triton import backward_grid
-
-    need_x, need_g, need_a, need_b = needs
-    grads = backward_grid.cgc_lora_backward_grid(
-        dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-        tile_start, tile_end, counts, starts, tile_rows, z, scaling, per_token_gates, dropout_p, int(seed[0]),
-        need_x=need_x, need_gates=need_g, need_a=need_a, need_b=need_b,
-    )
+    """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded gradient is an empty tensor."""
+    grads = _launch_backward(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+                             tile_start, tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates,
+                             dropout_p, needs)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -131,29 +218,21 @@ def _(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, til
 
 def _setup_context(ctx, inputs, output):
     (x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-     counts, starts, tile_rows, base, scaling, per_token_gates, dropout_p) = inputs
-    _, z, seed = output
+     counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p) = inputs
+    _, z = output
     ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
                           tile_start, tile_end, counts, starts, z, seed)
-    ctx.tile_rows, ctx.scaling, ctx.per_token_gates, ctx.dropout_p = tile_rows, scaling, per_token_gates, dropout_p
+    ctx.tile_rows, ctx.scaling = tile_rows, scaling
+    ctx.per_token_gates, ctx.dropout_p = per_token_gates, dropout_p
 
 
-def _backward(ctx, dy, _dz, _dseed):
-    n_x, n_g, n_sa, n_sb, n_ta, n_tb = ctx.needs_input_grad[:6]
-    needs = [n_x, n_g, n_sa or n_ta, n_sb or n_tb]
-    # y = base + delta: base's gradient is dy itself (no copy, no add).
-    d_base = dy if ctx.needs_input_grad[14] else None
-    none_mid = [None] * 8  # task_cluster, routing tensors, tile_rows
-    none_end = [None] * 3  # scaling, per_token_gates, dropout_p
+def _backward(ctx, dy, _dz):
+    needs = _needs(ctx)
     if not any(needs):
-        return (None,) * 6 + tuple(none_mid) + (d_base, *none_end)
-    saved = ctx.saved_tensors
-    dx, dg, dsa, dsb, dta, dtb = torch.ops.cgc_kernels.lora_bwd(
-        dy, *saved, ctx.tile_rows, ctx.scaling, ctx.per_token_gates, ctx.dropout_p, needs,
-    )
-    pick = lambda g, need: g if need else None
-    return (pick(dx, n_x), pick(dg, n_g), pick(dsa, n_sa), pick(dsb, n_sb), pick(dta, n_ta),
-            pick(dtb, n_tb), *none_mid, d_base, *none_end)
+        return (None,) * 6 + _tail(ctx, dy)
+    grads = torch.ops.cgc_kernels.lora_bwd(dy, *ctx.saved_tensors, ctx.tile_rows, ctx.scaling,
+                                           ctx.per_token_gates, ctx.dropout_p, needs)
+    return _pick_grads(ctx, grads) + _tail(ctx, dy)
 
 
 _lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -214,7 +293,8 @@ def cgc_lora(
                          "is imported (Triton's interpreter); use a CUDA device or backend='reference'")
     if _rank_too_large(shared_a, task_a):
         raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
-                         f"exceeds {common.MAX_RANK_PAD}, the fused kernels' limit; use backend='reference'")
+                         f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to powers "
+                         f"of two); use backend='reference'")
     if isinstance(task_ids, TaskRouting):
         routing = task_ids
         if routing.device != x.device:
@@ -223,20 +303,25 @@ def cgc_lora(
         routing = build_routing(task_ids, shp.T, task_cluster, validate=False)
     gates = gates.to(x.device)
     rt = (routing.order, routing.tile_task, routing.tile_start, routing.tile_end)
+    seed = common.new_dropout_seed(x.device) if dropout_p > 0 else None
+    args = (float(scaling), bool(per_token_gates), float(dropout_p))
 
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out, base) if t is not None)
+    compiling = torch.compiler.is_compiling()
     if not needs_grad and out is not None:
-        torch.ops.cgc_kernels.lora_fwd_inplace(
-            out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
-            routing.block_m, float(scaling), bool(per_token_gates), float(dropout_p),
-        )
+        if compiling:
+            torch.ops.cgc_kernels.lora_fwd_inplace(
+                out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
+                routing.block_m, seed, *args)
+        else:
+            _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
+                            routing.block_m, seed, *args, out=out)
         return out
     # The functional op writes every row of a new tensor: base + delta, or the delta alone.
-    y, _, _ = torch.ops.cgc_kernels.lora_fwd(
-        x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts, routing.starts,
-        routing.block_m, base, float(scaling), bool(per_token_gates), float(dropout_p),
-    )
+    fn = torch.ops.cgc_kernels.lora_fwd if compiling else _FusedCGCLoRA.apply
+    y, _ = fn(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts, routing.starts,
+              routing.block_m, base, seed, *args)
     if out is None:
         return y
     return out.add_(y)
@@ -254,3 +339,4 @@ def _check_base(base, out, x, task_b) -> None:
         raise ValueError(f"base must be a floating tensor, got {base.dtype}")
     if base.device != x.device:
         raise ValueError(f"base is on {base.device} but x is on {x.device}; all tensors must share a device")
+

@@ -43,7 +43,8 @@ def _cgc_lora_bwd_tile_kernel(
     dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 out (WANT_DZ)
     dx_ptr, stride_dxm, stride_dxk,  # [M, d_in] out (WANT_DX)
     dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [max_tiles, E_PAD] partials (WANT_DGATE)
-    seed, p_drop, scaling,
+    seed_ptr,  # [1] int64 dropout seed of the forward (read only if HAS_DROPOUT)
+    p_drop, scaling,
     d_in, d_out, r, RS, RK, S, E,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
     RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr,
@@ -76,6 +77,8 @@ def _cgc_lora_bwd_tile_kernel(
     oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
     dg_tile = tl.zeros([E_PAD], dtype=tl.float32)
     inv_keep = 1.0 / (1.0 - p_drop)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     for m0 in range(tile_start, tile_end, BLOCK_M):
         pos = m0 + tl.arange(0, BLOCK_M)
@@ -178,7 +181,8 @@ def _cgc_lora_bwd_weight_kernel(
     dsb_ptr, stride_dsbc, stride_dsbn, stride_dsbr,  # [C, d_out, S*r] out
     dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out
     dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out
-    seed, p_drop, scaling,
+    seed_ptr,  # [1] int64 dropout seed of the forward (read only if HAS_DROPOUT)
+    p_drop, scaling,
     d_in, d_out, r, RS, RK, S, C, T,
     n_a_blocks,  # programs along axis 1 doing dA (d_in blocks); the rest do dB (d_out blocks)
     PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -210,6 +214,8 @@ def _cgc_lora_bwd_weight_kernel(
     rr = tl.arange(0, R_PAD)
     r_ok = rr < R
     inv_keep = 1.0 / (1.0 - p_drop)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     if blk < n_a_blocks:
         # ---- dA block: [R_PAD, BLOCK_K] = sum over the segment's rows of dzg^T h ----
@@ -287,20 +293,32 @@ TILE_TIERS = {
     "half": [
         (64, "r64", dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)),
         (128, "r128", dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
-        (2 * common.MAX_RANK_PAD, "r256",
-         dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
-    ],
-    "fp32": [
-        (64, "r64", dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
+        # 16-wide d blocks: with 32, Triton 3.6 spills on sm_80 (36 B)
         (2 * common.MAX_RANK_PAD, "r256",
          dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
     ],
+    "fp32": [
+        # spill-free under Triton 3.6 and 3.7 (BLOCK_M 32 spills on sm_80 under both)
+        (64, "r64", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=4, num_stages=2)),
+        (2 * common.MAX_RANK_PAD, "r256",
+         dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
+    ],
+}
+# Per-Triton-version replacements of whole tiers lists, where no config serves both versions.
+# Triton 3.6 spills the fp32 tile kernel at rank 256 on sm_90 with every block shape tried (12 B at
+# best), so there fp32 stops at a padded rank of 128 and larger fp32 problems take the reference.
+TILE_TIERS_BY_VERSION = {
+    (3, 6): {"fp32": [
+        (64, "r64", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=4, num_stages=2)),
+        (128, "r128", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
+    ]},
 }
 TILE_PINNED = (64, "pinned", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))
 
 WEIGHT_TIERS = {
     "half": [
-        (64, "r64", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+        # 8 warps: with 4, Triton 3.6 spills (sm_80 164 B, sm_90 68 B)
+        (64, "r64", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)),
         (common.MAX_RANK_PAD, "r128", dict(BLOCK_R=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
     ],
     "fp32": [
@@ -311,12 +329,22 @@ WEIGHT_TIERS = {
 WEIGHT_PINNED = (64, "pinned", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))
 
 
+def tile_tiers() -> dict:
+    """TILE_TIERS with this Triton version's replacements (TILE_TIERS_BY_VERSION)."""
+    return {**TILE_TIERS, **TILE_TIERS_BY_VERSION.get(common.triton_version(), {})}
+
+
+def max_rank_size(dtype: torch.dtype) -> int:
+    """Largest padded rank (both sides) the backward takes for `dtype` under this Triton version."""
+    return tile_tiers()[common.tier_kind(dtype)][-1][0]
+
+
 def backward_tile_config(M: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype) -> dict:
     """Block sizes for launch 1 (per tile: dz, dgates, dx), from shapes only; `rank_size` as in
     forward_config."""
     if common.configs_pinned():
         return TILE_PINNED[2]
-    return common.pick_tier(TILE_TIERS[common.tier_kind(dtype)], rank_size)[1]
+    return common.pick_tier(tile_tiers()[common.tier_kind(dtype)], rank_size)[1]
 
 
 def backward_weight_config(M: int, d_in: int, d_out: int, r_pad: int, dtype: torch.dtype) -> dict:
@@ -339,7 +367,7 @@ def _space(tiers, pinned, dtype_name, consts_for):
 
 def backward_tile_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
     """Every config of launch 1 with its heaviest flags and largest rank (ahead-of-time checks)."""
-    return _space(TILE_TIERS, TILE_PINNED, dtype_name, lambda limit: dict(
+    return _space(tile_tiers(), TILE_PINNED, dtype_name, lambda limit: dict(
         HAS_SHARED=True, HAS_TASK=True, RS_PAD=limit // 2, RK_PAD=limit // 2, E_PAD=16,
         PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
         WANT_DZ=True))
@@ -367,7 +395,8 @@ def cgc_lora_backward(
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
     counts: torch.Tensor, starts: torch.Tensor,
     z: torch.Tensor,  # [M, S*r + K*r] fp32 from the forward
-    scaling: float, per_token_gates: bool, dropout_p: float, seed: int,
+    scaling: float, per_token_gates: bool, dropout_p: float,
+    seed: torch.Tensor | None,  # [1] int64, the forward's (dropout_p > 0), else None
     need_x: bool, need_gates: bool, need_a: bool, need_b: bool,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients (dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b); None where not needed."""
@@ -384,6 +413,7 @@ def cgc_lora_backward(
     cl = task_cluster if task_cluster is not None else tile_task  # never read without HAS_CLUSTER
     interp = common.upcast_operands()
     prec = common.dot_precision(x.dtype)
+    seed_t = seed if seed is not None else tile_task  # never read without HAS_DROPOUT
 
     dx = torch.zeros_like(x) if need_x else None
     dgates = None
@@ -410,7 +440,7 @@ def cgc_lora_backward(
             dzt, dzt.stride(0), dzt.stride(1),
             dxt, dxt.stride(0), dxt.stride(1),
             dgt, dgt.stride(0), dgt.stride(1),
-            seed, float(dropout_p), float(scaling),
+            seed_t, float(dropout_p), float(scaling),
             d_in, d_out, r, RS, RK, S, E,
             HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad, E_PAD=e_pad,
             PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
@@ -451,7 +481,7 @@ def cgc_lora_backward(
                 cl, order, counts, starts,
                 dsa_t, *dsa_t.stride(), dsb_t, *dsb_t.stride(),
                 dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
-                seed, float(dropout_p), float(scaling),
+                seed_t, float(dropout_p), float(scaling),
                 d_in, d_out, r, RS, RK, S, C, T, n_a,
                 PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
                 HAS_DROPOUT=dropout_p > 0, UPCAST=interp, DOT_PRECISION=prec, R_PAD=r_pad,

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, forward_grid
 from .dropout import keep_mask
 from .forward import load_rank_gates
 from .forward_grid import seed_tensor
@@ -390,6 +390,12 @@ PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLO
               weight_warps=4, RBLOCK=64, num_stages=2)
 
 
+def max_rank_size(dtype: torch.dtype) -> int:
+    """Largest padded rank (both sides together) the forward and backward configs take for `dtype`."""
+    kind = common.tier_kind(dtype)
+    return min(forward_grid.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0])
+
+
 def chunk_rows_for(M: int, T: int) -> int:
     """Rows per weight-gradient chunk: about M / 8, 256..2048 (a power of two), so even one task
     holding every row becomes >= 8 programs per output block while an average task of a uniform
@@ -477,7 +483,7 @@ def cgc_lora_backward_grid(
     counts: torch.Tensor, starts: torch.Tensor, tile_rows_n: int,
     z: torch.Tensor,  # [M, S*r + K*r] fp32 from the forward
     scaling: float, per_token_gates: bool, dropout_p: float,
-    seed: torch.Tensor | int,  # [1] int64 on the device (or an int): the dropout seed
+    seed: torch.Tensor | int | None,  # [1] int64 on the device (an int in tests; None: no dropout)
     need_x: bool, need_gates: bool, need_a: bool, need_b: bool,
     plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
@@ -491,7 +497,7 @@ def cgc_lora_backward_grid(
     r = (RS + RK) // E
     S = RS // r
     dev = x.device
-    seed = seed_tensor(seed, dev)
+    seed = seed_tensor(seed, dev, counts)
     rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
     rank_size = (rs_pad if RS else 0) + (rk_pad if RK else 0)
     e_pad = common.next_pow2(E, 16)

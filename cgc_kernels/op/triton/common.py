@@ -5,6 +5,8 @@ No kernels here. Importing this module does not import Triton.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -81,3 +83,29 @@ def pick_tier(tiers: list[tuple[int, str, dict]], size: int) -> tuple[str, dict]
         if size <= limit:
             return name, cfg
     raise ValueError(f"padded rank {size} exceeds the largest kernel tier ({tiers[-1][0]})")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make `t`'s CUDA device current for a launch (Triton launches on the current device, and a
+    model spread over GPUs, e.g. device_map="auto", has tensors on devices that are not)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def new_dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """A [1] int64 dropout seed drawn on `device` from its default generator (see dropout.py):
+    reproducible under torch.manual_seed, restored by activation checkpointing (which stashes the
+    inputs' devices' RNG states), CUDA-graph safe (a captured draw draws anew on each replay), and
+    no host sync."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+@functools.cache
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton (config tables can differ by version), (0, 0) if none."""
+    try:
+        from importlib.metadata import version
+
+        major, minor = version("triton").split(".")[:2]
+        return int(major), int(minor)
+    except Exception:  # not installed, or an unusual version string
+        return (0, 0)

@@ -52,7 +52,8 @@ def _cgc_lora_fwd_kernel(
     base_ptr, stride_bm, stride_bn,  # [M, d_out] added to the delta (HAS_BASE); may alias y
     y_ptr, stride_ym, stride_yn,  # [M, d_out] out
     z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 out: z = A drop(x), shared columns first
-    seed, p_drop, scaling,
+    seed_ptr,  # [1] int64 dropout seed (read only if HAS_DROPOUT)
+    p_drop, scaling,
     d_in, d_out, r, RS, RK, S,  # RS = S*r, RK = K*r
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
     RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
@@ -80,6 +81,8 @@ def _cgc_lora_fwd_kernel(
     rs_ok = rs < RS
     rk_ok = rk < RK
     inv_keep = 1.0 / (1.0 - p_drop)
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
 
     for m0 in range(tile_start, tile_end, BLOCK_M):
         pos = m0 + tl.arange(0, BLOCK_M)
@@ -205,7 +208,8 @@ def cgc_lora_forward(
     task_a: torch.Tensor, task_b: torch.Tensor,  # [T, K*r, d_in], [T, d_out, K*r]
     task_cluster: torch.Tensor | None,  # [T] or None (one cluster)
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-    scaling: float, per_token_gates: bool, dropout_p: float, seed: int,
+    scaling: float, per_token_gates: bool, dropout_p: float,
+    seed: torch.Tensor | None,  # [1] int64 on x's device (dropout_p > 0), else None
     y: torch.Tensor,  # [M, d_out] written; pass the base output with base=y to add in place
     base: torch.Tensor | None = None,  # [M, d_out] or None
     save_z: bool = True,
@@ -238,7 +242,7 @@ def cgc_lora_forward(
         b, b.stride(0), b.stride(1),
         y, y.stride(0), y.stride(1),
         zt, zt.stride(0), zt.stride(1),
-        seed, float(dropout_p), float(scaling),
+        seed if seed is not None else tile_task, float(dropout_p), float(scaling),
         d_in, d_out, r, RS, RK, S,
         HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad,
         PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,

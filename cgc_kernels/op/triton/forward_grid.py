@@ -382,9 +382,12 @@ def forward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, int
 
 # ---- launchers -------------------------------------------------------------------------------
 
-def seed_tensor(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+def seed_tensor(seed: torch.Tensor | int | None, device: torch.device, unused: torch.Tensor) -> torch.Tensor:
     """The dropout seed as the [1] int64 device tensor the kernels read (no host sync, and a CUDA
-    graph replays a seed drawn inside it instead of baking a Python int in)."""
+    graph replays a seed drawn inside it instead of baking a Python int in). None (no dropout):
+    `unused`, an int64 tensor already on the device, stands in; the kernels never read it."""
+    if seed is None:
+        return unused
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
@@ -399,7 +402,7 @@ def cgc_lora_forward_grid(
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
     counts: torch.Tensor, tile_rows_n: int,  # routing (counts [T]; tile_rows_n = routing.block_m)
     scaling: float, per_token_gates: bool, dropout_p: float,
-    seed: torch.Tensor | int,  # [1] int64 on the device (or an int): the dropout seed
+    seed: torch.Tensor | int | None,  # [1] int64 on the device (an int in tests; None: no dropout)
     base: torch.Tensor | None,  # [M, d_out] base output (or None: the delta alone)
     out: torch.Tensor | None = None,  # [M, d_out] written; may be `base` itself (in place)
     save_z: bool = True,
@@ -415,7 +418,7 @@ def cgc_lora_forward_grid(
     r = (RS + RK) // E
     S = RS // r
     y = out if out is not None else torch.empty(M, d_out, dtype=x.dtype, device=x.device)
-    seed = seed_tensor(seed, x.device)
+    seed = seed_tensor(seed, x.device, counts)
     z = torch.empty(M, RS + RK, dtype=torch.float32, device=x.device) if save_z else None
     if M == 0:
         return y, z
