@@ -386,6 +386,10 @@ BACKWARD_BLOCKS = {
     "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
 }
+# dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
+# above it (and in fp32) the rows launch reads dy. The dB launch with parts is compiled ahead of
+# time only up to this rank.
+DZ_PARTS_MAX_RANK = {"half": 64, "fp32": 0}
 PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLOCK_K=64, WBLOCK_N=64,
               weight_warps=4, RBLOCK=64, num_stages=2)
 
@@ -417,7 +421,8 @@ def backward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: 
     `rank` = S*r + K*r (rank_size if not given) and n_parts the dB launch's d_out blocks.
     `dz_parts` forces the choice (tests).
     """
-    if common.configs_pinned():
+    pinned = common.configs_pinned()
+    if pinned:
         cfg = dict(PINNED)
     else:
         cfg = None
@@ -432,7 +437,8 @@ def backward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: 
     if dz_parts is None:
         n_parts = triton.cdiv(d_out, cfg["WBLOCK_N"])
         elem = torch.empty((), dtype=dtype).element_size()
-        dz_parts = 2 * n_parts * (rank if rank is not None else rank_size) * 4 < d_out * elem
+        dz_parts = (2 * n_parts * (rank if rank is not None else rank_size) * 4 < d_out * elem
+                    and (pinned or rank_size <= DZ_PARTS_MAX_RANK[common.tier_kind(dtype)]))
     return BackwardPlan(SUB=sub, CHUNK=chunk, dz_parts=dz_parts, **cfg)
 
 
@@ -451,7 +457,8 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, in
     for limit, c in BACKWARD_BLOCKS[kind]:
         half = limit // 2
         name = f"r{limit}"
-        for dz_parts in (True, False):
+        parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
+        for dz_parts in (True, False) if parts_here else (False,):
             rows = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=half, RK_PAD=half, E_PAD=16, T_PAD=64,
                         PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
                         WANT_DZ=True, DZ_FROM_PARTS=dz_parts, UPCAST=False, DOT_PRECISION=prec, SUB=2,
@@ -459,7 +466,7 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, in
             out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), rows, c["rows_warps"],
                         c["num_stages"]))
         for do_a in (True, False):
-            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a, HAS_SHARED=True, HAS_TASK=True,
+            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a and parts_here, HAS_SHARED=True, HAS_TASK=True,
                            RS_PAD=half, RK_PAD=half, T_PAD=64, PER_TOKEN_GATES=True, HAS_CLUSTER=True,
                            HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION=prec, CHUNK=1024, BLOCK_R=c["BLOCK_R"],
                            BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
