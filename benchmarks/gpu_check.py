@@ -263,6 +263,15 @@ def summary_table(steps: list[Step], header: dict) -> str:
     return "\n".join(lines)
 
 
+def _driver_version() -> str:
+    try:
+        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "out" / "gpu"),
@@ -280,6 +289,8 @@ def main(argv=None) -> int:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)"
+    if torch.cuda.is_available():
+        device += f", driver {_driver_version()}, CUDA {torch.version.cuda}"
     try:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:

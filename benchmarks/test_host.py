@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from benchmarks import harness
-from benchmarks.stub_kernels import stubbed_kernels
 from cgc_kernels import CGCLoRALinear, build_routing
+from tests.stub_kernels import stubbed_kernels
 
 # (name, training): decode-style inference and one training step
 HOST_CASES = [pytest.param(False, id="infer"), pytest.param(True, id="train")]

@@ -38,7 +38,7 @@ import torch
 from . import reference
 from .routing import TaskRouting, build_routing
 from .triton import common
-from .validation import check_cgc_lora_args
+from .validation import CGCShapes, check_cgc_lora_args
 
 BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -282,6 +282,14 @@ def cgc_lora(
             task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
         )
         return delta if base is None else base + delta.to(base.dtype)
+    # Under torch.compile the checks run once, at trace time; the cache is for eager calls.
+    key = None if torch.compiler.is_compiling() else _call_key(
+        x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+        dropout_p, out, base)
+    shp = _CHECKED.get(key) if key is not None else None
+    if shp is not None:  # the same call signature passed every check below before
+        return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                       per_token_gates, dropout_p, out, shp, base)
     shp = check_cgc_lora_args(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
         task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
@@ -295,13 +303,44 @@ def cgc_lora(
         raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
                          f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to powers "
                          f"of two); use backend='reference'")
+    if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
+        raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
+    if key is not None:
+        if len(_CHECKED) >= 1024:  # bounded: a server seeing many batch sizes
+            _CHECKED.clear()
+        _CHECKED[key] = shp
+    return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                   per_token_gates, dropout_p, out, shp, base)
+
+
+# Call signatures (every tensor's shape, dtype and device, and the other arguments) that passed
+# validation with a TaskRouting, whose ids were checked when it was built: a model calls each
+# layer with the same signature every step, so the checks run once per signature, not per call.
+_CHECKED: dict[tuple, CGCShapes] = {}
+
+
+def _meta(t):
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _call_key(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+              dropout_p, out, base=None) -> tuple | None:
+    """Hashable signature of a call with a TaskRouting (None: always check fully)."""
+    tensors = (x, gates, shared_a, shared_b, task_a, task_b)
+    if not isinstance(task_ids, TaskRouting) or not all(isinstance(t, torch.Tensor) for t in tensors) or not (
+            isinstance(task_cluster, (torch.Tensor, type(None))) and isinstance(out, (torch.Tensor, type(None)))):
+        return None
+    return (tuple(_meta(t) for t in tensors), _meta(task_cluster), _meta(out), _meta(base), task_ids.num_rows,
+            task_ids.num_tasks, task_ids.device, bool(per_token_gates), type(scaling), dropout_p)
+
+
+def _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+            dropout_p, out, shp: CGCShapes, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton path of a checked call: eager launches, or the custom ops under torch.compile."""
     if isinstance(task_ids, TaskRouting):
         routing = task_ids
-        if routing.device != x.device:
-            raise ValueError(f"task_ids (routing) is on {routing.device} but x is on {x.device}")
     else:
         routing = build_routing(task_ids, shp.T, task_cluster, validate=False)
-    gates = gates.to(x.device)
     rt = (routing.order, routing.tile_task, routing.tile_start, routing.tile_end)
     seed = common.new_dropout_seed(x.device) if dropout_p > 0 else None
     args = (float(scaling), bool(per_token_gates), float(dropout_p))

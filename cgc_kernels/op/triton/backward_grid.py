@@ -466,8 +466,8 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, dict, int, in
             out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), rows, c["rows_warps"],
                         c["num_stages"]))
         for do_a in (True, False):
-            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a and parts_here, HAS_SHARED=True, HAS_TASK=True,
-                           RS_PAD=half, RK_PAD=half, T_PAD=64, PER_TOKEN_GATES=True, HAS_CLUSTER=True,
+            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a and parts_here, HAS_SHARED=True,
+                           HAS_TASK=True, RS_PAD=half, RK_PAD=half, T_PAD=64, PER_TOKEN_GATES=True, HAS_CLUSTER=True,
                            HAS_DROPOUT=True, UPCAST=False, DOT_PRECISION=prec, CHUNK=1024, BLOCK_R=c["BLOCK_R"],
                            BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
             out.append(("bwd_weights", name + ("-dA" if do_a else "-dB"), weights, c["weight_warps"],

@@ -1,12 +1,13 @@
 """Replace every Triton kernel the op launches by a stub that counts launches and does nothing, and
-let the Triton path accept CPU tensors, so the host side of a call can be timed on any machine."""
+let the Triton path accept CPU tensors, so the host side of a call can be tested and timed on any
+machine (tests/test_dispatch.py, benchmarks/test_host.py)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cgc_kernels.op.triton import common
 
@@ -21,27 +22,29 @@ KERNELS = [
 
 
 class _StubKernel:
-    """`kernel[grid](*args, **meta)` that only counts."""
+    """`kernel[grid](*args, **meta)` that only counts (and calls `on_launch(name)` if given)."""
 
-    def __init__(self, name: str, counts: collections.Counter):
-        self.name, self.counts = name, counts
+    def __init__(self, name: str, counts: collections.Counter, on_launch: Callable[[str], None] | None):
+        self.name, self.counts, self.on_launch = name, counts, on_launch
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.counts[self.name] += 1
+            if self.on_launch is not None:
+                self.on_launch(self.name)
 
         return launch
 
 
 @contextlib.contextmanager
-def stubbed_kernels() -> Iterator[collections.Counter]:
+def stubbed_kernels(on_launch: Callable[[str], None] | None = None) -> Iterator[collections.Counter]:
     """Within the block, launches count into the yielded Counter (by kernel name) and run nothing."""
     counts: collections.Counter = collections.Counter()
     saved = []
     for mod_name, attr in KERNELS:
         mod = importlib.import_module(mod_name)
         saved.append((mod, attr, getattr(mod, attr)))
-        setattr(mod, attr, _StubKernel(attr, counts))
+        setattr(mod, attr, _StubKernel(attr, counts, on_launch))
     interpret = common.INTERPRET
     common.INTERPRET = True  # the Triton path's "CPU tensors need the interpreter" check
     try:
