@@ -33,9 +33,13 @@ CASES = [
     # clusters: shared partials summed over the cluster's chunks only; S*r = 24 pads to 32
     pytest.param(Case(M=45, d_in=33, d_out=33, T=4, S=3, K=1, r=8, C=2, ids="with_unrouted"), 16,
                  id="clusters"),
-    # per-token gates with clusters: gates and dgates indexed by token in every launch
-    pytest.param(Case(M=33, d_in=33, d_out=33, T=3, S=2, K=2, r=4, C=2, per_token_gates=True), 64,
-                 id="token-gates"),
+    # per-token gates with clusters and task -1 rows: gates and dgates indexed by token in every
+    # launch; the task -1 rows' dgates written as zeros (nothing is zero-filled before)
+    pytest.param(Case(M=33, d_in=33, d_out=33, T=3, S=2, K=2, r=4, C=2, per_token_gates=True,
+                      ids="with_unrouted"), 64, id="token-gates"),
+    # the fuzz example that found it: S = 0, d_in = 1, per-token gates, task -1 rows
+    pytest.param(Case(M=18, d_in=1, d_out=3, T=4, S=0, K=2, r=4, C=2, per_token_gates=True,
+                      ids="with_unrouted"), 64, id="token-gates-S0-d1"),
     # S = 0 (multi-LoRA) and K = 0 (MOELoRA): one side absent everywhere
     pytest.param(Case(M=30, d_in=33, d_out=33, T=3, S=0, K=1, r=8), 64, id="S0"),
     pytest.param(Case(M=30, d_in=33, d_out=33, T=2, S=3, K=0, r=4), 64, id="K0"),

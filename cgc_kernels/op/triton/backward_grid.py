@@ -74,17 +74,23 @@ def _bwd_rows_kernel(
     col_s = tl.zeros([RS_PAD], dtype=tl.float32)
     col_t = tl.zeros([RK_PAD], dtype=tl.float32)
     if t < 0:
-        # Task -1 rows: no LoRA gradient, but dx is written here rather than zero-filled before.
-        if WANT_DX:
-            for m0 in range(lo, hi, BLOCK_M):
-                pos = m0 + tl.arange(0, BLOCK_M)
-                row_ok = pos < hi
-                rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+        # Task -1 rows: no LoRA gradient, but dx (and per-token dgates) are written here as zeros
+        # rather than zero-filled before.
+        for m0 in range(lo, hi, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < hi
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            if WANT_DX:
                 for k0 in range(0, d_in, BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
                              tl.zeros([BLOCK_M, BLOCK_K], dtype=dx_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & (kk < d_in)[None, :])
+            if WANT_DGATE:
+                if PER_TOKEN_GATES:
+                    tl.store(dg_ptr + rows[:, None] * stride_dgm + e[None, :] * stride_dge,
+                             tl.zeros([BLOCK_M, E_PAD], dtype=dg_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & (e < E)[None, :])
     else:
         t64 = t.to(tl.int64)
         if HAS_CLUSTER:
