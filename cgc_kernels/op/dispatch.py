@@ -24,6 +24,10 @@ custom op cannot take a dataclass), with the routing's tile size. With `out=` un
 delta is added into `out` by `out.add_`, so autograd passes the gradient of `out`'s producer
 through unchanged; without autograd the kernel adds into `out` itself.
 
+Validation runs on every call, except that a call with a TaskRouting whose signature (shapes,
+dtypes, devices, arguments) passed before skips it (`_CHECKED`): a model calls each layer with
+the same signature every step.
+
 Dropout: the seed is a [1] int64 tensor drawn on x's device before the launch (an input of the
 ops, saved for the backward, which regenerates the same mask); none is drawn at dropout_p == 0.
 Every launch runs under x's device (`common.device_guard`).
