@@ -186,8 +186,8 @@ def step_bench(step: Step, out: Path, env: dict, dry: bool) -> None:
 
 
 def key_ratios(data: dict) -> dict:
-    """Fused op full pass: achieved GB/s and its share of the copy bandwidth; layer step and
-    decode speed against PEFT (where both ran)."""
+    """Fused op full pass: achieved GB/s and its share of the copy bandwidth; the fused op's time
+    over fused_v1's (the first kernels); layer step and decode speed against PEFT (where both ran)."""
     env, rows = data["environment"], data["results"]
     nums: dict = {"copy GB/s": round(env["copy_bandwidth_bytes_per_s"] / 1e9, 1)}
 
@@ -203,6 +203,11 @@ def key_ratios(data: dict) -> dict:
             gbs = r["lora_bytes"] / r["median_s"] / 1e9
             share = 100 * gbs * 1e9 / env["copy_bandwidth_bytes_per_s"]
             nums[f"op full {r['case'].split('-T')[0]} GB/s"] = f"{gbs:.0f} ({share:.0f}% copy)"
+    for case in sorted({r["case"] for r in rows if r["level"] == "op" and r["provider"] == "fused_v1"}):
+        for mode in ("forward", "backward", "full"):  # the GPU-filling kernels against the first ones
+            f, v1 = med("op", mode, "fused", case), med("op", mode, "fused_v1", case)
+            if f and v1:
+                nums[f"op {mode} {case.split('-T')[0]} fused/fused_v1 time"] = round(f["median_s"] / v1["median_s"], 2)
     for case in sorted({r["case"] for r in rows if r["level"] == "layer"}):
         f, p = med("layer", "full", "fused", case), med("layer", "full", "peft_lora", case)
         if f and p:

@@ -311,6 +311,8 @@ PROVIDERS: dict[str, Provider] = {
     for p in [
         Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"),
                  needs_cuda=True),
+        Provider("fused_v1", "the first fused Triton kernels (op/triton/forward.py, backward.py)", ("op",),
+                 needs_cuda=True),
         Provider("cuda_ref", "csrc_ref's hand-written CUDA forward (fp32, no tensor cores)", ("op",),
                  needs_cuda=True, modes=("forward",)),
         Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer")),
@@ -342,6 +344,12 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
             fn = lambda x: cgc_lora(x, p.routing, gates, *_op_args(p, layer), backend=backend)
             return Runner(fn, [gates, *_lora_params(layer)])
         return Runner(lambda x: layer(x, p.routing), list(layer.parameters()))
+    if provider == "fused_v1":
+        from benchmarks.fused_v1 import fused_v1
+
+        layer = p.cached("layer-triton", lambda: clone_layer(p.layer, "triton"))
+        gates = p.gates.clone().requires_grad_()
+        return Runner(lambda x: fused_v1(x, p.routing, gates, *_op_args(p, layer)), [gates, *_lora_params(layer)])
     if provider == "cuda_ref":
         from cgc_kernels.op import csrc_ref
 

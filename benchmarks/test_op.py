@@ -1,6 +1,7 @@
 """Op level: the LoRA branch alone (no base layer): forward, backward, forward + backward.
 
-Providers: fused (Triton), cuda_ref (csrc_ref's CUDA forward), reference, moelora_loop,
+Providers: fused (Triton), fused_v1 (the first Triton kernels, until a GPU run has timed both),
+cuda_ref (csrc_ref's CUDA forward), reference, moelora_loop,
 torch_compile, peft_lora (a single LoRA of rank (S+K) r, checked against task 0's update). Groups: "op-<mode> <case>".
 """
 

@@ -31,19 +31,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cgc_kernels.op.triton import backward, dropout, forward  # noqa: E402
+from cgc_kernels.op.triton import backward, backward_grid, dropout, forward, forward_grid, reduce_parts  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
 INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64",
               "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
               "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
-FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr"}
+FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr", "zp_ptr", "dzp_ptr", "psa_ptr", "psb_ptr", "pta_ptr", "ptb_ptr"}
 FLOAT_SCALARS = {"p_drop", "scaling", "p"}
 # What Triton's launcher specializes at run time for contiguous inputs: inner strides equal to 1
 # become constants (vectorised loads); pointers and row strides of d-sized dims divisible by 16.
 UNIT_STRIDES = {"stride_xk", "stride_sak", "stride_sbr", "stride_tak", "stride_tbr", "stride_ge", "stride_bn",
                 "stride_yn", "stride_zr", "stride_dyn", "stride_dzr", "stride_dxk", "stride_dge",
-                "stride_dsak", "stride_dsbr", "stride_dtak", "stride_dtbr"}
+                "stride_dsak", "stride_dsbr", "stride_dtak", "stride_dtbr", "stride_zpr", "stride_dzpr",
+                "stride_psak", "stride_psbr", "stride_ptak", "stride_ptbr"}
 ALIGNED = {"stride_xm", "stride_dym", "stride_ym", "stride_bm", "stride_dxm", "d_in", "d_out",
            "stride_sac", "stride_sar", "stride_sbc", "stride_sbn", "stride_tat", "stride_tar", "stride_tbt",
            "stride_tbn", "stride_dsac", "stride_dsar", "stride_dsbc", "stride_dsbn", "stride_dtat",
@@ -74,6 +75,16 @@ def _dropout_mask_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
     return [("default", dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
 
 
+def _grid_space(config_space, kernel: str):
+    """The configs of one GPU-filling kernel from its file's config space (which lists several
+    kernels). Their tables have one "half" tier for fp16 and bf16: bf16 compiles it, fp16 adds none."""
+    def space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
+        if dtype_name == "fp16":
+            return []
+        return [(c, consts, w, s) for k, c, consts, w, s in config_space(dtype_name) if k == kernel]
+    return space
+
+
 @dataclass(frozen=True)
 class AotKernel:
     """One kernel to compile: its @triton.jit function and every config its launcher can pick.
@@ -99,6 +110,15 @@ KERNELS: dict[str, AotKernel] = {
     "bwd_weight": AotKernel(backward._cgc_lora_bwd_weight_kernel, backward.backward_weight_config_space),
     "dropout_mask": AotKernel(dropout._keep_mask_kernel, _dropout_mask_space, dtype_free=True,
                               pointer_types={"mask_ptr": "*i8"}),
+    # The GPU-filling kernels cgc_lora dispatches to (forward_grid.py, backward_grid.py).
+    "fwd_grid": AotKernel(forward_grid._fwd_kernel, _grid_space(forward_grid.forward_config_space, "fwd_grid")),
+    "shrink": AotKernel(forward_grid._shrink_kernel, _grid_space(forward_grid.forward_config_space, "shrink")),
+    "bwd_rows": AotKernel(backward_grid._bwd_rows_kernel,
+                          _grid_space(backward_grid.backward_config_space, "bwd_rows")),
+    "bwd_weights": AotKernel(backward_grid._bwd_weight_kernel,
+                             _grid_space(backward_grid.backward_config_space, "bwd_weights")),
+    "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel,
+                            _grid_space(backward_grid.backward_config_space, "bwd_reduce")),
 }
 
 

@@ -61,7 +61,7 @@ def test_custom_ops_pass_opcheck(device):
     rt = build_routing(args["task_ids"], case.T)
     fwd_args = (args["x"].requires_grad_(), args["gates"], args["shared_a"], args["shared_b"],
                 args["task_a"], args["task_b"].requires_grad_(), None, rt.order, rt.tile_task,
-                rt.tile_start, rt.tile_end, rt.counts, rt.starts, None, 2.0, False, 0.0)
+                rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, None, None, 2.0, False, 0.0)
     torch.library.opcheck(torch.ops.cgc_kernels.lora_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

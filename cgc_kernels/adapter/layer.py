@@ -197,7 +197,9 @@ class CGCLoRALinear(nn.Module):
             x2, task_ids, gates, self.shared_a, self.shared_b, self.task_a, self.task_b, self.scaling,
             task_cluster=self.task_cluster if self.num_clusters > 1 else None,
             per_token_gates=per_token, dropout_p=self.dropout if self.training else 0.0,
-            out=out2, backend=self.backend,
+            backend=self.backend,
+            # Training: base + delta written in one pass by the kernels; inference: added in place.
+            **({"base": out2} if torch.is_grad_enabled() else {"out": out2}),
         )
         return delta_out.view(result.shape)
 

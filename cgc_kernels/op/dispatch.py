@@ -12,14 +12,17 @@ The Triton path reaches the kernel launchers two ways, with the same launches:
   `torch.compile(fullgraph=True)` traces through them (the dispatcher's per-call schema work is
   paid once, at trace time):
 
-    cgc_kernels::lora_fwd          functional: (delta [M, d_out], z [M, (S+K) r] fp32)
+    cgc_kernels::lora_fwd          functional: (base + delta [M, d_out], z [M, (S+K) r] fp32)
     cgc_kernels::lora_fwd_inplace  out += delta in place; used when no gradient is needed
     cgc_kernels::lora_bwd          the gradients, from dy and the saved z (registered as lora_fwd's
                                    backward through `register_autograd`)
 
-Routing tensors are passed individually (a custom op cannot take a dataclass). With `out=` under
-autograd, the delta is added into `out` by `out.add_`, so autograd passes the gradient of `out`'s
-producer through unchanged; without autograd the kernel adds into `out` itself.
+The kernels (op/triton/forward_grid.py, backward_grid.py) write every output row themselves:
+with `base=` the functional op returns base + delta in one pass (nothing zero-filled before,
+nothing added after; base's gradient is dy itself). Routing tensors are passed individually (a
+custom op cannot take a dataclass), with the routing's tile size. With `out=` under autograd, the
+delta is added into `out` by `out.add_`, so autograd passes the gradient of `out`'s producer
+through unchanged; without autograd the kernel adds into `out` itself.
 
 Validation runs on every call, except that a call with a TaskRouting whose signature (shapes,
 dtypes, devices, arguments) passed before skips it (`_CHECKED`): a model calls each layer with
@@ -65,9 +68,9 @@ def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
     pads = [common.rank_pad(n) for n in (rs, rk) if n > 0]
     if max(pads, default=0) > common.MAX_RANK_PAD:
         return True
-    from .triton import backward
+    from .triton import backward_grid
 
-    return sum(pads) > backward.max_rank_size(dtype)
+    return sum(pads) > backward_grid.max_rank_size(dtype)
 
 
 # ---- launches (shared by the eager path and the custom ops) ------------------------------------
@@ -76,37 +79,38 @@ Tensor = torch.Tensor
 
 
 def _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-                    tile_end, seed, scaling, per_token_gates, dropout_p, *, out=None):
-    """Functional (out None): (delta [M, d_out], z fp32). In place: out += delta, returns (out, None)."""
-    from .triton import forward
+                    tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p, *, base=None,
+                    out=None):
+    """Functional (out None): (base + delta, or the delta, [M, d_out]; z fp32), every row written
+    by the kernels. In place: out += delta, returns (out, None)."""
+    from .triton import forward_grid
 
     with common.device_guard(x):
         if out is not None:
-            forward.cgc_lora_forward(
+            return forward_grid.cgc_lora_forward_grid(
                 x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-                tile_end, scaling, per_token_gates, dropout_p, seed, y=out, base=out, save_z=False,
+                tile_end, counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=out, out=out,
+                save_z=False,
             )
-            return out, None
-        y = torch.zeros(x.shape[0], task_b.shape[1], dtype=x.dtype, device=x.device)  # task -1 rows: 0
-        z = forward.cgc_lora_forward(
+        return forward_grid.cgc_lora_forward_grid(
             x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-            scaling, per_token_gates, dropout_p, seed, y=y,
+            counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=base,
         )
-        return y, z
 
 
 def _launch_backward(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-                     tile_start, tile_end, counts, starts, z, seed, scaling, per_token_gates, dropout_p, needs):
+                     tile_start, tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates,
+                     dropout_p, needs):
     """(dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b), None where not needed.
     needs = [x, gates, A (both sides), B (both sides)]."""
-    from .triton import backward
+    from .triton import backward_grid
 
     need_x, need_g, need_a, need_b = needs
     with common.device_guard(x):
-        return backward.cgc_lora_backward(
-            dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-            tile_start, tile_end, counts, starts, z, scaling, per_token_gates, dropout_p, seed,
-            need_x=need_x, need_gates=need_g, need_a=need_a, need_b=need_b,
+        return backward_grid.cgc_lora_backward_grid(
+            dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
+            tile_start, tile_end, counts, starts, tile_rows, z, scaling, per_token_gates, dropout_p, seed,
+            need_x, need_g, need_a, need_b,
         )
 
 
@@ -119,6 +123,13 @@ def _pick_grads(ctx, grads) -> tuple:
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6], strict=True))
 
 
+def _tail(ctx, dy) -> tuple:
+    """Gradients of the inputs after the six differentiable ones: task_cluster, the six routing
+    tensors, tile_rows, base (y = base + delta: its gradient is dy itself, no copy), seed,
+    scaling, per_token_gates, dropout_p."""
+    return (None,) * 8 + (dy if ctx.needs_input_grad[14] else None,) + (None,) * 4
+
+
 # ---- eager path ------------------------------------------------------------------------------
 
 class _FusedCGCLoRA(torch.autograd.Function):
@@ -126,23 +137,25 @@ class _FusedCGCLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-                tile_end, counts, starts, seed, scaling, per_token_gates, dropout_p):
+                tile_end, counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p):
         y, z = _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-                               tile_start, tile_end, seed, scaling, per_token_gates, dropout_p)
+                               tile_start, tile_end, counts, tile_rows, seed, scaling, per_token_gates,
+                               dropout_p, base=base)
         ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
                               tile_start, tile_end, counts, starts, z, seed)
-        ctx.scaling, ctx.per_token_gates, ctx.dropout_p = scaling, per_token_gates, dropout_p
+        ctx.tile_rows, ctx.scaling = tile_rows, scaling
+        ctx.per_token_gates, ctx.dropout_p = per_token_gates, dropout_p
         ctx.mark_non_differentiable(z)
         return y, z
 
     @staticmethod
     def backward(ctx, dy, _dz):
         needs = _needs(ctx)
-        tail = (None,) * 11  # task_cluster, routing tensors, seed, scaling, per_token_gates, dropout_p
         if not any(needs):
-            return (None,) * 6 + tail
-        grads = _launch_backward(dy, *ctx.saved_tensors, ctx.scaling, ctx.per_token_gates, ctx.dropout_p, needs)
-        return _pick_grads(ctx, grads) + tail
+            return (None,) * 6 + _tail(ctx, dy)
+        grads = _launch_backward(dy, *ctx.saved_tensors, ctx.tile_rows, ctx.scaling, ctx.per_token_gates,
+                                 ctx.dropout_p, needs)
+        return _pick_grads(ctx, grads) + _tail(ctx, dy)
 
 
 # ---- custom ops (torch.compile) --------------------------------------------------------------
@@ -151,18 +164,19 @@ class _FusedCGCLoRA(torch.autograd.Function):
 def _lora_fwd(
     x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor, task_b: Tensor,
     task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor, tile_end: Tensor,
-    counts: Tensor, starts: Tensor, seed: Tensor | None, scaling: float, per_token_gates: bool,
-    dropout_p: float,
+    counts: Tensor, starts: Tensor, tile_rows: int, base: Tensor | None, seed: Tensor | None, scaling: float,
+    per_token_gates: bool, dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
     return _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-                           tile_start, tile_end, seed, scaling, per_token_gates, dropout_p)
+                           tile_start, tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p,
+                           base=base)
 
 
 @_lora_fwd.register_fake
 def _(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-      counts, starts, seed, scaling, per_token_gates, dropout_p):
+      counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p):
     M = x.shape[0]
-    return (x.new_empty(M, task_b.shape[1]),
+    return (x.new_empty(M, task_b.shape[1], dtype=base.dtype if base is not None else x.dtype),
             x.new_empty(M, shared_a.shape[1] + task_a.shape[1], dtype=torch.float32))
 
 
@@ -170,15 +184,16 @@ def _(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_ta
 def _lora_fwd_inplace(
     out: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, seed: Tensor | None, scaling: float, per_token_gates: bool, dropout_p: float,
+    tile_end: Tensor, counts: Tensor, tile_rows: int, seed: Tensor | None, scaling: float, per_token_gates: bool,
+    dropout_p: float,
 ) -> None:
     _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-                    tile_end, seed, scaling, per_token_gates, dropout_p, out=out)
+                    tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p, out=out)
 
 
 @_lora_fwd_inplace.register_fake
 def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-      tile_end, seed, scaling, per_token_gates, dropout_p):
+      tile_end, counts, tile_rows, seed, scaling, per_token_gates, dropout_p):
     return None
 
 
@@ -186,19 +201,19 @@ def _(out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, ti
 def _lora_bwd(
     dy: Tensor, x: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
     task_b: Tensor, task_cluster: Tensor | None, order: Tensor, tile_task: Tensor, tile_start: Tensor,
-    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor | None, scaling: float,
-    per_token_gates: bool, dropout_p: float, needs: list[bool],
+    tile_end: Tensor, counts: Tensor, starts: Tensor, z: Tensor, seed: Tensor | None, tile_rows: int,
+    scaling: float, per_token_gates: bool, dropout_p: float, needs: list[bool],
 ) -> list[Tensor]:
     """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded gradient is an empty tensor."""
     grads = _launch_backward(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
-                             tile_start, tile_end, counts, starts, z, seed, scaling, per_token_gates,
+                             tile_start, tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates,
                              dropout_p, needs)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @_lora_bwd.register_fake
 def _(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
-      tile_end, counts, starts, z, seed, scaling, per_token_gates, dropout_p, needs):
+      tile_end, counts, starts, z, seed, tile_rows, scaling, per_token_gates, dropout_p, needs):
     need_x, need_g, need_a, need_b = needs
     like = lambda t, need: torch.empty_like(t) if need else x.new_empty(0)
     return [like(x, need_x), like(gates, need_g), like(shared_a, need_a), like(shared_b, need_b),
@@ -207,21 +222,21 @@ def _(dy, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, til
 
 def _setup_context(ctx, inputs, output):
     (x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
-     counts, starts, seed, scaling, per_token_gates, dropout_p) = inputs
+     counts, starts, tile_rows, base, seed, scaling, per_token_gates, dropout_p) = inputs
     _, z = output
     ctx.save_for_backward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
                           tile_start, tile_end, counts, starts, z, seed)
-    ctx.scaling, ctx.per_token_gates, ctx.dropout_p = scaling, per_token_gates, dropout_p
+    ctx.tile_rows, ctx.scaling = tile_rows, scaling
+    ctx.per_token_gates, ctx.dropout_p = per_token_gates, dropout_p
 
 
 def _backward(ctx, dy, _dz):
     needs = _needs(ctx)
-    tail = (None,) * 11  # task_cluster, routing tensors, seed, scaling, per_token_gates, dropout_p
     if not any(needs):
-        return (None,) * 6 + tail
-    grads = torch.ops.cgc_kernels.lora_bwd(dy, *ctx.saved_tensors, ctx.scaling, ctx.per_token_gates,
-                                           ctx.dropout_p, needs)
-    return _pick_grads(ctx, grads) + tail
+        return (None,) * 6 + _tail(ctx, dy)
+    grads = torch.ops.cgc_kernels.lora_bwd(dy, *ctx.saved_tensors, ctx.tile_rows, ctx.scaling,
+                                           ctx.per_token_gates, ctx.dropout_p, needs)
+    return _pick_grads(ctx, grads) + _tail(ctx, dy)
 
 
 _lora_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -244,12 +259,17 @@ def cgc_lora(
     dropout_p: float = 0.0,
     out: torch.Tensor | None = None,
     backend: str | None = None,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CGC-LoRA delta for a mixed-task batch; see `cgc_kernels.reference.cgc_lora` for the math.
 
     Shapes: x [M, d_in]; task_ids [M] in [-1, T) or a TaskRouting; gates [T, S+K] (or [M, S+K]
     with per_token_gates); shared_a [C, S*r, d_in]; shared_b [C, d_out, S*r]; task_a [T, K*r, d_in];
     task_b [T, d_out, K*r]; task_cluster [T] or None. Returns [M, d_out] (or `out` += delta).
+
+    base: [M, d_out] the base layer's output (not with `out`): returns base + delta as a new
+    tensor, differentiable in base (its gradient is dy). The Triton kernels write it in one pass
+    (no zero-fill, no add after), which is what a training step wants; `out=` adds in place.
 
     A TaskRouting skips the id check (no host sync) and is reused across layers; on the Triton
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
@@ -258,19 +278,22 @@ def cgc_lora(
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
         chosen = "reference"  # beyond the kernels' register budget
+    if base is not None:
+        _check_base(base, out, x, task_b)
     if chosen == "reference":
-        return reference.cgc_lora(
+        delta = reference.cgc_lora(
             x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
             task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
         )
+        return delta if base is None else base + delta.to(base.dtype)
     # Under torch.compile the checks run once, at trace time; the cache is for eager calls.
     key = None if torch.compiler.is_compiling() else _call_key(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-        dropout_p, out)
+        dropout_p, out, base)
     shp = _CHECKED.get(key) if key is not None else None
     if shp is not None:  # the same call signature passed every check below before
         return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                       per_token_gates, dropout_p, out, shp)
+                       per_token_gates, dropout_p, out, shp, base)
     shp = check_cgc_lora_args(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
         task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
@@ -291,7 +314,7 @@ def cgc_lora(
             _CHECKED.clear()
         _CHECKED[key] = shp
     return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                   per_token_gates, dropout_p, out, shp)
+                   per_token_gates, dropout_p, out, shp, base)
 
 
 # Call signatures (every tensor's shape, dtype and device, and the other arguments) that passed
@@ -305,18 +328,18 @@ def _meta(t):
 
 
 def _call_key(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-              dropout_p, out) -> tuple | None:
+              dropout_p, out, base=None) -> tuple | None:
     """Hashable signature of a call with a TaskRouting (None: always check fully)."""
     tensors = (x, gates, shared_a, shared_b, task_a, task_b)
     if not isinstance(task_ids, TaskRouting) or not all(isinstance(t, torch.Tensor) for t in tensors) or not (
             isinstance(task_cluster, (torch.Tensor, type(None))) and isinstance(out, (torch.Tensor, type(None)))):
         return None
-    return (tuple(_meta(t) for t in tensors), _meta(task_cluster), _meta(out), task_ids.num_rows,
+    return (tuple(_meta(t) for t in tensors), _meta(task_cluster), _meta(out), _meta(base), task_ids.num_rows,
             task_ids.num_tasks, task_ids.device, bool(per_token_gates), type(scaling), dropout_p)
 
 
 def _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-            dropout_p, out, shp: CGCShapes) -> torch.Tensor:
+            dropout_p, out, shp: CGCShapes, base: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of a checked call: eager launches, or the custom ops under torch.compile."""
     if isinstance(task_ids, TaskRouting):
         routing = task_ids
@@ -327,21 +350,36 @@ def _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, tas
     args = (float(scaling), bool(per_token_gates), float(dropout_p))
 
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out) if t is not None)
+        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out, base) if t is not None)
     compiling = torch.compiler.is_compiling()
-    if not needs_grad:
-        target = out if out is not None else x.new_zeros(shp.M, shp.d_out)
+    if not needs_grad and out is not None:
         if compiling:
             torch.ops.cgc_kernels.lora_fwd_inplace(
-                target, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, seed, *args)
+                out, x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
+                routing.block_m, seed, *args)
         else:
-            _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, seed, *args,
-                            out=target)
-        return target
+            _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts,
+                            routing.block_m, seed, *args, out=out)
+        return out
+    # The functional op writes every row of a new tensor: base + delta, or the delta alone.
     fn = torch.ops.cgc_kernels.lora_fwd if compiling else _FusedCGCLoRA.apply
     y, _ = fn(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, *rt, routing.counts, routing.starts,
-              seed, *args)
+              routing.block_m, base, seed, *args)
     if out is None:
         return y
     return out.add_(y)
+
+
+def _check_base(base, out, x, task_b) -> None:
+    if out is not None:
+        raise ValueError("pass base= (returns base + delta) or out= (adds into out in place), not both")
+    if not isinstance(base, torch.Tensor) or base.dim() != 2:
+        raise ValueError(f"base must be a 2-D tensor [M, d_out], got {getattr(base, 'shape', type(base))}")
+    want = (x.shape[0], task_b.shape[1]) if x.dim() == 2 and task_b.dim() == 3 else None
+    if want is not None and tuple(base.shape) != want:
+        raise ValueError(f"base must be [M, d_out] = {want}, got {tuple(base.shape)}")
+    if not base.dtype.is_floating_point:
+        raise ValueError(f"base must be a floating tensor, got {base.dtype}")
+    if base.device != x.device:
+        raise ValueError(f"base is on {base.device} but x is on {x.device}; all tensors must share a device")
 

@@ -21,6 +21,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 MAX_RANK_PAD = 128
 
 _pinned = os.environ.get("CGC_KERNELS_PIN_CONFIG", "0") not in ("", "0")
+# CGC_KERNELS_GPU_CONFIGS=1: the interpreter runs the GPU block configs instead of the pinned ones,
+# so the configs a GPU will use are proven correct on CPU (slower: smaller blocks, more programs).
+GPU_CONFIGS_IN_INTERPRETER = os.environ.get("CGC_KERNELS_GPU_CONFIGS", "0") not in ("", "0")
 
 
 def pin_configs(pinned: bool = True) -> None:
@@ -30,8 +33,9 @@ def pin_configs(pinned: bool = True) -> None:
 
 
 def configs_pinned() -> bool:
-    """True when launchers must use the pinned config (explicitly pinned, or in the interpreter)."""
-    return _pinned or INTERPRET
+    """True when launchers must use the pinned config (explicitly pinned, or in the interpreter
+    unless CGC_KERNELS_GPU_CONFIGS=1)."""
+    return _pinned or (INTERPRET and not GPU_CONFIGS_IN_INTERPRETER)
 
 
 def rank_pad(rank: int) -> int:
