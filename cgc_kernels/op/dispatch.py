@@ -1,8 +1,12 @@
 """The public op `cgc_lora`: validates, then dispatches to a backend.
 
-Backends: "reference" (pure PyTorch, autograd; the CPU path) and "triton" (fused kernels; CUDA,
-or CPU tensors under TRITON_INTERPRET=1). `backend=None` picks Triton for CUDA tensors in fp16,
-bf16 or fp32 (stacked rank per side <= 128) and the reference otherwise.
+Backends: "torch" (the fast PyTorch backend, torch_backend.py: the CPU path), "triton" (fused
+kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1) and "reference" (the readable spec,
+autograd through plain PyTorch; tests and benchmarks). `backend=None` picks Triton for CUDA
+tensors in fp16, bf16 or fp32 (stacked rank per side <= 128) and "torch" otherwise.
+
+Every backend runs with autocast disabled: the caller (CGCLoRALinear) has already chosen the
+compute dtype the way nn.Linear does under autocast, and the op's own casts must not be redone.
 
 The Triton path is three `torch.library` custom ops, so `torch.compile(fullgraph=True)` traces
 through them:
@@ -23,19 +27,19 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, torch_backend
 from .routing import TaskRouting, build_routing
 from .triton import common
 from .validation import check_cgc_lora_args
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("torch", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     """The backend a call on `x` runs: the one asked for, or the device's default."""
     if backend is None:
-        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "reference"
+        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
@@ -183,9 +187,16 @@ def cgc_lora(
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
     per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
+    with torch.autocast(x.device.type, enabled=False):
+        return _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                         per_token_gates, dropout_p, out, backend)
+
+
+def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+              dropout_p, out, backend):
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
-        chosen = "reference"  # beyond the kernels' register budget
+        chosen = "torch"  # beyond the kernels' register budget
     if chosen == "reference":
         return reference.cgc_lora(
             x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
@@ -195,6 +206,14 @@ def cgc_lora(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
         task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
     )
+    if chosen == "torch":
+        if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
+            raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
+        delta = torch_backend.cgc_lora_torch(
+            x, task_ids, gates.to(x.device), shared_a, shared_b, task_a, task_b, scaling,
+            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p,
+        )
+        return delta if out is None else out.add_(delta.to(out.dtype))
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
     if not x.is_cuda and not common.INTERPRET:
