@@ -3,7 +3,7 @@
     y = base(x) + cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, alpha / r)
 
 The base layer is called as it is (nn.Linear, GPT-2's Conv1D, bitsandbytes 4-bit / int8 layers,
-...), and the LoRA delta is added into its output in place. A quantized base runs its own kernels
+...), and the LoRA delta is added to its output (in place when no gradient is recorded). A quantized base runs its own kernels
 without autograd and its input gradient comes from its dequantized weight (see quantized.py).
 `merge(task)` folds one task's gate-weighted experts into the base weight (for deployment);
 `unmerge()` restores the saved original exactly.
@@ -192,7 +192,10 @@ class CGCLoRALinear(nn.Module):
                 gates, per_token = self.gate(), False
         kw = dict(task_cluster=self.task_cluster if self.num_clusters > 1 else None, per_token_gates=per_token,
                   dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
-        if result.dtype != dtype:  # a base that autocast does not cover: add the delta in its dtype
+        if torch.is_grad_enabled() or result.dtype != dtype:
+            # Out of place under autograd (as PEFT's LoRA): an in-place add into a view of the base
+            # output costs autograd a copy of it, and is refused when that output comes from a
+            # compiled region or a custom Function. Also for a base whose dtype autocast leaves alone.
             delta = cgc_lora(x2, task_ids, gates, *experts, self.scaling, **kw)
             return result + delta.view(result.shape).to(result.dtype)
         out2 = result.reshape(-1, self.out_features)  # a view of the base output when contiguous

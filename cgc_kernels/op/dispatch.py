@@ -179,6 +179,9 @@ def cgc_lora(
 ) -> torch.Tensor:
     """CGC-LoRA delta for a mixed-task batch; see `cgc_kernels.reference.cgc_lora` for the math.
 
+    backend: "torch" (the fast PyTorch path, the CPU default), "triton" (the CUDA default) or
+    "reference" (the spec); None picks by device, dtype and rank.
+
     Shapes: x [M, d_in]; task_ids [M] in [-1, T) or a TaskRouting; gates [T, S+K] (or [M, S+K]
     with per_token_gates); shared_a [C, S*r, d_in]; shared_b [C, d_out, S*r]; task_a [T, K*r, d_in];
     task_b [T, d_out, K*r]; task_cluster [T] or None. Returns [M, d_out] (or `out` += delta).
@@ -187,9 +190,13 @@ def cgc_lora(
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
     per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
-    with torch.autocast(x.device.type, enabled=False):
-        return _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                         per_token_gates, dropout_p, out, backend)
+    args = (x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+            dropout_p, out, backend)
+    device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return _dispatch(*args)
+    with torch.autocast(device, enabled=False):
+        return _dispatch(*args)
 
 
 def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
