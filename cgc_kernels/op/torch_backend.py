@@ -19,9 +19,9 @@ and dgates, all as slices and GEMMs (DESIGN.md section 2):
     dz_raw = dy B                  dB = dy^T (g * z)              dz = g * dz_raw
     dA = dz^T h                    dx = drop'(dz A)               dg[t, e] = sum over t's rows of <dz_raw_e, z_e>
 
-Gates are folded with the scaling s into `g`, so no pass over y scales it. The per-task sums of
-dgates are one small GEMM with the one-hot task matrix [M, T], which also expands the task gates
-to rows (a task -1 row gets a zero row: no contribution). Matmuls run in x's dtype (fp32
+Gates are folded with the scaling s into `g`, so no pass over y scales it. Task gates reach their
+rows run by run and dgates is summed run by run, so a NaN in one task's gate or rows reaches no
+other task. Matmuls run in x's dtype (fp32
 accumulation inside the BLAS for fp16 / bf16); results are deterministic run to run.
 
 Eager calls go through the autograd Function `_TorchCGCLoRA` (a plain Python call without
@@ -61,11 +61,6 @@ class RowPlan:
     ids: torch.Tensor
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
-
-    def one_hot(self, num_tasks: int, dtype: torch.dtype) -> torch.Tensor:
-        """[M, T] 1 where row m has task t (all zero for task -1)."""
-        arange = torch.arange(num_tasks, device=self.ids.device)
-        return (self.ids.unsqueeze(1) == arange).to(dtype)
 
 
 def _runs(host_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -117,13 +112,22 @@ def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_clus
 def _row_gates(plan: RowPlan, gates: torch.Tensor, per_token: bool, S: int, r: int, scaling: float,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(g_task [T, (S+K) r] or None, ws [M, S r] (zero rows for task -1), wt [M, K r] or None):
-    gates times scaling, repeated over each expert's r rank columns."""
+    gates times scaling, repeated over each expert's r rank columns. Task gates reach the rows
+    run by run (a broadcast copy per run, no gather), and a NaN in one task's gate stays there."""
+    M = plan.ids.shape[0]
     if per_token:
         g = gates if plan.order is None else gates[plan.order]
-        rows = (g.to(dtype) * scaling).repeat_interleave(r, dim=1) * (plan.ids >= 0).unsqueeze(1).to(dtype)
+        rows = (g.to(dtype) * scaling).repeat_interleave(r, dim=1)
+        rows = torch.where((plan.ids >= 0).unsqueeze(1), rows, 0.0)
         return None, rows[:, : S * r], rows[:, S * r:]
     g_task = (gates.to(dtype) * scaling).repeat_interleave(r, dim=1)  # [T, (S+K) r]
-    ws = plan.one_hot(gates.shape[0], dtype) @ g_task[:, : S * r] if S > 0 else None
+    ws = None
+    if S > 0:
+        ws = torch.empty(M, S * r, dtype=dtype, device=plan.ids.device)
+        if sum(b - a for _, a, b in plan.runs) < M:
+            ws.zero_()
+        for t, a, b in plan.runs:
+            ws[a:b] = g_task[t, : S * r]
     return g_task, ws, None
 
 
@@ -201,7 +205,12 @@ def backward_rows(dy: torch.Tensor, h: torch.Tensor, plan: RowPlan, gates, share
     dg = None
     if need_g:
         g_rows = g_rows * scaling
-        dg = g_rows if per_token else plan.one_hot(T, dt).T @ g_rows
+        if per_token:
+            dg = g_rows
+        else:  # per-task sums, run by run (a NaN in one task's rows reaches only that task's gates)
+            dg = h.new_zeros(T, S + K)
+            for t, a, b in plan.runs:
+                dg[t] += g_rows[a:b].sum(0)
         dg = dg.to(gates.dtype)
     return dh, dg, dsa, dsb, dta, dtb
 
