@@ -225,10 +225,10 @@ def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, t
         raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
     if not x.is_cuda and not common.INTERPRET:
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
-                         "is imported (Triton's interpreter); use a CUDA device or backend='reference'")
+                         "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
     if _rank_too_large(shared_a, task_a):
         raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
-                         f"exceeds {common.MAX_RANK_PAD}, the fused kernels' limit; use backend='reference'")
+                         f"exceeds {common.MAX_RANK_PAD}, the fused kernels' limit; use backend='torch'")
     if isinstance(task_ids, TaskRouting):
         routing = task_ids
         if routing.device != x.device:
