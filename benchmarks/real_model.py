@@ -161,6 +161,7 @@ def main() -> None:
     train = summary(interleaved(cands, args.rounds, params), "peft_lora")
     result = {"environment": environment("cpu"), "rounds": args.rounds, "train": train}
     _print("training step (x peft_lora)", train)
+    _write(args.out, result)  # now, so a run stopped during the decode keeps the training table
     if not args.skip_decode:
         rows, prompt, new = DECODE
         dids = torch.randint(0, vocab, (rows, prompt), generator=gen)
@@ -169,17 +170,22 @@ def main() -> None:
                          "peft_mixed", tokens=rows * new)
         result["decode"] = decode
         _print("decode (time x peft_mixed)", decode)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+        _write(args.out, result)
+
+
+def _write(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _print(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
+    print(f"\n{title}", flush=True)
     for r in rows:
         tps = f"  {r['tokens_per_s']:.1f} tok/s" if r["tokens_per_s"] else ""
         print(f"  {r['candidate']:<14} {r['median_s']:8.3f} s  (p20 {r['p20_s']:.3f}, p80 {r['p80_s']:.3f})"
-              f"  x{r['vs_ref']:.2f}{tps}")
+              f"  x{r['vs_ref']:.2f}{tps}", flush=True)
 
 
 if __name__ == "__main__":
