@@ -3,8 +3,9 @@
     y = base(x) + cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, alpha / r)
 
 The base layer is called as it is (nn.Linear, GPT-2's Conv1D, bitsandbytes 4-bit / int8 layers,
-...), and the LoRA delta is added to its output (in place when no gradient is recorded). A quantized base runs its own kernels
-without autograd and its input gradient comes from its dequantized weight (see quantized.py).
+...), and the LoRA delta is added to its output (in place when no gradient is recorded). A
+quantized base runs its own kernels without autograd and its input gradient comes from its
+dequantized weight (see quantized.py).
 `merge(task)` folds one task's gate-weighted experts into the base weight (for deployment);
 `unmerge()` restores the saved original exactly.
 """

@@ -164,7 +164,7 @@ def backward_rows(dy: torch.Tensor, h: torch.Tensor, plan: RowPlan, gates, share
                   need_x: bool, need_g: bool, need_a: bool, need_b: bool):
     """(dh, dgates, dshared_a, dshared_b, dtask_a, dtask_b) in plan order; None where not needed.
     dgates is per task [T, S+K], or per row [M, S+K] (plan order) with per-token gates."""
-    M, dt = h.shape[0], h.dtype
+    M = h.shape[0]
     T = task_a.shape[0]
     dh = None
     if need_x:
