@@ -315,6 +315,8 @@ PROVIDERS: dict[str, Provider] = {
                  needs_cuda=True),
         Provider("cuda_ref", "csrc_ref's hand-written CUDA forward (fp32, no tensor cores)", ("op",),
                  needs_cuda=True, modes=("forward",)),
+        Provider("torch", "cgc_lora, the fast PyTorch backend (backend='torch'; the CPU default)",
+                 ("op", "layer", "infer")),
         Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer")),
         Provider("moelora_loop", "MOELoRA-style: one Linear pair per expert, all experts on all tokens",
                  ("op", "layer", "infer")),
@@ -328,6 +330,10 @@ PROVIDERS: dict[str, Provider] = {
 }
 
 
+# Providers that are a backend of cgc_lora itself.
+OP_BACKENDS = {"fused": "triton", "torch": "torch", "reference": "reference"}
+
+
 def _op_args(p: Problem, layer: CGCLoRALinear):
     return (layer.shared_a, layer.shared_b, layer.task_a, layer.task_b, layer.scaling)
 
@@ -336,8 +342,8 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
     """The runner of `provider` at `level` ("op": the LoRA branch alone; "layer": base + branch,
     training; "infer": base + branch under no_grad, one task per sequence)."""
     case = p.case
-    if provider in ("reference", "fused"):
-        backend = "reference" if provider == "reference" else "triton"
+    if provider in OP_BACKENDS:
+        backend = OP_BACKENDS[provider]
         layer = p.cached(f"layer-{backend}", lambda: clone_layer(p.layer, backend))
         if level == "op":
             gates = p.gates.clone().requires_grad_()
@@ -684,8 +690,8 @@ def model_cases(size: str) -> list[ModelCase]:
 
 
 MODEL_PROVIDERS = {
-    "train": ("fused", "reference", "moelora_loop", "peft_lora"),
-    "generate": ("fused", "reference", "moelora_loop", "peft_mixed", "peft_lora", "bare_model"),
+    "train": ("fused", "torch", "reference", "moelora_loop", "peft_lora"),
+    "generate": ("fused", "torch", "reference", "moelora_loop", "peft_mixed", "peft_lora", "bare_model"),
 }
 
 
@@ -788,8 +794,8 @@ def model_call(provider: str, p: ModelProblem) -> tuple[Callable[..., object], s
     generated ids with generate=True; check as in Runner ("same", "task0", "none")."""
     ids, tasks = p.sample_ids, p.sample_ids.tolist()
     gen_kw = dict(max_new_tokens=p.new_tokens, min_new_tokens=p.new_tokens, do_sample=False, pad_token_id=0)
-    if provider in ("reference", "fused"):
-        backend = "reference" if provider == "reference" else "triton"
+    if provider in OP_BACKENDS:
+        backend = OP_BACKENDS[provider]
 
         def call(x, generate=False):
             _set_backend(p.cgc, backend)
@@ -916,7 +922,7 @@ def run_model(benchmark, *, provider: str, case: ModelCase, size: str) -> None:
 
 
 def _model_of(provider: str, p: ModelProblem) -> nn.Module:
-    if provider in ("reference", "fused"):
+    if provider in OP_BACKENDS:
         return p.cgc
     if provider == "bare_model":
         return p.base

@@ -16,8 +16,8 @@ import statistics
 from collections import defaultdict
 
 BASELINE = "moelora_loop"
-PROVIDER_ORDER = ["fused", "cuda_ref", "reference", "torch_compile", "moelora_loop", "peft_lora", "peft_mixed",
-                  "bare_linear", "cgc", "moelora", "peft"]
+PROVIDER_ORDER = ["fused", "cuda_ref", "torch", "reference", "torch_compile", "moelora_loop", "peft_lora",
+                  "peft_mixed", "bare_linear", "cgc", "moelora", "peft"]
 
 
 def _providers(rows: list[dict]) -> list[str]:

@@ -13,8 +13,9 @@ from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 class TinyCGC(torch.nn.Module):
     """A frozen base linear plus a CGC-LoRA branch added into its output (as the layer does)."""
 
-    def __init__(self, args: dict, dropout_p: float = 0.0):
+    def __init__(self, args: dict, dropout_p: float = 0.0, backend: str = "triton"):
         super().__init__()
+        self.backend = backend
         d_in, d_out = args["x"].shape[1], args["task_b"].shape[1]
         self.base = torch.nn.Linear(d_in, d_out)
         self.base.requires_grad_(False)
@@ -28,18 +29,19 @@ class TinyCGC(torch.nn.Module):
         out = self.base(x)
         gates = torch.softmax(self.logits, -1)
         return cgc_lora(x, routing, gates, self.shared_a, self.shared_b, self.task_a, self.task_b, 2.0,
-                        task_cluster=self.task_cluster, dropout_p=self.dropout_p, out=out, backend="triton")
+                        task_cluster=self.task_cluster, dropout_p=self.dropout_p, out=out, backend=self.backend)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("op_backend", ["triton", "torch"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_matches_eager(compile_backend, device):
+def test_compile_fullgraph_matches_eager(compile_backend, op_backend, device):
     case = Case(M=30, d_in=33, d_out=17, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
     args = make_inputs(case, dtype=torch.float32, device=device)
     routing = build_routing(args["task_ids"], case.T, args["task_cluster"])  # built outside: no sync inside
     torch.manual_seed(0)
-    eager = TinyCGC(args).to(device)
-    compiled_mod = TinyCGC(args).to(device)
+    eager = TinyCGC(args, backend=op_backend).to(device)
+    compiled_mod = TinyCGC(args, backend=op_backend).to(device)
     compiled_mod.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_mod, fullgraph=True, backend=compile_backend)
     results = []
@@ -51,6 +53,16 @@ def test_compile_fullgraph_matches_eager(compile_backend, device):
     tol = TOLERANCES[torch.float32]
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a, **tol)
+
+
+def test_torch_backend_custom_ops_pass_opcheck():
+    case = Case(M=12, d_in=17, d_out=9, T=2, S=1, K=1, r=2, C=2)
+    args = make_inputs(case, dtype=torch.float32)
+    fwd_args = (args["x"].requires_grad_(), args["task_ids"], args["gates"].requires_grad_(), args["shared_a"],
+                args["shared_b"], args["task_a"], args["task_b"].requires_grad_(), args["task_cluster"], 2.0,
+                False, 0.0)
+    torch.library.opcheck(torch.ops.cgc_kernels.torch_fwd.default, fwd_args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -39,6 +39,9 @@ class CGCDataCollator:
         label_pad_token_id: label of padded and prompt positions.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         response_only: every example must give prompt_length (loss on the response only).
+        group_by_task: order the batch's rows by task (stable; one id per sequence only), so that
+            every task is a contiguous slice of each adapted layer's input (no gather). Every
+            column moves with its row, so a loss or a metric over the batch is unchanged.
     """
 
     pad_token_id: int
@@ -47,6 +50,7 @@ class CGCDataCollator:
     label_pad_token_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     response_only: bool = False
+    group_by_task: bool = True
 
     def __post_init__(self):
         if self.padding_side not in ("left", "right"):
@@ -115,6 +119,8 @@ class CGCDataCollator:
         per_token = [isinstance(t, list) for _, _, t, _ in rows]
         if any(per_token) and not all(per_token):
             raise ValueError("either every example gives one task id per token or none does")
+        if self.group_by_task and not any(per_token):
+            rows.sort(key=lambda row: row[2])  # stable: a task's examples keep their order
         length = max(len(ids) for ids, _, _, _ in rows)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of

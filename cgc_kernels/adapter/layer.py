@@ -3,8 +3,9 @@
     y = base(x) + cgc_lora(x, task_ids, gates, shared_a, shared_b, task_a, task_b, alpha / r)
 
 The base layer is called as it is (nn.Linear, GPT-2's Conv1D, bitsandbytes 4-bit / int8 layers,
-...), and the LoRA delta is added into its output in place. A quantized base runs its own kernels
-without autograd and its input gradient comes from its dequantized weight (see quantized.py).
+...), and the LoRA delta is added to its output (in place when no gradient is recorded). A
+quantized base runs its own kernels without autograd and its input gradient comes from its
+dequantized weight (see quantized.py).
 `merge(task)` folds one task's gate-weighted experts into the base weight (for deployment);
 `unmerge()` restores the saved original exactly.
 """
@@ -186,22 +187,39 @@ class CGCLoRALinear(nn.Module):
                                  f"{tuple(x.shape[:-1])}")
             task_ids = task_ids.reshape(-1)
 
-        x2 = x.reshape(-1, self.in_features).to(self.shared_a.dtype)
+        dtype = self.compute_dtype(x)
+        experts = [w.to(dtype) for w in (self.shared_a, self.shared_b, self.task_a, self.task_b)]
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # the gate computes in its own dtype (fp32)
+            if self.gate_kind == "token":
+                ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
+                gates, per_token = self.gate(x2.to(self.shared_a.dtype), ids), True
+            else:
+                gates, per_token = self.gate(), False
+        kw = dict(task_cluster=self.task_cluster if self.num_clusters > 1 else None, per_token_gates=per_token,
+                  dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        if torch.is_grad_enabled() or result.dtype != dtype:
+            # Out of place under autograd (as PEFT's LoRA): an in-place add into a view of the base
+            # output costs autograd a copy of it, and is refused when that output comes from a
+            # compiled region or a custom Function. Also for a base whose dtype autocast leaves alone.
+            if result.dtype == dtype:  # base + delta in one pass (the kernels write it directly)
+                y = cgc_lora(x2, task_ids, gates, *experts, self.scaling,
+                             base=result.reshape(-1, self.out_features), **kw)
+                return y.view(result.shape)
+            delta = cgc_lora(x2, task_ids, gates, *experts, self.scaling, **kw)
+            return result + delta.view(result.shape).to(result.dtype)
         out2 = result.reshape(-1, self.out_features)  # a view of the base output when contiguous
-        if self.gate_kind == "token":
-            ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
-            gates, per_token = self.gate(x2, ids), True
-        else:
-            gates, per_token = self.gate(), False
-        delta_out = cgc_lora(
-            x2, task_ids, gates, self.shared_a, self.shared_b, self.task_a, self.task_b, self.scaling,
-            task_cluster=self.task_cluster if self.num_clusters > 1 else None,
-            per_token_gates=per_token, dropout_p=self.dropout if self.training else 0.0,
-            backend=self.backend,
-            # Training: base + delta written in one pass by the kernels; inference: added in place.
-            **({"base": out2} if torch.is_grad_enabled() else {"out": out2}),
-        )
+        delta_out = cgc_lora(x2, task_ids, gates, *experts, self.scaling, out=out2, **kw)
         return delta_out.view(result.shape)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the LoRA branch computes in: autocast's for x's device when it is on (as
+        nn.Linear: float64 is left alone), else the experts' own. The experts stay in their dtype
+        (fp32) either way; under autocast they are cast per forward, and their gradients flow back."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64 and self.shared_a.dtype != torch.float64:
+            return torch.get_autocast_dtype(device)
+        return self.shared_a.dtype
 
     def _check_merged_ids(self, task_ids) -> None:
         ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids

@@ -139,8 +139,9 @@ class TaskIdsMixin:
         if x is None:
             raise ValueError("CGCModel needs input_ids or inputs_embeds to place the task ids")
         batch, seq = x.shape[0], x.shape[1]
-        ids = self._request.expand(batch, seq).to(x.device)
-        self._set_routing(build_routing(ids, self.num_tasks, self._cluster_index(x.device), validate=False))
+        host_ids = self._request.expand(batch, seq)  # on the CPU: host-side planning needs no sync
+        self._set_routing(build_routing(host_ids.to(x.device), self.num_tasks, self._cluster_index(x.device),
+                                        validate=False, host_task_ids=host_ids))
 
     @contextlib.contextmanager
     def task_context(self, request: TaskRequest) -> Iterator[None]:

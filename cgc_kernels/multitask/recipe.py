@@ -136,6 +136,9 @@ def train_loop(cgc, tokenizer, rows: list[dict], tasks: list[str], settings: Tra
     bar = tqdm(mixed_batches(len(rows), settings.batch_size, settings.steps, settings.seed),
                total=settings.steps, desc="training", disable=not progress, unit="step")
     for idx in bar:
+        # Rows grouped by task (a stable sort; the loss is a mean over tokens, so row order does not
+        # change it): each task is then a slice of every adapted layer's input, with no gather.
+        idx = sorted(idx, key=lambda i: int(tids_all[i]))
         batch = training_batch([encoded[i] for i in idx], tokenizer.pad_token_id)
         loss = response_loss(cgc, batch, tids_all[idx])
         loss.backward()
@@ -163,15 +166,20 @@ def generate_answers(cgc, tokenizer, rows: list[dict], tasks: list[str], *, syst
     answers = []
     starts = range(0, len(rows), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-        chunk = prompts[s:s + batch_size]
-        ids, mask, _ = left_pad(chunk, tokenizer.pad_token_id)
-        tids = torch.tensor([tasks.index(r["task"]) for r in rows[s:s + batch_size]])
+        # Each batch's rows grouped by task for the model (slices, not gathers, in every layer);
+        # the answers come back in the caller's order.
+        chunk_rows = list(range(s, min(s + batch_size, len(rows))))
+        grouped = sorted(chunk_rows, key=lambda i: tasks.index(rows[i]["task"]))
+        ids, mask, _ = left_pad([prompts[i] for i in grouped], tokenizer.pad_token_id)
+        tids = torch.tensor([tasks.index(rows[i]["task"]) for i in grouped])
         out = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=tids, max_new_tokens=max_new_tokens,
                            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-        for row in out[:, ids.shape[1]:].tolist():
+        decoded = {}
+        for i, row in zip(grouped, out[:, ids.shape[1]:].tolist(), strict=True):
             if eos in row:
                 row = row[: row.index(eos)]
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            decoded[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+        answers += [decoded[i] for i in chunk_rows]
     return answers
 
 

@@ -1,8 +1,12 @@
 """The public op `cgc_lora`: validates, then dispatches to a backend.
 
-Backends: "reference" (pure PyTorch, autograd; the CPU path) and "triton" (fused kernels; CUDA,
-or CPU tensors under TRITON_INTERPRET=1). `backend=None` picks Triton for CUDA tensors in fp16,
-bf16 or fp32 (stacked rank per side <= 128) and the reference otherwise.
+Backends: "torch" (the fast PyTorch backend, torch_backend.py: the CPU path), "triton" (fused
+kernels; CUDA, or CPU tensors under TRITON_INTERPRET=1) and "reference" (the readable spec,
+autograd through plain PyTorch; tests and benchmarks). `backend=None` picks Triton for CUDA
+tensors in fp16, bf16 or fp32 (stacked rank per side <= 128) and "torch" otherwise.
+
+Every backend runs with autocast disabled: the caller (CGCLoRALinear) has already chosen the
+compute dtype the way nn.Linear does under autocast, and the op's own casts must not be redone.
 
 The Triton path reaches the kernel launchers two ways, with the same launches:
 
@@ -39,19 +43,19 @@ import functools
 
 import torch
 
-from . import reference
+from . import reference, torch_backend
 from .routing import TaskRouting, build_routing
 from .triton import common
 from .validation import CGCShapes, check_cgc_lora_args
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("torch", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     """The backend a call on `x` runs: the one asked for, or the device's default."""
     if backend is None:
-        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "reference"
+        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
@@ -263,6 +267,9 @@ def cgc_lora(
 ) -> torch.Tensor:
     """CGC-LoRA delta for a mixed-task batch; see `cgc_kernels.reference.cgc_lora` for the math.
 
+    backend: "torch" (the fast PyTorch path, the CPU default), "triton" (the CUDA default) or
+    "reference" (the spec); None picks by device, dtype and rank.
+
     Shapes: x [M, d_in]; task_ids [M] in [-1, T) or a TaskRouting; gates [T, S+K] (or [M, S+K]
     with per_token_gates); shared_a [C, S*r, d_in]; shared_b [C, d_out, S*r]; task_a [T, K*r, d_in];
     task_b [T, d_out, K*r]; task_cluster [T] or None. Returns [M, d_out] (or `out` += delta).
@@ -275,9 +282,20 @@ def cgc_lora(
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
     per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
+    args = (x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+            dropout_p, out, backend, base)
+    device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return _dispatch(*args)
+    with torch.autocast(device, enabled=False):
+        return _dispatch(*args)
+
+
+def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+              dropout_p, out, backend, base):
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
-        chosen = "reference"  # beyond the kernels' register budget
+        chosen = "torch"  # beyond the kernels' register budget
     if base is not None:
         _check_base(base, out, x, task_b)
     if chosen == "reference":
@@ -286,6 +304,20 @@ def cgc_lora(
             task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
         )
         return delta if base is None else base + delta.to(base.dtype)
+    if chosen == "torch":
+        check_cgc_lora_args(
+            x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
+            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
+        )
+        if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
+            raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
+        delta = torch_backend.cgc_lora_torch(
+            x, task_ids, gates.to(x.device), shared_a, shared_b, task_a, task_b, scaling,
+            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p,
+        )
+        if base is not None:
+            return base + delta.to(base.dtype)
+        return delta if out is None else out.add_(delta.to(out.dtype))
     # Under torch.compile the checks run once, at trace time; the cache is for eager calls.
     key = None if torch.compiler.is_compiling() else _call_key(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
@@ -302,11 +334,11 @@ def cgc_lora(
         raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
     if not x.is_cuda and not common.INTERPRET:
         raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
-                         "is imported (Triton's interpreter); use a CUDA device or backend='reference'")
+                         "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
     if _rank_too_large(shared_a, task_a):
         raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
                          f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to powers "
-                         f"of two); use backend='reference'")
+                         f"of two); use backend='torch'")
     if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
         raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
     if key is not None:

@@ -1,4 +1,5 @@
-"""The CGC-LoRA op in plain PyTorch: the specification every kernel is judged against, and the CPU path.
+"""The CGC-LoRA op in plain PyTorch: the specification every backend is judged against (the CPU
+path is torch_backend.py; this file is written to be read).
 
 For token m with task t = task_ids[m], cluster c = task_cluster[t], gate g = gates[t] (or gates[m]):
 

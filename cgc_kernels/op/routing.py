@@ -20,7 +20,7 @@ does it once; layers given a `TaskRouting` skip it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,6 +64,11 @@ class TaskRouting:
     tile_task: torch.Tensor  # [max_tiles] int32
     tile_start: torch.Tensor  # [max_tiles] int32
     tile_end: torch.Tensor  # [max_tiles] int32
+    # The ids on the CPU when the builder had them there (CGCModel does): backends that plan on
+    # the host (the PyTorch backend's row runs) read them without a device-to-host copy.
+    host_task_ids: torch.Tensor | None = None
+    # Per-routing results that every layer of one forward shares (e.g. a backend's row plan).
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -78,9 +83,9 @@ class TaskRouting:
         return self.task_ids.device
 
     def to(self, device: torch.device | str) -> TaskRouting:
-        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cache"}
         for k, v in fields.items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and k != "host_task_ids":
                 fields[k] = v.to(device)
         return TaskRouting(**fields)
 
@@ -92,6 +97,7 @@ def build_routing(
     *,
     block_m: int = DEFAULT_BLOCK_M,
     validate: bool = True,
+    host_task_ids: torch.Tensor | None = None,
 ) -> TaskRouting:
     """Sort tokens by (cluster, task) and cut each task's segment into tiles of `block_m` rows.
 
@@ -101,6 +107,8 @@ def build_routing(
         task_cluster: [T] integer cluster of each task, or None (one cluster).
         block_m: rows per tile.
         validate: check the ids (one host sync); pass False only for ids already checked.
+        host_task_ids: the same ids on the CPU, if the caller has them (kept for host-side planning;
+            CPU ids are their own host copy).
     """
     if validate:
         check_task_ids(task_ids, num_tasks)
@@ -146,8 +154,13 @@ def build_routing(
     tile_start = seg_start_sorted[which_c] + (slot - first_tile) * block_m
     tile_end = torch.minimum(tile_start + block_m, seg_start_sorted[which_c] + counts[task_order][which_c])
     neg = torch.full_like(slot, -1)
+    if host_task_ids is None and ids.device.type == "cpu":
+        host_task_ids = ids
+    elif host_task_ids is not None:
+        host_task_ids = host_task_ids.to("cpu", torch.int64).reshape(-1)
     return TaskRouting(
         task_ids=ids,
+        host_task_ids=host_task_ids,
         num_tasks=T,
         block_m=block_m,
         order=order,

@@ -1,0 +1,174 @@
+"""The fast PyTorch backend against the naive loop oracle and the reference: outputs, every
+gradient, rows in runs or interleaved (the gathered path), dropout through a given mask, fp16/bf16,
+and that the contiguous path really has no gather, scatter or index_add."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cgc_kernels
+from cgc_kernels import build_routing, reference
+from cgc_kernels.op import torch_backend
+from tests.cases import TOLERANCES, Case, make_inputs
+from tests.oracle import naive_cgc_lora
+
+DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
+
+CASES = [
+    Case(M=7, d_in=5, d_out=6, T=1, S=0, K=1, r=3),  # plain LoRA
+    Case(M=9, d_in=8, d_out=4, T=3, S=0, K=1, r=2),  # multi-LoRA: task experts only
+    Case(M=9, d_in=8, d_out=4, T=3, S=4, K=0, r=2),  # MOELoRA: shared experts only
+    Case(M=40, d_in=6, d_out=7, T=3, S=2, K=1, r=2),  # CGC-LoRA, interleaved rows
+    Case(M=30, d_in=6, d_out=5, T=4, S=2, K=2, r=1, C=2),  # two clusters
+    Case(M=30, d_in=6, d_out=5, T=4, S=2, K=2, r=1, C=2, ids="with_unrouted"),  # clusters + task -1
+    Case(M=24, d_in=5, d_out=3, T=3, S=1, K=1, r=2, ids="with_unrouted"),  # task -1 rows
+    Case(M=20, d_in=7, d_out=9, T=3, S=2, K=1, r=2, per_token_gates=True),  # per-token gates
+    Case(M=8, d_in=33, d_out=65, T=2, S=1, K=2, r=3),  # odd dimensions
+    Case(M=1, d_in=4, d_out=3, T=2, S=1, K=1, r=2),  # a single token (decode)
+    Case(M=0, d_in=4, d_out=3, T=2, S=1, K=1, r=2),  # empty batch
+    Case(M=6, d_in=4, d_out=3, T=3, S=1, K=1, r=2, ids="skip_task"),  # a task with no tokens
+    Case(M=6, d_in=4, d_out=3, T=3, S=1, K=1, r=2, ids="all_unrouted"),  # nothing routed
+    Case(M=12, d_in=4, d_out=3, T=3, S=1, K=1, r=2, ids="one_task"),  # one run
+]
+LAYOUTS = ["as_drawn", "grouped", "sequences", "gathered"]
+
+
+def _layout(args: dict, layout: str) -> tuple[dict, bool | None]:
+    """Reorder the rows: grouped by task (one run each), in sequences of 4 rows of one task, or as
+    drawn; "gathered" forces the sorted (gather) path. Returns (args, gather)."""
+    ids = args["task_ids"]
+    M = ids.shape[0]
+    if layout == "grouped":
+        perm = torch.sort(ids, stable=True).indices
+    elif layout == "sequences":
+        ids = ids[torch.arange(M) // 4 * 4] if M else ids  # each block of 4 rows takes its first row's task
+        perm = torch.arange(M)
+        args = dict(args, task_ids=ids)
+    else:
+        perm = torch.arange(M)
+    out = dict(args)
+    out["task_ids"] = args["task_ids"][perm]
+    out["x"] = args["x"][perm]
+    if args["per_token_gates"]:
+        out["gates"] = args["gates"][perm]
+    return out, (True if layout == "gathered" else None)
+
+
+def _grads(fn, args: dict, dy: torch.Tensor):
+    a = {k: (v.detach().clone().requires_grad_() if k in DIFF else v) for k, v in args.items()}
+    y = fn(a)
+    y.backward(dy)
+    return y.detach(), [a[k].grad for k in DIFF]
+
+
+def _torch_call(gather):
+    def call(a):
+        ids = a["task_ids"]
+        cluster = a["task_cluster"]
+        plan = torch_backend.plan_rows(ids, None, None if cluster is None else cluster.tolist(), gather=gather)
+        return torch_backend._TorchCGCLoRA.apply(
+            a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], plan, a["scaling"],
+            a["per_token_gates"], 0.0)
+    return call
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_oracle_and_gradients_match_reference(case, layout):
+    args, gather = _layout(make_inputs(case, torch.float64), layout)
+    want = naive_cgc_lora(args["x"], args["task_ids"], args["gates"], args["shared_a"], args["shared_b"],
+                          args["task_a"], args["task_b"], args["scaling"], task_cluster=args["task_cluster"],
+                          per_token_gates=args["per_token_gates"])
+    dy = torch.randn(case.M, case.d_out, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    y, grads = _grads(_torch_call(gather), args, dy)
+    tol = TOLERANCES[torch.float64]
+    torch.testing.assert_close(y, want, **tol)
+    _, want_grads = _grads(lambda a: reference.cgc_lora(**a), args, dy)
+    for name, g, w in zip(DIFF, grads, want_grads, strict=True):
+        w = torch.zeros_like(args[name]) if w is None else w  # the reference leaves unused experts None
+        torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_through_the_public_op(dtype):
+    case = Case(M=48, d_in=24, d_out=12, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
+    args = make_inputs(case, dtype, seed=1)
+    dy = torch.randn(case.M, case.d_out, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y, grads = _grads(lambda a: cgc_kernels.cgc_lora(**a, backend="torch"), args, dy)
+    assert y.dtype == dtype
+    args64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
+              for k, v in args.items()}
+    y64, grads64 = _grads(lambda a: reference.cgc_lora(**a), args64, dy.double())
+    tol = TOLERANCES[dtype]
+    for name, g, w in zip(("y", *DIFF), [y, *grads], [y64, *grads64], strict=True):
+        scale = w.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(g.double() / scale, w / scale, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_dropout_uses_the_mask_in_forward_and_backward():
+    case = Case(M=20, d_in=8, d_out=4, T=2, S=1, K=1, r=2)
+    args = make_inputs(case)
+    mask = torch.rand(case.M, case.d_in, generator=torch.Generator().manual_seed(3)) > 0.3
+    plan = torch_backend.plan_rows(args["task_ids"])
+    x = args["x"].clone().requires_grad_()
+    y, saved = torch_backend.forward_call(x.detach(), plan, args["gates"], args["shared_a"], args["shared_b"],
+                                          args["task_a"], args["task_b"], 2.0, False, 0.3, mask=mask)
+    dy = torch.randn_like(y)
+    dx = torch_backend.backward_call(dy, plan, saved, args["gates"], args["shared_a"], args["shared_b"],
+                                     args["task_a"], args["task_b"], 2.0, False, 0.3,
+                                     (True, False, False, False))[0]
+    ref = reference.cgc_lora(**{**args, "x": x}, dropout_p=0.3, dropout_mask=mask)
+    ref.backward(dy)
+    torch.testing.assert_close(y, ref.detach(), **TOLERANCES[torch.float64])
+    torch.testing.assert_close(dx, x.grad, **TOLERANCES[torch.float64])
+
+
+def test_dropout_draws_a_mask_in_training():
+    args = make_inputs(Case(M=64, d_in=16, d_out=4, T=2, S=1, K=1, r=2))
+    torch.manual_seed(0)
+    a = cgc_kernels.cgc_lora(**args, dropout_p=0.5, backend="torch")
+    b = cgc_kernels.cgc_lora(**args, backend="torch")
+    assert not torch.allclose(a, b)
+
+
+def test_default_backend_on_cpu_is_torch():
+    assert cgc_kernels.op.dispatch.resolve_backend(torch.zeros(1, 1), None) == "torch"
+
+
+def test_routing_shares_one_plan_across_calls():
+    case = Case(M=32, d_in=8, d_out=4, T=2, S=1, K=1, r=2)
+    args = make_inputs(case, torch.float32)
+    routing = build_routing(torch.sort(args["task_ids"]).values, case.T)
+    a = {**args, "task_ids": routing}
+    cgc_kernels.cgc_lora(**a, backend="torch")
+    assert len(routing.cache) == 1
+    plan = next(iter(routing.cache.values()))
+    cgc_kernels.cgc_lora(**a, backend="torch")
+    assert next(iter(routing.cache.values())) is plan and plan.order is None and len(plan.runs) == 2
+
+
+def test_plan_gathers_only_short_interleaved_runs():
+    grouped = torch.tensor([0] * 40 + [1] * 40)
+    sequences = torch.tensor(([0] * 20 + [1] * 20) * 2)  # 4 runs of 20 rows: slices
+    tokens = torch.tensor([0, 1] * 40)  # 80 runs of 1 row: gathered
+    assert torch_backend.plan_rows(grouped).order is None
+    assert torch_backend.plan_rows(sequences).order is None
+    assert torch_backend.plan_rows(tokens).order is not None
+
+
+def test_grouped_rows_run_without_gather_scatter_or_index_add():
+    # The contiguous path (rows grouped by task), forward and backward: slices and GEMMs only.
+    from torch.profiler import ProfilerActivity, profile
+
+    case = Case(M=64, d_in=16, d_out=8, T=4, S=2, K=1, r=4)
+    args, _ = _layout(make_inputs(case, torch.float32), "grouped")
+    a = {k: (v.detach().clone().requires_grad_() if k in DIFF else v) for k, v in args.items()}
+    routing = build_routing(a["task_ids"], case.T)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = cgc_kernels.cgc_lora(**{**a, "task_ids": routing}, backend="torch")
+        y.sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    banned = {n for n in names if any(w in n for w in ("index_add", "scatter", "index_select", "gather",
+                                                        "index_put", "aten::index"))}
+    assert not banned, banned
