@@ -24,7 +24,8 @@ def examples(path: str = PAGE) -> list[tuple[str, str, str]]:
     """[(name, code, expected output)] of the page, named by the heading above each."""
     text = open(path, encoding="utf-8").read()
     found = []
-    pattern = re.compile(r"```python\n(.*?)```\s*\n+Output[^\n]*\n+```\n(.*?)```", re.S)
+    # The code may not span a closing fence: a fragment without output is not an example.
+    pattern = re.compile(r"```python\n((?:(?!```).)*?)```\s*\n+Output[^\n]*\n+```\n(.*?)```", re.S)
     for m in pattern.finditer(text):
         heading = re.findall(r"^#+ (.+)$", text[: m.start()], re.M)
         found.append((heading[-1] if heading else "top", m.group(1), m.group(2)))

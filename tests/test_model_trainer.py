@@ -45,8 +45,10 @@ def test_collator_keeps_a_given_attention_mask_and_takes_none_as_the_base_model(
         {"input_ids": [9, 10], "task_ids": np.int64(2)},
         {"input_ids": [4], "attention_mask": torch.tensor([1]), "task_ids": "qa"},
     ])
-    assert torch.equal(batch["attention_mask"], torch.tensor([[0, 1, 1], [1, 1, 0], [1, 0, 0]]))
-    assert torch.equal(batch["task_ids"], torch.tensor([-1, 2, 0]))
+    # Rows come grouped by task (group_by_task, stable), each with its own ids and mask.
+    assert torch.equal(batch["task_ids"], torch.tensor([-1, 0, 2]))
+    assert torch.equal(batch["input_ids"], torch.tensor([[5, 6, 7], [4, 0, 0], [9, 10, 0]]))
+    assert torch.equal(batch["attention_mask"], torch.tensor([[0, 1, 1], [1, 0, 0], [1, 1, 0]]))
     per_token = CGCDataCollator(pad_token_id=0)([{"input_ids": [5, 6], "task_ids": [None, 1]}])
     assert torch.equal(per_token["task_ids"], torch.tensor([[-1, 1]]))
     with pytest.raises(ValueError, match="attention_mask has 1 entries, input_ids 2"):
