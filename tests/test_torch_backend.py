@@ -68,7 +68,7 @@ def _torch_call(gather):
         cluster = a["task_cluster"]
         plan = torch_backend.plan_rows(ids, None, None if cluster is None else cluster.tolist(), gather=gather)
         return torch_backend._TorchCGCLoRA.apply(
-            a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], plan, a["scaling"],
+            a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], None, plan, a["scaling"],
             a["per_token_gates"], 0.0)
     return call
 
@@ -88,6 +88,30 @@ def test_forward_matches_oracle_and_gradients_match_reference(case, layout):
     for name, g, w in zip(DIFF, grads, want_grads, strict=True):
         w = torch.zeros_like(args[name]) if w is None else w  # the reference leaves unused experts None
         torch.testing.assert_close(g, w, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("ids", ["grouped", "random", "with_unrouted"])
+def test_base_plus_delta_in_one_pass_and_base_gets_dy(ids):
+    """base= folds the base output into the per-run addmm (grouped), or adds it after the rows are
+    put back (gathered): either way y = base + delta and base's gradient is dy."""
+    case = Case(M=40, d_in=12, d_out=10, T=3, S=2, K=1, r=2, C=2, ids="random" if ids == "grouped" else ids)
+    args = make_inputs(case, torch.float64)
+    if ids == "grouped":
+        args["task_ids"] = args["task_ids"].sort().values
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(case.M, case.d_out, dtype=torch.float64, generator=gen, requires_grad=True)
+    x = args["x"].clone().requires_grad_()
+    y = cgc_kernels.cgc_lora(**{**args, "x": x}, base=base, backend="torch")
+    want = base.detach() + naive_cgc_lora(args["x"], args["task_ids"], args["gates"], args["shared_a"],
+                                          args["shared_b"], args["task_a"], args["task_b"], args["scaling"],
+                                          task_cluster=args["task_cluster"])
+    torch.testing.assert_close(y.detach(), want, **TOLERANCES[torch.float64])
+    dy = torch.randn(case.M, case.d_out, dtype=torch.float64, generator=gen)
+    y.backward(dy)
+    torch.testing.assert_close(base.grad, dy)
+    x_ref = args["x"].clone().requires_grad_()
+    reference.cgc_lora(**{**args, "x": x_ref}).backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOLERANCES[torch.float64])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -115,9 +139,8 @@ def test_dropout_uses_the_mask_in_forward_and_backward():
     y, saved = torch_backend.forward_call(x.detach(), plan, args["gates"], args["shared_a"], args["shared_b"],
                                           args["task_a"], args["task_b"], 2.0, False, 0.3, mask=mask)
     dy = torch.randn_like(y)
-    dx = torch_backend.backward_call(dy, plan, saved, args["gates"], args["shared_a"], args["shared_b"],
-                                     args["task_a"], args["task_b"], 2.0, False, 0.3,
-                                     (True, False, False, False))[0]
+    dx = torch_backend.backward_call(dy, plan, saved, args["gates"], args["shared_a"], args["task_a"], 2.0,
+                                     False, 0.3, (True, False, False, False))[0]
     ref = reference.cgc_lora(**{**args, "x": x}, dropout_p=0.3, dropout_mask=mask)
     ref.backward(dy)
     torch.testing.assert_close(y, ref.detach(), **TOLERANCES[torch.float64])

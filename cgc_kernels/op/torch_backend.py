@@ -5,24 +5,26 @@ Same math as reference.py (the spec), laid out for few, large GEMMs and a hand-w
 * Rows are cut into **runs**: maximal stretches of consecutive rows with one task id. A model that
   lays its batch out grouped by task (CGCModel, CGCDataCollator, the training loop) gives one run
   per task, so every task's rows are a slice of x: no gather, scatter or index_add anywhere.
-* **Shared experts**: one GEMM pair over all of a cluster's rows (with one cluster: all rows), the
-  per-row gate of each rank column applied as one multiply by `ws [M, S r]`.
-* **Task experts**: one GEMM pair per run, written into slices of preallocated outputs.
+* **Each task is one LoRA of rank (S+K) r**: its cluster's shared experts and its own, stacked
+  (`stacked_experts`, a copy of the weights, not of the rows). Per run, one GEMM pair: z = h A^T,
+  then y = base + (g z) B^T as one addmm. x, y and base are each read or written once, as for
+  a single LoRA of the same total rank (PEFT's); splitting shared and task experts into separate
+  GEMMs would read x twice and write y three times.
 * Rows that truly interleave (many runs shorter than `MIN_RUN` rows, e.g. per-token task ids or
   a decode batch in caller order) are stably sorted by task once per call, computed as above,
   and put back: a gather in and a gather out, on x / y forward and dy / dx backward.
 
-Forward saves h = drop(x) (x itself without dropout), z_s = h A_s^T [M, S r], z_t = h A_t^T
-[M, K r] and the per-row gates; the backward makes dz = dy B once per side and from it dx, dA, dB
-and dgates, all as slices and GEMMs (DESIGN.md section 2):
+Forward saves h = drop(x) (x itself without dropout) and z = h A^T [M, (S+K) r]; the backward
+makes, per run, four GEMMs (DESIGN.md section 2), then folds the stacked weight gradients back
+into the shared (summed over a cluster's tasks) and task parameters:
 
     dz_raw = dy B                  dB = dy^T (g * z)              dz = g * dz_raw
     dA = dz^T h                    dx = drop'(dz A)               dg[t, e] = sum over t's rows of <dz_raw_e, z_e>
 
-Gates are folded with the scaling s into `g`, so no pass over y scales it. Task gates reach their
-rows run by run and dgates is summed run by run, so a NaN in one task's gate or rows reaches no
-other task. Matmuls run in x's dtype (fp32
-accumulation inside the BLAS for fp16 / bf16); results are deterministic run to run.
+Gates are folded with the scaling s into `g` ([(S+K) r] per task, or per row with per-token
+gates), so no pass over y scales it. dgates is summed run by run, so a NaN in one task's gate or
+rows reaches no other task. Matmuls run in x's dtype (fp32 accumulation inside the BLAS for
+fp16 / bf16); results are deterministic run to run.
 
 Eager calls go through the autograd Function `_TorchCGCLoRA` (a plain Python call without
 autograd); under torch.compile the same two functions run as the custom ops
@@ -47,17 +49,16 @@ MIN_RUN = 16
 class RowPlan:
     """How one call's rows map to tasks, on the host.
 
-    runs:         [(task, start, end)] maximal runs of one task id >= 0, in row order
-    cluster_runs: [(cluster, start, end)] row ranges for the shared experts: all rows with one
-                  cluster, else maximal runs of rows whose tasks share a cluster
-    covered:      cluster_runs cover every row (no task -1 row is left out)
-    ids:          [M] int64 task ids (on the op's device)
-    order:        [M] rows in task order when the rows were gathered, else None
+    runs:     [(task, start, end)] maximal runs of one task id >= 0, in row order
+    covered:  the runs cover every row (no task -1 row)
+    clusters: [T] cluster of each task, or None (one cluster)
+    ids:      [M] int64 task ids (on the op's device)
+    order:    [M] rows in task order when the rows were gathered, else None
     """
 
     runs: list[tuple[int, int, int]]
-    cluster_runs: list[tuple[int, int, int]]
     covered: bool
+    clusters: tuple[int, ...] | None
     ids: torch.Tensor
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
@@ -93,126 +94,115 @@ def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_clus
         order, inverse = host_order.to(ids.device), host_inverse.to(ids.device)
         ids = ids[order]
         runs = _runs(host)
-    if host_cluster is None:
-        cluster_runs, covered = [(0, 0, M)], True
-    else:
-        cluster_runs = []
-        for t, a, b in runs:
-            c = host_cluster[t]
-            if cluster_runs and cluster_runs[-1][0] == c and cluster_runs[-1][2] == a:
-                cluster_runs[-1] = (c, cluster_runs[-1][1], b)
-            else:
-                cluster_runs.append((c, a, b))
-        covered = sum(b - a for _, a, b in cluster_runs) == M
-    return RowPlan(runs, cluster_runs, covered, ids, order, inverse)
+    covered = sum(b - a for _, a, b in runs) == M
+    clusters = None if host_cluster is None else tuple(host_cluster)
+    return RowPlan(runs, covered, clusters, ids, order, inverse)
 
 
 # ---- forward and backward on planned rows ------------------------------------------------------
 
-def _row_gates(plan: RowPlan, gates: torch.Tensor, per_token: bool, S: int, r: int, scaling: float,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(g_task [T, (S+K) r] or None, ws [M, S r] (zero rows for task -1), wt [M, K r] or None):
-    gates times scaling, repeated over each expert's r rank columns. Task gates reach the rows
-    run by run (a broadcast copy per run, no gather), and a NaN in one task's gate stays there."""
-    M = plan.ids.shape[0]
+def stacked_experts(shared_a, shared_b, task_a, task_b, task_cluster: list[int] | None):
+    """(a_cat [T, (S+K) r, d_in], b_cat [T, d_out, (S+K) r]): each task's shared experts (of its
+    cluster) and its own, stacked, so that one task is one LoRA of rank (S+K) r: one GEMM pair per
+    run reads x and writes y once. Cheap: the weights, not the rows, are copied."""
+    T = task_a.shape[0]
+    if task_cluster is None:
+        sa, sb = shared_a.expand(T, -1, -1), shared_b.expand(T, -1, -1)
+    else:
+        sa = torch.stack([shared_a[c] for c in task_cluster])
+        sb = torch.stack([shared_b[c] for c in task_cluster])
+    return torch.cat([sa, task_a], 1), torch.cat([sb, task_b], 2)
+
+
+def _row_gates(plan: RowPlan, gates: torch.Tensor, per_token: bool, r: int, scaling: float,
+               dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(g_task [T, (S+K) r] or None, g_rows [M, (S+K) r] or None): the gates times scaling,
+    repeated over each expert's r rank columns; per task (one broadcast per run) or, with per-token
+    gates, per row (plan order)."""
     if per_token:
         g = gates if plan.order is None else gates[plan.order]
-        rows = (g.to(dtype) * scaling).repeat_interleave(r, dim=1)
-        rows = torch.where((plan.ids >= 0).unsqueeze(1), rows, 0.0)
-        return None, rows[:, : S * r], rows[:, S * r:]
-    g_task = (gates.to(dtype) * scaling).repeat_interleave(r, dim=1)  # [T, (S+K) r]
-    ws = None
-    if S > 0:
-        ws = torch.empty(M, S * r, dtype=dtype, device=plan.ids.device)
-        if sum(b - a for _, a, b in plan.runs) < M:
-            ws.zero_()
-        for t, a, b in plan.runs:
-            ws[a:b] = g_task[t, : S * r]
-    return g_task, ws, None
+        return None, (g.to(dtype) * scaling).repeat_interleave(r, dim=1)
+    return (gates.to(dtype) * scaling).repeat_interleave(r, dim=1), None
 
 
-def forward_rows(h: torch.Tensor, plan: RowPlan, gates: torch.Tensor, shared_a, shared_b, task_a, task_b,
-                 scaling: float, per_token: bool, S: int, K: int, r: int):
-    """y [M, d_out] and what the backward needs, for h [M, d_in] in plan order."""
-    M, d_out, dt = h.shape[0], shared_b.shape[1], h.dtype
-    g_task, ws, wt = _row_gates(plan, gates, per_token, S, r, scaling, dt)
-    y = h.new_empty(M, d_out)
-    shared_writes = S > 0 and plan.covered
-    if not shared_writes:
-        y.zero_()
-    zs = zt = None
-    if S > 0:
-        zs = h.new_empty(M, S * r) if plan.covered else h.new_zeros(M, S * r)
-        for c, a, b in plan.cluster_runs:
-            torch.mm(h[a:b], shared_a[c].T, out=zs[a:b])
-            u = zs[a:b] * ws[a:b]
-            if shared_writes:
-                torch.mm(u, shared_b[c].T, out=y[a:b])
-            else:
-                y[a:b].addmm_(u, shared_b[c].T)
-    if K > 0:
-        zt = h.new_zeros(M, K * r)  # task -1 rows stay zero (their dgates share is zero)
-        for t, a, b in plan.runs:
-            torch.mm(h[a:b], task_a[t].T, out=zt[a:b])
-            g = wt[a:b] if per_token else g_task[t, S * r:]
-            y[a:b].addmm_(zt[a:b] * g, task_b[t].T)
-    return y, zs, zt, ws, wt, g_task
+def forward_rows(h: torch.Tensor, plan: RowPlan, gates: torch.Tensor, a_cat, b_cat, scaling: float,
+                 per_token: bool, r: int, base: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    """(y, z, g_task, g_rows) for h [M, d_in] in plan order: y = base + delta [M, d_out] (a new
+    tensor; the delta alone without base), or `out` += delta in place; z = h a_cat[t]^T
+    [M, (S+K) r] raw (rows of no task zero) for the backward. Per run: z = h A^T, then
+    y = base + (g * z) B^T as one addmm, so base is never copied or added in a separate pass."""
+    M, d_out = h.shape[0], b_cat.shape[1]
+    g_task, g_rows = _row_gates(plan, gates, per_token, r, scaling, h.dtype)
+    z = h.new_empty(M, a_cat.shape[1]) if plan.covered else h.new_zeros(M, a_cat.shape[1])
+    if out is not None:
+        y, inplace = out, True
+    elif plan.covered:
+        y, inplace = h.new_empty(M, d_out), False
+    else:  # rows of no task keep base (or zero)
+        y, inplace = (base.clone() if base is not None else h.new_zeros(M, d_out)), True
+    for t, a, b in plan.runs:
+        torch.mm(h[a:b], a_cat[t].T, out=z[a:b])
+        u = z[a:b] * (g_rows[a:b] if per_token else g_task[t])
+        if inplace:
+            y[a:b].addmm_(u, b_cat[t].T)
+        elif base is not None:
+            torch.addmm(base[a:b], u, b_cat[t].T, out=y[a:b])
+        else:
+            torch.mm(u, b_cat[t].T, out=y[a:b])
+    return y, z, g_task, g_rows
 
 
-def backward_rows(dy: torch.Tensor, h: torch.Tensor, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b,
-                  zs, zt, ws, wt, g_task, scaling: float, per_token: bool, S: int, K: int, r: int,
-                  need_x: bool, need_g: bool, need_a: bool, need_b: bool):
+def backward_rows(dy: torch.Tensor, h: torch.Tensor, plan: RowPlan, gates, a_cat, b_cat, z, g_task, g_rows,
+                  scaling: float, per_token: bool, S: int, r: int, task_cluster: list[int] | None,
+                  num_clusters: int, need_x: bool, need_g: bool, need_a: bool, need_b: bool):
     """(dh, dgates, dshared_a, dshared_b, dtask_a, dtask_b) in plan order; None where not needed.
-    dgates is per task [T, S+K], or per row [M, S+K] (plan order) with per-token gates."""
-    M = h.shape[0]
-    T = task_a.shape[0]
-    dh = None
-    if need_x:
-        dh = h.new_empty(M, h.shape[1]) if S > 0 and plan.covered else h.new_zeros(M, h.shape[1])
-    dsa = torch.zeros_like(shared_a) if need_a else None
-    dsb = torch.zeros_like(shared_b) if need_b else None
-    dta = torch.zeros_like(task_a) if need_a else None
-    dtb = torch.zeros_like(task_b) if need_b else None
-    g_rows = h.new_zeros(M, S + K) if need_g else None  # per row: sum over its rank block of dz_raw * z
-    if S > 0:
-        for c, a, b in plan.cluster_runs:
-            dz_raw = dy[a:b] @ shared_b[c]  # [m, S r]
-            if need_b:
-                dsb[c].addmm_(dy[a:b].T, zs[a:b] * ws[a:b])
-            if need_g:
-                g_rows[a:b, :S] = (dz_raw * zs[a:b]).view(b - a, S, r).sum(-1)
-            dz = dz_raw * ws[a:b]
-            if need_a:
-                dsa[c].addmm_(dz.T, h[a:b])
-            if need_x:
-                if plan.covered:
-                    torch.mm(dz, shared_a[c], out=dh[a:b])
-                else:
-                    dh[a:b].addmm_(dz, shared_a[c])
-    if K > 0:
-        for t, a, b in plan.runs:
-            g = wt[a:b] if per_token else g_task[t, S * r:]
-            dz_raw = dy[a:b] @ task_b[t]  # [m, K r]
-            if need_b:
-                dtb[t].addmm_(dy[a:b].T, zt[a:b] * g)
-            if need_g:
-                g_rows[a:b, S:] = (dz_raw * zt[a:b]).view(b - a, K, r).sum(-1)
-            dz = dz_raw * g
-            if need_a:
-                dta[t].addmm_(dz.T, h[a:b])
-            if need_x:
-                dh[a:b].addmm_(dz, task_a[t])
+    Per run four GEMMs (dz = dy B, dB = dy^T (g z), dA = dz^T h, dh = dz A), each reading dy or h
+    once; dgates is per task [T, S+K] (summed run by run, so a NaN in one task's rows reaches only
+    its gates), or per row [M, S+K] (plan order) with per-token gates."""
+    M, T = h.shape[0], a_cat.shape[0]
+    E = a_cat.shape[1] // r
+    dh = (h.new_empty if plan.covered else h.new_zeros)(M, h.shape[1]) if need_x else None
+    da = torch.zeros_like(a_cat) if need_a else None  # per task, stacked; folded into shared / task below
+    db = torch.zeros_like(b_cat) if need_b else None
     dg = None
     if need_g:
-        g_rows = g_rows * scaling
-        if per_token:
-            dg = g_rows
-        else:  # per-task sums, run by run (a NaN in one task's rows reaches only that task's gates)
-            dg = h.new_zeros(T, S + K)
-            for t, a, b in plan.runs:
-                dg[t] += g_rows[a:b].sum(0)
-        dg = dg.to(gates.dtype)
+        dg = h.new_zeros(M, E) if per_token else h.new_zeros(T, E)
+    for t, a, b in plan.runs:
+        g = g_rows[a:b] if per_token else g_task[t]
+        dz_raw = dy[a:b] @ b_cat[t]  # [m, (S+K) r]
+        if need_b:
+            db[t].addmm_(dy[a:b].T, z[a:b] * g)
+        if need_g:
+            prod = (dz_raw * z[a:b]).view(b - a, E, r).sum(-1)
+            if per_token:
+                dg[a:b] = prod
+            else:
+                dg[t] += prod.sum(0)
+        dz = dz_raw * g
+        if need_a:
+            da[t].addmm_(dz.T, h[a:b])
+        if need_x:
+            torch.mm(dz, a_cat[t], out=dh[a:b])
+    if dg is not None:
+        dg = (dg * scaling).to(gates.dtype)
+    dsa = dsb = dta = dtb = None
+    if need_a:
+        dsa, dta = _fold(da, S * r, 1, task_cluster, num_clusters)
+    if need_b:
+        dsb, dtb = _fold(db, S * r, 2, task_cluster, num_clusters)
     return dh, dg, dsa, dsb, dta, dtb
+
+
+def _fold(d_cat: torch.Tensor, split: int, dim: int, task_cluster: list[int] | None, num_clusters: int):
+    """Per-task stacked gradients [T, ...] -> (shared [C, ...] summed over each cluster's tasks, task [T, ...])."""
+    d_shared, d_task = d_cat.narrow(dim, 0, split), d_cat.narrow(dim, split, d_cat.shape[dim] - split)
+    if task_cluster is None:
+        shared = d_shared.sum(0, keepdim=True)
+    else:
+        shared = d_shared.new_zeros(num_clusters, *d_shared.shape[1:])
+        for t, c in enumerate(task_cluster):
+            shared[c] += d_shared[t]
+    return shared, d_task.contiguous()
 
 
 # ---- whole calls: plan, permute, dropout -------------------------------------------------------
@@ -228,32 +218,39 @@ def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def forward_call(x, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token, dropout_p,
-                 mask=None):
-    """(y [M, d_out] in caller order, saved): saved = (h, mask, zs, zt, ws, wt, g_task), h in plan order."""
+                 mask=None, base=None, out=None):
+    """(y [M, d_out] in caller order, saved): y = base + delta, the delta alone, or `out` += delta
+    (returned); saved = (h, mask, z, g_task, g_rows, a_cat, b_cat), h and z in plan order."""
     S, K, r = _sizes(gates, shared_a, task_a)
     if dropout_p > 0 and mask is None:
         mask = _dropout_mask(x, dropout_p)
     h = x if mask is None else x * mask / (1.0 - dropout_p)
+    a_cat, b_cat = stacked_experts(shared_a, shared_b, task_a, task_b, plan.clusters)
     if plan.order is not None:
         h = h[plan.order]
-    y, zs, zt, ws, wt, g_task = forward_rows(h, plan, gates, shared_a, shared_b, task_a, task_b, scaling,
-                                             per_token, S, K, r)
-    if plan.order is not None:
-        y = y[plan.inverse]
-    return y, (h, mask, zs, zt, ws, wt, g_task)
+    direct = plan.order is None and (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
+    y, z, g_task, g_rows = forward_rows(h, plan, gates, a_cat, b_cat, scaling, per_token, r,
+                                        base=base if direct else None, out=out if direct else None)
+    if not direct:  # gathered rows (or a base / out of another dtype): the delta, put back, then added
+        y = y[plan.inverse] if plan.order is not None else y
+        if out is not None:
+            y = out.add_(y.to(out.dtype))
+        elif base is not None:
+            y = base + y.to(base.dtype)
+    return y, (h, mask, z, g_task, g_rows, a_cat, b_cat)
 
 
-def backward_call(dy, plan: RowPlan, saved, gates, shared_a, shared_b, task_a, task_b, scaling, per_token,
-                  dropout_p, needs):
-    """The six gradients of forward_call in caller order (None where not needed)."""
-    h, mask, zs, zt, ws, wt, g_task = saved
+def backward_call(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, dropout_p, needs):
+    """The six gradients of forward_call (x, gates, shared_a, shared_b, task_a, task_b) in caller
+    order, None where not needed; base's gradient is dy itself."""
+    h, mask, z, g_task, g_rows, a_cat, b_cat = saved
     S, K, r = _sizes(gates, shared_a, task_a)
     dy = dy.to(h.dtype)
     if plan.order is not None:
         dy = dy[plan.order]
     dh, dg, dsa, dsb, dta, dtb = backward_rows(
-        dy.contiguous(), h, plan, gates, shared_a, shared_b, task_a, task_b, zs, zt, ws, wt, g_task,
-        scaling, per_token, S, K, r, *needs)
+        dy.contiguous(), h, plan, gates, a_cat, b_cat, z, g_task, g_rows, scaling, per_token, S, r,
+        plan.clusters, shared_a.shape[0], *needs)
     if plan.order is not None:
         dh = dh[plan.inverse] if dh is not None else None
         dg = dg[plan.inverse] if dg is not None and per_token else dg
@@ -263,31 +260,30 @@ def backward_call(dy, plan: RowPlan, saved, gates, shared_a, shared_b, task_a, t
 
 
 class _TorchCGCLoRA(torch.autograd.Function):
-    """Eager autograd for the backend: forward_call, and backward_call as its hand-written backward."""
+    """Eager autograd for the backend: forward_call (base + delta when a base is given), and
+    backward_call as its hand-written backward."""
 
     @staticmethod
-    def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, plan, scaling, per_token, dropout_p):
+    def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, base, plan, scaling, per_token, dropout_p):
         y, saved = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token,
-                                dropout_p)
-        h, mask, zs, zt, ws, wt, g_task = saved
+                                dropout_p, base=base)
         ctx.plan, ctx.scaling, ctx.per_token, ctx.dropout_p = plan, scaling, per_token, dropout_p
         ctx.has = [t is not None for t in saved]
-        ctx.save_for_backward(gates, shared_a, shared_b, task_a, task_b, *[t for t in saved if t is not None])
+        ctx.save_for_backward(gates, shared_a, task_a, *[t for t in saved if t is not None])
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        gates, shared_a, shared_b, task_a, task_b, *rest = ctx.saved_tensors
+        gates, shared_a, task_a, *rest = ctx.saved_tensors
         it = iter(rest)
         saved = [next(it) if has else None for has in ctx.has]
-        n_x, n_g, n_sa, n_sb, n_ta, n_tb = ctx.needs_input_grad[:6]
+        n_x, n_g, n_sa, n_sb, n_ta, n_tb, n_base = ctx.needs_input_grad[:7]
         needs = (n_x, n_g, n_sa or n_ta, n_sb or n_tb)
-        dx, dg, dsa, dsb, dta, dtb = backward_call(
-            dy, ctx.plan, saved, gates, shared_a, shared_b, task_a, task_b, ctx.scaling, ctx.per_token,
-            ctx.dropout_p, needs)
+        dx, dg, dsa, dsb, dta, dtb = backward_call(dy, ctx.plan, saved, gates, shared_a, task_a, ctx.scaling,
+                                                   ctx.per_token, ctx.dropout_p, needs)
         pick = lambda g, need: g if need else None
         return (pick(dx, n_x), pick(dg, n_g), pick(dsa, n_sa), pick(dsb, n_sb), pick(dta, n_ta),
-                pick(dtb, n_tb), None, None, None, None)
+                pick(dtb, n_tb), dy if n_base else None, None, None, None, None)
 
 
 # ---- custom ops: the same functions, opaque to torch.compile ----------------------------------
@@ -325,8 +321,7 @@ def _torch_bwd(dy: Tensor, x: Tensor, ids: Tensor, gates: Tensor, shared_a: Tens
     plan = _op_plan(ids, task_cluster)
     _, saved = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token_gates,
                             dropout_p, mask=mask if dropout_p > 0 else None)
-    grads = backward_call(dy, plan, saved, gates, shared_a, shared_b, task_a, task_b, scaling,
-                          per_token_gates, dropout_p, needs)
+    grads = backward_call(dy, plan, saved, gates, shared_a, task_a, scaling, per_token_gates, dropout_p, needs)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -367,16 +362,20 @@ _torch_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def cgc_lora_torch(x, task_ids: torch.Tensor | TaskRouting, gates, shared_a, shared_b, task_a, task_b,
                    scaling: float, *, task_cluster: torch.Tensor | None, per_token_gates: bool,
-                   dropout_p: float) -> torch.Tensor:
-    """The delta [M, d_out] for checked arguments (dispatch.py validates). A TaskRouting carries
-    the row plan across layers (built by the first, reused by the rest) and, from CGCModel, the ids
-    on the host, so no layer copies ids from a device."""
+                   dropout_p: float, base: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """The delta [M, d_out] for checked arguments (dispatch.py validates); base + delta with
+    `base` (differentiable in base), or `out` += delta in place (returns out). A TaskRouting
+    carries the row plan across layers (built by the first, reused by the rest) and, from CGCModel,
+    the ids on the host, so no layer copies ids from a device."""
     routing = task_ids if isinstance(task_ids, TaskRouting) else None
     ids = (routing.task_ids if routing is not None else task_ids).to(torch.int64)
     if torch.compiler.is_compiling():
         y, _ = torch.ops.cgc_kernels.torch_fwd(x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster,
                                                float(scaling), bool(per_token_gates), float(dropout_p))
-        return y
+        if out is not None:
+            return out.add_(y.to(out.dtype))
+        return y if base is None else base + y.to(base.dtype)
     host_cluster = None if task_cluster is None else tuple(task_cluster.tolist())
     if routing is None:
         plan = plan_rows(ids, None, host_cluster)
@@ -386,9 +385,12 @@ def cgc_lora_torch(x, task_ids: torch.Tensor | TaskRouting, gates, shared_a, sha
         if plan is None:
             plan = routing.cache[key] = plan_rows(ids, routing.host_task_ids, host_cluster)
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b))
+        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, base) if t is not None)
     if not needs_grad:
         return forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token_gates,
-                            dropout_p)[0]
-    return _TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, plan, float(scaling),
+                            dropout_p, base=base, out=out)[0]
+    if out is not None:  # in place under autograd: the delta through the Function, then added
+        return out.add_(_TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, None, plan,
+                                            float(scaling), bool(per_token_gates), float(dropout_p)).to(out.dtype))
+    return _TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, base, plan, float(scaling),
                                bool(per_token_gates), float(dropout_p))
