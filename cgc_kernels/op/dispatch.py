@@ -296,57 +296,59 @@ def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, t
     chosen = resolve_backend(x, backend)
     if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
         chosen = "torch"  # beyond the kernels' register budget
-    if base is not None:
-        _check_base(base, out, x, task_b)
     if chosen == "reference":
+        if base is not None:
+            _check_base(base, out, x, task_b)
         delta = reference.cgc_lora(
             x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
             task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
         )
         return delta if base is None else base + delta.to(base.dtype)
-    if chosen == "torch":
-        check_cgc_lora_args(
-            x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
-            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
-        )
-        if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
-            raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
-        delta = torch_backend.cgc_lora_torch(
-            x, task_ids, gates.to(x.device), shared_a, shared_b, task_a, task_b, scaling,
-            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p,
-        )
-        if base is not None:
-            return base + delta.to(base.dtype)
-        return delta if out is None else out.add_(delta.to(out.dtype))
     # Under torch.compile the checks run once, at trace time; the cache is for eager calls.
     key = None if torch.compiler.is_compiling() else _call_key(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
         dropout_p, out, base)
+    if key is not None:
+        key = (chosen, key)
     shp = _CHECKED.get(key) if key is not None else None
-    if shp is not None:  # the same call signature passed every check below before
-        return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                       per_token_gates, dropout_p, out, shp, base)
+    if shp is None:  # not this call signature's first pass through every check below
+        shp = _check_call(chosen, x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                          per_token_gates, dropout_p, out, base)
+        if key is not None:
+            if len(_CHECKED) >= 1024:  # bounded: a server seeing many batch sizes
+                _CHECKED.clear()
+            _CHECKED[key] = shp
+    if chosen == "torch":
+        return torch_backend.cgc_lora_torch(
+            x, task_ids, gates.to(x.device), shared_a, shared_b, task_a, task_b, scaling,
+            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, base=base, out=out,
+        )
+    return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                   per_token_gates, dropout_p, out, shp, base)
+
+
+def _check_call(chosen, x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
+                per_token_gates, dropout_p, out, base) -> CGCShapes:
+    """Every check of a call to the torch or triton backend; ValueError naming the problem."""
+    if base is not None:
+        _check_base(base, out, x, task_b)
     shp = check_cgc_lora_args(
         x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
         task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
     )
-    if x.dtype not in TRITON_DTYPES:
-        raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
-    if not x.is_cuda and not common.INTERPRET:
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
-                         "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
-    if _rank_too_large(shared_a, task_a):
-        raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
-                         f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to powers "
-                         f"of two); use backend='torch'")
+    if chosen == "triton":
+        if x.dtype not in TRITON_DTYPES:
+            raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
+        if not x.is_cuda and not common.INTERPRET:
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
+                             "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
+        if _rank_too_large(shared_a, task_a):
+            raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
+                             f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to "
+                             f"powers of two); use backend='torch'")
     if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
         raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
-    if key is not None:
-        if len(_CHECKED) >= 1024:  # bounded: a server seeing many batch sizes
-            _CHECKED.clear()
-        _CHECKED[key] = shp
-    return _launch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                   per_token_gates, dropout_p, out, shp, base)
+    return shp
 
 
 # Call signatures (every tensor's shape, dtype and device, and the other arguments) that passed
