@@ -66,3 +66,34 @@ def test_compare_command_on_the_suite_tiny(tmp_path):
     # User errors: one line and status 2, before any model loads.
     assert main(["compare", "--tiny", "--suite", "--data", "x.jsonl", "--out", str(out)]) == 2
     assert main(["compare", "--tiny", "--suite", "--gate-init", "random", "--out", str(out)]) == 2
+
+
+def test_run_quality_extra_cgc_rows_use_their_own_gate_settings(tmp_path):
+    """--cgc-gate-lr-ratios 0 adds a CGC-LoRA row whose gates stay frozen while the others' (x30)
+    move; --cgc-moelora-gate adds one with MOELoRA's model-wide random gate."""
+    result = _script("run_quality").main(["--suite", "--tiny", "--steps", "3", "--seeds", "0", "--eval-limit", "1",
+                                          "--batch-size", "8", "--max-new-tokens", "2", "--lr", "1e-2",
+                                          "--gate-lr-ratio", "30", "--cgc-gate-lr-ratios", "0",
+                                          "--out", str(tmp_path)])
+    keys = [m.key for m in result.methods]
+    assert keys.index("cgc_lora_gate_lr_0") == keys.index("cgc_lora") - 1
+    moved = {k: max(g["max_change"] for g in result.gates[k][0].values()) for k in ("cgc_lora", "cgc_lora_gate_lr_0")}
+    assert moved["cgc_lora_gate_lr_0"] == 0.0 and moved["cgc_lora"] > 0.0
+    assert "CGC-LoRA (gate lr x0)" in (tmp_path / "compare.md").read_text()
+
+
+def test_report_only_adds_mtl_lora_over_the_common_seeds(tmp_path):
+    run_quality = _script("run_quality")
+    run_quality.main(["--suite", "--tiny", "--steps", "1", "--seeds", "0,1", "--eval-limit", "1", "--batch-size", "4",
+                      "--max-new-tokens", "2", "--out", str(tmp_path)])
+    tasks = list(suite_tasks.TASKS)
+    scores = [{t: 0.5 for t in tasks}, {t: (1.0 if t == "add" else 0.0) for t in tasks}]
+    (tmp_path / "mtl_lora.json").write_text(json.dumps(dict(
+        rank=7, n_up_projection=3, params=1234, seeds=[2, 1], scores=scores, losses=[[1.0], [0.5]],
+        seconds=[1.0, 1.0])))
+    result = run_quality.main(["--suite", "--report-only", "--out", str(tmp_path)])
+    assert result.seeds == [1]  # the seeds both runs have
+    assert result.mean_score("mtl_lora") == pytest.approx(1 / len(tasks))  # seed 1's scores: add alone
+    assert all(len(v) == 1 for v in result.scores.values())
+    text = (tmp_path / "compare.md").read_text()
+    assert "| MTL-LoRA (adapters) | A r=7 + 3 B shared" in text and "1,234" in text

@@ -14,6 +14,7 @@ conflict, unrelated), the low-resource task's gain from sharing, and the gate mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -24,7 +25,7 @@ from cgc_kernels.data import demo_tasks as demo_data
 from cgc_kernels.data import suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
 from cgc_kernels.multitask.clustering import cluster_summary, cluster_tasks, task_affinity, write_clusters
-from cgc_kernels.multitask.compare import REFERENCE, Comparison, compare_methods, plan_methods
+from cgc_kernels.multitask.compare import REFERENCE, Comparison, Method, compare_methods, plan_methods
 from cgc_kernels.multitask.models import TINY_MODEL, load_base
 from cgc_kernels.multitask.recipe import DEMO_SYSTEM
 
@@ -50,9 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--with-clustered", action="store_true", help="also CGC-LoRA with the measured clusters")
     g = ap.add_argument_group("gates (the same for every method)")
     g.add_argument("--gate-lr-ratio", type=float, default=1.0, help="the gates' learning rate over the experts'")
+    g.add_argument("--cgc-gate-lr-ratios", default="",
+                   help="extra CGC-LoRA rows (one cluster) at these gate learning-rate ratios, e.g. 1,10")
+    g.add_argument("--cgc-moelora-gate", action="store_true",
+                   help="an extra CGC-LoRA row (one cluster) with MOELoRA's gate: one model-wide gate from a "
+                        "task embedding of 64 through a random linear map, at gate lr x1")
     g.add_argument("--gate-scope", choices=("layer", "model"), default="layer")
     g.add_argument("--gate-embedding-dim", type=int, default=None)
     g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rewrite compare.md and compare.png from --out's results.json, with "
+                         "MTL-LoRA's scores (mtl_lora.json from mtl_lora.py) when they are there")
     ap.add_argument("--out", default=None,
                     help="output directory (default benchmarks/quality/results, or suite_results with --suite)")
     return ap.parse_args(argv)
@@ -92,9 +101,45 @@ def report(result: Comparison, suite: bool) -> str:
     return text
 
 
+def add_mtl_lora(result: Comparison, path: str) -> Comparison:
+    """result with MTL-LoRA's run (mtl_lora.py's JSON) as one more method, over the seeds both have."""
+    with open(path) as f:
+        mtl = json.load(f)
+    seeds = [s for s in result.seeds if s in mtl["seeds"]]
+    keep = [result.seeds.index(s) for s in seeds]
+    for key in result.scores:
+        for table in (result.scores, result.losses, result.seconds, result.gates):
+            if key in table:
+                table[key] = [table[key][i] for i in keep]
+    result.seeds = seeds
+    pick = [mtl["seeds"].index(s) for s in seeds]
+    result.methods.append(Method("mtl_lora", "MTL-LoRA (adapters)", 0, 0, mtl["rank"], description=(
+        f"A r={mtl['rank']} + {mtl['n_up_projection']} B shared, r x r per task; q, v, down")))
+    result.params["mtl_lora"] = mtl["params"]
+    result.scores["mtl_lora"] = [mtl["scores"][i] for i in pick]
+    result.losses["mtl_lora"] = [mtl["losses"][i] for i in pick]
+    result.seconds["mtl_lora"] = [mtl["seconds"][i] for i in pick]
+    return result
+
+
+def write_report(result: Comparison, out: str, suite: bool) -> str:
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(report(result, suite) + "\n")
+    result.plot(os.path.join(out, "compare.png"))
+    return report(result, suite)
+
+
 def main(argv=None) -> Comparison:
     args = parse_args(argv)
     out = args.out or os.path.join(HERE, "suite_results" if args.suite else "results")
+    if args.report_only:
+        with open(os.path.join(out, "results.json")) as f:
+            result = Comparison.from_dict(json.load(f))
+        mtl = os.path.join(out, "mtl_lora.json")
+        if os.path.exists(mtl):
+            result = add_mtl_lora(result, mtl)
+        print(write_report(result, out, args.suite))
+        return result
     os.makedirs(out, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,6 +166,14 @@ def main(argv=None) -> Comparison:
         log("affinity:\n" + aff.table() + "\n" + cluster_summary(clusters))
 
     methods = plan_methods(len(tasks), task_rank=args.rank, clusters=clusters)
+    cgc = next(m for m in methods if m.key == "cgc_lora")
+    for ratio in [float(x) for x in args.cgc_gate_lr_ratios.split(",") if x]:
+        methods.insert(methods.index(cgc), dataclasses.replace(
+            cgc, key=f"cgc_lora_gate_lr_{ratio:g}", label=f"CGC-LoRA (gate lr x{ratio:g})", gate_lr_ratio=ratio))
+    if args.cgc_moelora_gate:
+        methods.insert(methods.index(cgc), dataclasses.replace(
+            cgc, key="cgc_lora_moelora_gate", label="CGC-LoRA (MOELoRA gate)", gate_lr_ratio=1.0,
+            gate=dict(gate_scope="model", gate_embedding_dim=64, gate_init="random")))
     gate = dict(gate_lr_ratio=args.gate_lr_ratio, gate_scope=args.gate_scope,
                 gate_embedding_dim=args.gate_embedding_dim, gate_init=args.gate_init)
     merged: Comparison | None = None
@@ -142,10 +195,7 @@ def main(argv=None) -> Comparison:
         merged.settings["data"] = "suite" if args.suite else "demo"
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(merged.to_dict(), f, indent=2)
-        with open(os.path.join(out, "compare.md"), "w") as f:
-            f.write(report(merged, args.suite) + "\n")
-        merged.plot(os.path.join(out, "compare.png"))
-        log("seed done:\n" + report(merged, args.suite))
+        log("seed done:\n" + write_report(merged, out, args.suite))
     log(f"done; results in {out}/")
     return merged
 

@@ -40,7 +40,9 @@ REFERENCE = "per_task_lora"
 
 @dataclass(frozen=True)
 class Method:
-    """One expert layout. clusters: {task: cluster} or None (one cluster)."""
+    """One expert layout. clusters: {task: cluster} or None (one cluster). gate_lr_ratio and gate
+    (CGCLoRAConfig's gate_scope / gate_embedding_dim / gate_init) override the comparison's gate
+    settings for this method alone (None: the comparison's)."""
 
     key: str
     label: str
@@ -48,6 +50,9 @@ class Method:
     num_task_experts: int
     rank: int
     clusters: dict | None = None
+    gate_lr_ratio: float | None = None
+    gate: dict | None = None
+    description: str | None = None  # the layout column for a method that is not a CGCModel layout
 
     def rank_units(self, num_tasks: int) -> int:
         """C*S*r + T*K*r: the stacked LoRA rank of one adapted layer."""
@@ -55,6 +60,8 @@ class Method:
         return (c * self.num_shared_experts + num_tasks * self.num_task_experts) * self.rank
 
     def layout(self) -> str:
+        if self.description:
+            return self.description
         c = 1 if self.clusters is None else len(set(self.clusters.values()))
         parts = []
         if self.num_shared_experts:
@@ -64,8 +71,9 @@ class Method:
         return f"{' + '.join(parts)}, r={self.rank}"
 
     def config(self, tasks: list[str], target_modules, alpha_per_rank: float, **gate) -> CGCLoRAConfig:
-        """The CGCLoRAConfig of this layout; `gate`: gate_scope / gate_embedding_dim / gate_init,
-        the same for every method."""
+        """The CGCLoRAConfig of this layout; `gate`: the comparison's gate_scope / gate_embedding_dim /
+        gate_init, under this method's own `gate` overrides."""
+        gate = {**gate, **(self.gate or {})}
         # The same scaling alpha / r = alpha_per_rank for every method, whatever its rank.
         return CGCLoRAConfig(tasks=list(tasks), clusters=self.clusters, num_shared_experts=self.num_shared_experts,
                              num_task_experts=self.num_task_experts, rank=self.rank,
@@ -266,7 +274,8 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
         steps, batch_size, lr, warmup_steps, max_length: the same training for every method
             (AdamW, cosine decay, mixed-task batches in the same order for the same seed).
         seeds: each method runs once per seed; a seed fixes the initial experts and the data order.
-        gate_lr_ratio: the gates' learning rate over the experts' (their own AdamW group).
+        gate_lr_ratio: the gates' learning rate over the experts' (their own AdamW group), for
+            every method whose own `gate_lr_ratio` is None.
         gate_scope, gate_embedding_dim, gate_init: the task gates' parameterisation (CGCLoRAConfig),
             the same for every method.
 
@@ -312,8 +321,9 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
                 cgc = CGCModel(base, m.config(tasks, targets, alpha_per_rank, **gate))
             try:
                 order = list(cgc.tasks)  # global task order: what task ids index
+                ratio = gate_lr_ratio if m.gate_lr_ratio is None else m.gate_lr_ratio
                 settings = TrainSettings(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                                         max_length=max_length, seed=seed, gate_lr_ratio=gate_lr_ratio)
+                                         max_length=max_length, seed=seed, gate_lr_ratio=ratio)
                 start = gate_snapshot(cgc)
                 losses = train_loop(cgc, tokenizer, train_rows, order, settings, system=system, progress=False)
                 moved = gate_movement(start, cgc)
