@@ -97,8 +97,9 @@ def device_of(backend: str) -> str:
     run compiled, everything else (and the interpreter) on CPU."""
     return "cuda" if backend == "triton" and not INTERPRET and torch.cuda.is_available() else "cpu"
 
-# Parametrise a test over both backends of the dispatched op.
+# Parametrise a test over the backends of the dispatched op.
 BACKENDS = [
     pytest.param("reference"),
+    pytest.param("torch"),
     pytest.param("triton", marks=pytest.mark.skipif(TRITON_SKIP is not None, reason=str(TRITON_SKIP))),
 ]

@@ -30,9 +30,10 @@ from .oracle import naive_cgc_lora
 
 DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 # Examples per backend: the reference costs ~20 ms an example, the interpreter ~0.2 s (tiny dims).
-MAX_EXAMPLES = {"reference": 150, "triton": 80}
+MAX_EXAMPLES = {"reference": 150, "torch": 150, "triton": 80}
 DTYPES = {
     "reference": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
+    "torch": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
     "triton": [torch.float32, torch.float16, torch.bfloat16],  # the kernels take no float64
 }
 
