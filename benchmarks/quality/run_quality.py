@@ -114,7 +114,7 @@ def add_mtl_lora(result: Comparison, path: str) -> Comparison:
     result.seeds = seeds
     pick = [mtl["seeds"].index(s) for s in seeds]
     result.methods.append(Method("mtl_lora", "MTL-LoRA (adapters)", 0, 0, mtl["rank"], description=(
-        f"A r={mtl['rank']} + {mtl['n_up_projection']} B shared, r x r per task; q, v, down")))
+        f"A r={mtl['rank']} + {mtl['n_up_projection']} B shared, diagonal Λ and w per task; q, v, down")))
     result.params["mtl_lora"] = mtl["params"]
     result.scores["mtl_lora"] = [mtl["scores"][i] for i in pick]
     result.losses["mtl_lora"] = [mtl["losses"][i] for i in pick]
