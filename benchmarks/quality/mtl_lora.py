@@ -16,8 +16,9 @@ from it for the given n, so the trainable counts agree within 5% (else the scrip
 `adapters` adapts q_proj, v_proj and down_proj of a Llama but not o_proj, so MTL-LoRA spends the
 whole budget on those three.
 
-Uses the package's recipe (prompts, batches, the loss on the response, mixed-task batches in the
-same order for the same seed, AdamW with warm-up and cosine decay) and writes mtl_lora.json into
+Trains with the package's own loop (`recipe.train_loop`: prompts, the loss on the response,
+mixed-task batches in the same order for the same seed, AdamW without weight decay, warm-up and
+cosine decay), scores the same way, and writes mtl_lora.json into
 --out; `run_quality.py --suite --report-only` then adds it to compare.md and the plot.
 """
 
@@ -34,15 +35,7 @@ import torch
 from cgc_kernels.data import suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
 from cgc_kernels.multitask.models import TINY_MODEL, load_base
-from cgc_kernels.multitask.recipe import (
-    encode,
-    interleave,
-    left_pad,
-    mixed_batches,
-    prompt_text,
-    response_loss,
-    training_batch,
-)
+from cgc_kernels.multitask.recipe import TrainSettings, interleave, left_pad, prompt_text, train_loop
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")  # the comparison's adapted modules
@@ -139,30 +132,15 @@ def answers(model, tokenizer, rows, tasks, system, max_new_tokens, batch_size=10
 
 
 def run_seed(load, tok, train, held, tasks, args, r, seed) -> tuple[dict, list[float], float]:
-    from transformers import get_cosine_schedule_with_warmup
-
+    """Train a fresh MTL-LoRA with the package's training loop (the comparison's: same batches,
+    AdamW without weight decay, warm-up and cosine decay) and score it; (scores, losses, seconds)."""
     t0 = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = add_mtl_lora(load(), tasks, r, args.n_up_projection, args.alpha_per_rank)
-    encoded = encode(tok, train, suite_tasks.SYSTEM, args.max_length)
-    tids_all = torch.tensor([tasks.index(row["task"]) for row in train])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr)
-    sched = get_cosine_schedule_with_warmup(opt, args.warmup_steps, args.steps)
-    torch.manual_seed(seed)
-    model.train()
-    losses = []
-    for idx in mixed_batches(len(train), args.batch_size, args.steps, seed):
-        idx = sorted(idx, key=lambda i: int(tids_all[i]))  # the same row order as the comparison's loop
-        loss = response_loss(model, training_batch([encoded[i] for i in idx], tok.pad_token_id), tids_all[idx])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             warmup_steps=args.warmup_steps, max_length=args.max_length, seed=seed)
+    losses = train_loop(model, tok, train, tasks, settings, system=suite_tasks.SYSTEM, progress=False)
     got = answers(model, tok, held, tasks, suite_tasks.SYSTEM, args.max_new_tokens)
     hits: dict[str, list[int]] = {t: [] for t in tasks}
     for row, a in zip(held, got, strict=True):
