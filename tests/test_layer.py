@@ -128,3 +128,27 @@ def test_layer_errors():
     layer.merge(0)
     with pytest.raises(ValueError, match="already merged"):
         layer.merge(1)
+
+
+def test_input_gradients_of_base_and_experts_are_added_in_place():
+    # Base and experts read x through one flat view, so autograd sums their two [M, d_in] input
+    # gradients in place (aten::add_) instead of allocating the sum (aten::add) per layer.
+    from torch.profiler import profile
+
+    layer = random_layer()
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, 2, 1, 0, 0])
+    y = layer(x, ids)
+    with profile(record_shapes=True) as prof:
+        y.sum().backward()
+    adds = {(e.key, str(e.input_shapes)) for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::add", "aten::add_")}
+    assert ("aten::add", str([[10, 12], [10, 12], []])) not in adds, adds
+    assert any(key == "aten::add_" and "[10, 12]" in shapes for key, shapes in adds), adds
+    # and the gradient is still the sum of both paths
+    x2 = x.detach().clone().requires_grad_()
+    want = layer.base_layer(x2) + reference.cgc_lora(
+        x2.reshape(-1, 12), ids, layer.task_gates(), layer.shared_a, layer.shared_b, layer.task_a, layer.task_b,
+        layer.scaling).view(2, 5, 10)
+    want.sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, **TOL)

@@ -168,10 +168,10 @@ class CGCLoRALinear(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer's experts are on {self.shared_a.device}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
-        result = frozen_base_forward(self.base_layer, x) if self.quantized_base else self.base_layer(x)
         if self.disable_adapters:
-            return result
+            return self._base_forward(x)
         if self.merged_task is not None:
+            result = self._base_forward(x)
             if task_ids is not None:
                 self._check_merged_ids(task_ids)
             return result
@@ -187,9 +187,15 @@ class CGCLoRALinear(nn.Module):
                                  f"{tuple(x.shape[:-1])}")
             task_ids = task_ids.reshape(-1)
 
+        flat = x.reshape(-1, self.in_features)
+        # When x needs a gradient the base gets the same flat view as the experts, so both input
+        # gradients land in one buffer and autograd adds them in place; through two different
+        # views of x it would allocate their sum (one more pass over [M, d_in] per layer).
+        result = self._base_forward(flat if x.requires_grad and torch.is_grad_enabled() else x)
         dtype = self.compute_dtype(x)
         experts = [w.to(dtype) for w in (self.shared_a, self.shared_b, self.task_a, self.task_b)]
-        x2 = x.reshape(-1, self.in_features).to(dtype)
+        x2 = flat.to(dtype)
+        out_shape = (*x.shape[:-1], self.out_features)
         with torch.autocast(x.device.type, enabled=False):  # the gate computes in its own dtype (fp32)
             if self.gate_kind == "token":
                 ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
@@ -205,12 +211,15 @@ class CGCLoRALinear(nn.Module):
             if result.dtype == dtype:  # base + delta in one pass (the kernels write it directly)
                 y = cgc_lora(x2, task_ids, gates, *experts, self.scaling,
                              base=result.reshape(-1, self.out_features), **kw)
-                return y.view(result.shape)
+                return y.view(out_shape)
             delta = cgc_lora(x2, task_ids, gates, *experts, self.scaling, **kw)
-            return result + delta.view(result.shape).to(result.dtype)
+            return (result.reshape(-1, self.out_features) + delta.to(result.dtype)).view(out_shape)
         out2 = result.reshape(-1, self.out_features)  # a view of the base output when contiguous
         delta_out = cgc_lora(x2, task_ids, gates, *experts, self.scaling, out=out2, **kw)
-        return delta_out.view(result.shape)
+        return delta_out.view(out_shape)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_base_forward(self.base_layer, x) if self.quantized_base else self.base_layer(x)
 
     def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The dtype the LoRA branch computes in: autocast's for x's device when it is on (as
