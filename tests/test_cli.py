@@ -181,6 +181,28 @@ def test_generate_mixed_tasks(run):
         assert a["output"] == tok.decode(row, skip_special_tokens=True).strip()
 
 
+def test_generate_runs_the_base_in_the_dtype_asked(run, capsys):
+    # --dtype bfloat16 on a float32 run: the answers of the unified model whose base runs in bfloat16.
+    d, out = run
+    rows = [{"task": "add", "prompt": "What is 3 + 4?"}, {"task": "plural", "prompt": "Give the plural of: fox"}]
+    inp = d / "prompts_bf16.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = d / "answers_bf16.jsonl"
+    capsys.readouterr()
+    assert main(["generate", str(out), "--input", str(inp), "--output", str(res), "--max-new-tokens", "6",
+                 "--dtype", "bfloat16"]) == 0
+    assert "base model in bfloat16 (--dtype)" in capsys.readouterr().err
+    base, _ = tiny_model()
+    cgc, tok = CGCModel.from_pretrained(base.to(torch.bfloat16), str(out)).eval(), char_tokenizer()
+    for r, a in zip(rows, [json.loads(line) for line in res.read_text().splitlines()], strict=True):
+        ids, mask = _batch(tok, [r["prompt"]])
+        gen = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=[r["task"]], max_new_tokens=6,
+                           do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        row = gen[0, ids.shape[1]:].tolist()
+        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
+        assert a["output"] == tok.decode(row, skip_special_tokens=True).strip()
+
+
 def test_demo_on_tiny_model(tmp_path, capsys):
     from peft import AutoPeftModelForCausalLM
 

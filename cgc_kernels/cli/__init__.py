@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer, at most")
     p.add_argument("--batch-size", type=positive_int, default=32, help="rows per generate call, tasks mixed")
     p.add_argument("--model", help="the base model, if not the one recorded in DIR (default: DIR's recorded base)")
+    p.add_argument("--dtype", choices=("trained", *WEIGHT_DTYPES), default="trained",
+                   help="the dtype the base runs in; trained: the one training ran it in (DIR's cgc_cli.json). "
+                        "float32 gives the answers of a float32 PEFT or vLLM deployment")
     p.set_defaults(func=deploy.cmd_generate)
 
     p = sub.add_parser("inspect", help="gate weights per task and layer: shared vs task-specific, heatmap PNG")

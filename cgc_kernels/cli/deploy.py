@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from ..data.reader import UserError
 from ..multitask.models import TINY_MODEL
@@ -85,7 +86,13 @@ def cmd_generate(args) -> int:
     if args.output:  # refuse a bad --output before the model loads
         check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
                      option="--output")
-    cgc, tokenizer = load_trained(args.dir, meta, args.model)
+    from ..multitask.models import DTYPES
+
+    dtype = None if args.dtype == "trained" else DTYPES[args.dtype]
+    cgc, tokenizer = load_trained(args.dir, meta, args.model, dtype=dtype)
+    # stderr: without --output, stdout carries the answers alone
+    print(f"base model in {dtype_name(cgc.dtype)} ({'as trained' if dtype is None else '--dtype'})",
+          file=sys.stderr, flush=True)
     answers = generate_answers(cgc, tokenizer, rows, list(cgc.tasks), system=meta.get("system"),
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     lines = [json.dumps(dict(r, output=a), ensure_ascii=False) for r, a in zip(rows, answers, strict=True)]
