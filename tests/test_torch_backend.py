@@ -62,26 +62,30 @@ def _grads(fn, args: dict, dy: torch.Tensor):
     return y.detach(), [a[k].grad for k in DIFF]
 
 
-def _torch_call(gather):
+def _torch_call(gather, dense):
     def call(a):
         ids = a["task_ids"]
         cluster = a["task_cluster"]
-        plan = torch_backend.plan_rows(ids, None, None if cluster is None else cluster.tolist(), gather=gather)
+        plan = torch_backend.plan_rows(ids, None, None if cluster is None else cluster.tolist(), gather=gather,
+                                       dense=dense)
         return torch_backend._TorchCGCLoRA.apply(
             a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], None, plan, a["scaling"],
             a["per_token_gates"], 0.0)
     return call
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["per_run", "dense"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_forward_matches_oracle_and_gradients_match_reference(case, layout):
+def test_forward_matches_oracle_and_gradients_match_reference(case, layout, dense):
+    if dense and layout == "gathered":
+        pytest.skip("the dense layout never gathers rows")
     args, gather = _layout(make_inputs(case, torch.float64), layout)
     want = naive_cgc_lora(args["x"], args["task_ids"], args["gates"], args["shared_a"], args["shared_b"],
                           args["task_a"], args["task_b"], args["scaling"], task_cluster=args["task_cluster"],
                           per_token_gates=args["per_token_gates"])
     dy = torch.randn(case.M, case.d_out, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    y, grads = _grads(_torch_call(gather), args, dy)
+    y, grads = _grads(_torch_call(gather, dense), args, dy)
     tol = TOLERANCES[torch.float64]
     torch.testing.assert_close(y, want, **tol)
     _, want_grads = _grads(lambda a: reference.cgc_lora(**a), args, dy)
@@ -195,3 +199,27 @@ def test_grouped_rows_run_without_gather_scatter_or_index_add():
     banned = {n for n in names if any(w in n for w in ("index_add", "scatter", "index_select", "gather",
                                                         "index_put", "aten::index"))}
     assert not banned, banned
+
+
+def test_dense_layout_only_for_interleaved_training_sized_batches():
+    use = lambda ids, T=4: torch_backend.use_dense(torch_backend.plan_rows(ids), torch.zeros(1, 1), 1, T, 2, 1, 8)
+    sequences = (torch.arange(16) % 4).repeat_interleave(32)  # 16 sequences of 32 rows, tasks in turn
+    assert use(sequences)
+    assert not use(sequences.sort().values)  # grouped by task: one run each
+    assert not use(torch.arange(16) % 4)  # a 16-row decode batch
+    assert not use((torch.arange(16) % 8).repeat_interleave(32), T=8)  # 8 tasks: 10 experts stacked vs 3
+    assert not use(torch.cat([sequences[:-1], torch.tensor([-1])]))  # a row of no task
+
+
+def test_dense_layout_falls_back_when_a_task_weight_is_not_finite():
+    # Dense mixing multiplies other tasks' weights by 0; an inf there must not reach their rows.
+    case = Case(M=40, d_in=6, d_out=7, T=3, S=2, K=1, r=2)
+    args = make_inputs(case, torch.float64)
+    args["task_b"][1, 0, 0] = float("inf")
+    y = _torch_call(None, True)(args)
+    want = naive_cgc_lora(args["x"], args["task_ids"], args["gates"], args["shared_a"], args["shared_b"],
+                          args["task_a"], args["task_b"], args["scaling"])
+    other = args["task_ids"] != 1
+    assert other.any() and (~other).any()
+    torch.testing.assert_close(y[other], want[other], **TOLERANCES[torch.float64])
+    assert not torch.isfinite(y[~other]).all()

@@ -13,6 +13,9 @@ Same math as reference.py (the spec), laid out for few, large GEMMs and a hand-w
 * Rows that truly interleave (many runs shorter than `MIN_RUN` rows, e.g. per-token task ids or
   a decode batch in caller order) are stably sorted by task once per call, computed as above,
   and put back: a gather in and a gather out, on x / y forward and dy / dx backward.
+* A training-sized batch whose rows interleave by sequence (a loader in the caller's order), with
+  few tasks, takes the **dense layout** instead (torch_dense.py, `use_dense`): all experts as one
+  LoRA, each row's gates masking the others' columns; two GEMMs over all rows, no runs, no gather.
 
 Forward saves h = drop(x) (x itself without dropout) and z = h A^T [M, (S+K) r]; the backward
 makes, per run, four GEMMs (DESIGN.md section 2), then folds the stacked weight gradients back
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import torch_dense
 from .routing import TaskRouting
 
 # Runs shorter than this on average (with more runs than tasks) are gathered into task order:
@@ -52,8 +56,11 @@ class RowPlan:
     runs:     [(task, start, end)] maximal runs of one task id >= 0, in row order
     covered:  the runs cover every row (no task -1 row)
     clusters: [T] cluster of each task, or None (one cluster)
-    ids:      [M] int64 task ids (on the op's device)
-    order:    [M] rows in task order when the rows were gathered, else None
+    ids:      [M] int64 task ids (on the op's device), in plan order
+    order:    [M] rows in task order when the rows were gathered, else None; inverse puts them back
+    caller_ids, caller_runs: ids and runs in the caller's row order (the dense layout's; the
+              same objects as ids and runs when nothing is gathered)
+    dense:    force (True) or forbid (False) the dense layout; None decides per call (`use_dense`)
     """
 
     runs: list[tuple[int, int, int]]
@@ -62,6 +69,9 @@ class RowPlan:
     ids: torch.Tensor
     order: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
+    caller_ids: torch.Tensor | None = None
+    caller_runs: list[tuple[int, int, int]] | None = None
+    dense: bool | None = None
 
 
 def _runs(host_ids: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -76,13 +86,15 @@ def _runs(host_ids: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_cluster: list[int] | None = None,
-              gather: bool | None = None) -> RowPlan:
+              gather: bool | None = None, dense: bool | None = None) -> RowPlan:
     """The RowPlan of ids [M] (checked, in [-1, T)). `host_ids`: the same ids on the CPU when the
     caller has them (else one device-to-host copy); `host_cluster`: [T] clusters or None (one
-    cluster). `gather`: force (True) or forbid (False) sorting rows into task order."""
+    cluster). `gather`: force (True) or forbid (False) sorting rows into task order (for the
+    per-run layout); `dense`: force or forbid the dense layout."""
     host = ids if ids.device.type == "cpu" else host_ids if host_ids is not None else ids.cpu()
     M = host.numel()
-    runs = _runs(host)
+    runs = caller_runs = _runs(host)
+    caller_ids = ids
     if gather is None:
         gather = len(runs) > len({t for t, _, _ in runs}) and M < MIN_RUN * len(runs)
     order = inverse = None
@@ -96,7 +108,7 @@ def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_clus
         runs = _runs(host)
     covered = sum(b - a for _, a, b in runs) == M
     clusters = None if host_cluster is None else tuple(host_cluster)
-    return RowPlan(runs, covered, clusters, ids, order, inverse)
+    return RowPlan(runs, covered, clusters, ids, order, inverse, caller_ids, caller_runs, dense)
 
 
 # ---- forward and backward on planned rows ------------------------------------------------------
@@ -217,14 +229,83 @@ def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
 
 
+def use_dense(plan: RowPlan, x: torch.Tensor, C: int, T: int, S: int, K: int, r: int) -> bool:
+    """Whether this call takes the dense layout (torch_dense.py): forced by the plan, else on the
+    CPU for a training-sized batch (at least DENSE_MIN_ROWS rows) whose rows interleave (more runs
+    than tasks: sequences in the caller's order), every row with a task, while all experts stacked
+    (C S + T K of them) are at most DENSE_RANK_RATIO times one task's S + K. Rows grouped by task
+    (one run each) and small decode batches keep the per-run layout, which is as fast or faster."""
+    if plan.dense is not None:
+        return plan.dense and plan.covered
+    return (x.device.type == "cpu" and plan.covered and len(plan.caller_runs) > T
+            and plan.caller_ids.shape[0] >= DENSE_MIN_ROWS and C * S + T * K <= DENSE_RANK_RATIO * (S + K))
+
+
+# Measured on SmolLM2-135M's layers on the 2-core CPU (BENCHMARKS.md): 4 tasks (ratio 2) interleaved
+# sequence by sequence, a training step at 1.05x one PEFT LoRA dense against 1.12x-1.18x per run;
+# grouped rows even; 8 tasks (ratio 3.3) per run faster; a 16-row decode dense 1.1x slower.
+DENSE_RANK_RATIO = 2.0
+DENSE_MIN_ROWS = 256
+
+
+def _members(plan: RowPlan, C: int, T: int, per_token: bool, device):
+    """(cluster_member, task_member): bool [N, C] and [N, T], which cluster's and task's gate block
+    each gate row fills: N = T tasks (per-task gates) or N = M rows (per-token gates)."""
+    clusters = torch.tensor(plan.clusters if plan.clusters is not None else [0] * T, device=device)
+    task_cluster = clusters[:, None] == torch.arange(C, device=device)  # [T, C]
+    if not per_token:
+        return task_cluster, torch.eye(T, dtype=torch.bool, device=device)
+    row_task = plan.caller_ids[:, None] == torch.arange(T, device=device)  # [M, T]
+    if C == 1:
+        return row_task.any(1, keepdim=True), row_task
+    return (row_task[:, :, None] & task_cluster[None]).any(1), row_task
+
+
+def _dense_forward(h, mask, plan: RowPlan, gates, a_all, b_all, scaling, per_token, C, T, S, r, base, out):
+    cluster_member, task_member = _members(plan, C, T, per_token, h.device)
+    table = torch_dense.gate_table(gates, cluster_member, task_member, S, r, scaling, h.dtype)
+    g = table if per_token else torch_dense.gate_rows(plan.caller_ids, plan.caller_runs, table)
+    direct = (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
+    y, z = torch_dense.forward(h, g, a_all, b_all, base=base if direct else None, out=out if direct else None)
+    if not direct:
+        y = out.add_(y.to(out.dtype)) if out is not None else base + y.to(base.dtype)
+    return y, (h, mask, z, g, None, a_all, b_all, True)
+
+
+def _dense_backward(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, needs):
+    h, mask, z, g, _, a_all, b_all, _ = saved
+    S, K, r = _sizes(gates, shared_a, task_a)
+    C, T = shared_a.shape[0], task_a.shape[0]
+    need_x, need_g, need_a, need_b = needs
+    dh, dg_rows, da_all, db_all = torch_dense.backward(dy.to(h.dtype).contiguous(), h, g, z, a_all, b_all,
+                                                       need_x, need_g, need_a, need_b)
+    dg = None
+    if need_g:
+        per_expert = torch_dense.expert_sums(dg_rows, r)  # [M, C S + T K]
+        if not per_token:
+            per_expert = torch_dense.per_task_sums(plan.caller_ids, plan.caller_runs, per_expert, T)
+        cluster_member, task_member = _members(plan, C, T, per_token, h.device)
+        dg = (torch_dense.own_gates(per_expert, cluster_member, task_member, S) * scaling).to(gates.dtype)
+    return (dh, dg, *torch_dense.unstack_all_grads(da_all, db_all, C, T, S * r, K * r))
+
+
+def _finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def forward_call(x, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token, dropout_p,
                  mask=None, base=None, out=None):
     """(y [M, d_out] in caller order, saved): y = base + delta, the delta alone, or `out` += delta
-    (returned); saved = (h, mask, z, g_task, g_rows, a_cat, b_cat), h and z in plan order."""
+    (returned); saved = (h, mask, z, g_task, g_rows, a_cat, b_cat, dense) for backward_call."""
     S, K, r = _sizes(gates, shared_a, task_a)
+    C, T = shared_a.shape[0], task_a.shape[0]
     if dropout_p > 0 and mask is None:
         mask = _dropout_mask(x, dropout_p)
     h = x if mask is None else x * mask / (1.0 - dropout_p)
+    if use_dense(plan, x, C, T, S, K, r):
+        a_all, b_all = torch_dense.stack_all_experts(shared_a, shared_b, task_a, task_b)
+        if _finite(a_all, b_all):  # else 0 * inf would reach every row: the per-run layout
+            return _dense_forward(h, mask, plan, gates, a_all, b_all, scaling, per_token, C, T, S, r, base, out)
     a_cat, b_cat = stacked_experts(shared_a, shared_b, task_a, task_b, plan.clusters)
     if plan.order is not None:
         h = h[plan.order]
@@ -237,23 +318,28 @@ def forward_call(x, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b, sc
             y = out.add_(y.to(out.dtype))
         elif base is not None:
             y = base + y.to(base.dtype)
-    return y, (h, mask, z, g_task, g_rows, a_cat, b_cat)
+    return y, (h, mask, z, g_task, g_rows, a_cat, b_cat, False)
 
 
 def backward_call(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, dropout_p, needs):
     """The six gradients of forward_call (x, gates, shared_a, shared_b, task_a, task_b) in caller
     order, None where not needed; base's gradient is dy itself."""
-    h, mask, z, g_task, g_rows, a_cat, b_cat = saved
-    S, K, r = _sizes(gates, shared_a, task_a)
-    dy = dy.to(h.dtype)
-    if plan.order is not None:
-        dy = dy[plan.order]
-    dh, dg, dsa, dsb, dta, dtb = backward_rows(
-        dy.contiguous(), h, plan, gates, a_cat, b_cat, z, g_task, g_rows, scaling, per_token, S, r,
-        plan.clusters, shared_a.shape[0], *needs)
-    if plan.order is not None:
-        dh = dh[plan.inverse] if dh is not None else None
-        dg = dg[plan.inverse] if dg is not None and per_token else dg
+    if saved[-1]:
+        dh, dg, dsa, dsb, dta, dtb = _dense_backward(dy, plan, saved, gates, shared_a, task_a, scaling,
+                                                     per_token, needs)
+        mask = saved[1]
+    else:
+        h, mask, z, g_task, g_rows, a_cat, b_cat, _ = saved
+        S, K, r = _sizes(gates, shared_a, task_a)
+        dy = dy.to(h.dtype)
+        if plan.order is not None:
+            dy = dy[plan.order]
+        dh, dg, dsa, dsb, dta, dtb = backward_rows(
+            dy.contiguous(), h, plan, gates, a_cat, b_cat, z, g_task, g_rows, scaling, per_token, S, r,
+            plan.clusters, shared_a.shape[0], *needs)
+        if plan.order is not None:
+            dh = dh[plan.inverse] if dh is not None else None
+            dg = dg[plan.inverse] if dg is not None and per_token else dg
     if dh is not None and mask is not None:
         dh = dh * mask / (1.0 - dropout_p)
     return dh, dg, dsa, dsb, dta, dtb
@@ -265,9 +351,9 @@ class _TorchCGCLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, base, plan, scaling, per_token, dropout_p):
-        y, saved = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token,
-                                dropout_p, base=base)
-        ctx.plan, ctx.scaling, ctx.per_token, ctx.dropout_p = plan, scaling, per_token, dropout_p
+        y, (*saved, dense) = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling,
+                                          per_token, dropout_p, base=base)
+        ctx.plan, ctx.scaling, ctx.per_token, ctx.dropout_p, ctx.dense = plan, scaling, per_token, dropout_p, dense
         ctx.has = [t is not None for t in saved]
         ctx.save_for_backward(gates, shared_a, task_a, *[t for t in saved if t is not None])
         return y
@@ -276,7 +362,7 @@ class _TorchCGCLoRA(torch.autograd.Function):
     def backward(ctx, dy):
         gates, shared_a, task_a, *rest = ctx.saved_tensors
         it = iter(rest)
-        saved = [next(it) if has else None for has in ctx.has]
+        saved = [next(it) if has else None for has in ctx.has] + [ctx.dense]
         n_x, n_g, n_sa, n_sb, n_ta, n_tb, n_base = ctx.needs_input_grad[:7]
         needs = (n_x, n_g, n_sa or n_ta, n_sb or n_tb)
         dx, dg, dsa, dsb, dta, dtb = backward_call(dy, ctx.plan, saved, gates, shared_a, task_a, ctx.scaling,
