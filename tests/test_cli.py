@@ -57,6 +57,16 @@ def _batch(tokenizer, prompts):
     return ids, mask
 
 
+def _greedy_answer(cgc, tok, row: dict, max_new_tokens: int) -> str:
+    """The unified model's greedy answer to one {task, prompt} row, with that task alone."""
+    ids, mask = _batch(tok, [row["prompt"]])
+    gen = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=[row["task"]], max_new_tokens=max_new_tokens,
+                       do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    out = gen[0, ids.shape[1]:].tolist()
+    out = out[: out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+    return tok.decode(out, skip_special_tokens=True).strip()
+
+
 def test_train_writes_adapter_and_checkpoints(run):
     _, out = run
     for name in ("cgc_config.json", "cgc_adapter.safetensors", "cgc_cli.json", "tokenizer.json"):
@@ -173,12 +183,7 @@ def test_generate_mixed_tasks(run):
     # Each answer equals that row's greedy answer from the unified model with its task alone.
     cgc, tok = _unified(out), char_tokenizer()
     for r, a in zip(rows, answers, strict=True):
-        ids, mask = _batch(tok, [r["prompt"]])
-        gen = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=[r["task"]], max_new_tokens=6,
-                           do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        row = gen[0, ids.shape[1]:].tolist()
-        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        assert a["output"] == tok.decode(row, skip_special_tokens=True).strip()
+        assert a["output"] == _greedy_answer(cgc, tok, r, 6)
 
 
 def test_generate_runs_the_base_in_the_dtype_asked(run, capsys):
@@ -195,12 +200,7 @@ def test_generate_runs_the_base_in_the_dtype_asked(run, capsys):
     base, _ = tiny_model()
     cgc, tok = CGCModel.from_pretrained(base.to(torch.bfloat16), str(out)).eval(), char_tokenizer()
     for r, a in zip(rows, [json.loads(line) for line in res.read_text().splitlines()], strict=True):
-        ids, mask = _batch(tok, [r["prompt"]])
-        gen = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=[r["task"]], max_new_tokens=6,
-                           do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        row = gen[0, ids.shape[1]:].tolist()
-        row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
-        assert a["output"] == tok.decode(row, skip_special_tokens=True).strip()
+        assert a["output"] == _greedy_answer(cgc, tok, r, 6)
 
 
 def test_demo_on_tiny_model(tmp_path, capsys):

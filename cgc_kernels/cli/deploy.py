@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..data.reader import UserError
-from ..multitask.models import TINY_MODEL
+from ..multitask.models import DTYPES, TINY_MODEL
 from .common import (
     check_exportable,
     check_task,
@@ -31,7 +31,7 @@ def _path_input(spec: str | None) -> str | None:
 
 
 def _weights_dtype(name: str, spec: str | None):
-    from ..multitask.models import DTYPES, stored_dtype
+    from ..multitask.models import stored_dtype
 
     return stored_dtype(spec) if name == "stored" else DTYPES[name]
 
@@ -86,8 +86,6 @@ def cmd_generate(args) -> int:
     if args.output:  # refuse a bad --output before the model loads
         check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
                      option="--output")
-    from ..multitask.models import DTYPES
-
     dtype = None if args.dtype == "trained" else DTYPES[args.dtype]
     cgc, tokenizer = load_trained(args.dir, meta, args.model, dtype=dtype)
     # stderr: without --output, stdout carries the answers alone

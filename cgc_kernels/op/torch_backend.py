@@ -265,11 +265,9 @@ def _dense_forward(h, mask, plan: RowPlan, gates, a_all, b_all, scaling, per_tok
     cluster_member, task_member = _members(plan, C, T, per_token, h.device)
     table = torch_dense.gate_table(gates, cluster_member, task_member, S, r, scaling, h.dtype)
     g = table if per_token else torch_dense.gate_rows(plan.caller_ids, plan.caller_runs, table)
-    direct = (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
+    direct = _same_dtype(h, base, out)
     y, z = torch_dense.forward(h, g, a_all, b_all, base=base if direct else None, out=out if direct else None)
-    if not direct:
-        y = out.add_(y.to(out.dtype)) if out is not None else base + y.to(base.dtype)
-    return y, (h, mask, z, g, None, a_all, b_all, True)
+    return (y if direct else _add_to(y, base, out)), (h, mask, z, g, None, a_all, b_all, True)
 
 
 def _dense_backward(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, needs):
@@ -287,6 +285,18 @@ def _dense_backward(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, 
         cluster_member, task_member = _members(plan, C, T, per_token, h.device)
         dg = (torch_dense.own_gates(per_expert, cluster_member, task_member, S) * scaling).to(gates.dtype)
     return (dh, dg, *torch_dense.unstack_all_grads(da_all, db_all, C, T, S * r, K * r))
+
+
+def _same_dtype(h: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None) -> bool:
+    """Whether base / out (when given) share h's dtype, so the GEMMs can write base + delta directly."""
+    return (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
+
+
+def _add_to(delta: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """out += delta (returned), base + delta, or delta alone, each in base's / out's dtype."""
+    if out is not None:
+        return out.add_(delta.to(out.dtype))
+    return delta if base is None else base + delta.to(base.dtype)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:
@@ -309,15 +319,11 @@ def forward_call(x, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b, sc
     a_cat, b_cat = stacked_experts(shared_a, shared_b, task_a, task_b, plan.clusters)
     if plan.order is not None:
         h = h[plan.order]
-    direct = plan.order is None and (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
+    direct = plan.order is None and _same_dtype(h, base, out)
     y, z, g_task, g_rows = forward_rows(h, plan, gates, a_cat, b_cat, scaling, per_token, r,
                                         base=base if direct else None, out=out if direct else None)
     if not direct:  # gathered rows (or a base / out of another dtype): the delta, put back, then added
-        y = y[plan.inverse] if plan.order is not None else y
-        if out is not None:
-            y = out.add_(y.to(out.dtype))
-        elif base is not None:
-            y = base + y.to(base.dtype)
+        y = _add_to(y[plan.inverse] if plan.order is not None else y, base, out)
     return y, (h, mask, z, g_task, g_rows, a_cat, b_cat, False)
 
 
