@@ -1,6 +1,6 @@
 """The baseline CGC-LoRA replaces: a MOELoRA-style layer, one tiny LoRA expert per nn.Linear pair.
 
-MOELoRALinear computes exactly the CGC-LoRA function (DESIGN.md section 2) the way task-gated
+MOELoRALinear computes exactly the CGC-LoRA function (docs/design.md section 2) the way task-gated
 LoRA-expert layers are usually written: every expert is its own `lora_A: Linear(d_in, r)` /
 `lora_B: Linear(r, d_out)` in a ModuleList, a Python loop runs ALL experts on EVERY token, and
 each expert's output is multiplied by a per-token gate weight that is zero for tokens whose task

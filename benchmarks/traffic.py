@@ -12,7 +12,7 @@ walked program by program the way its loops run:
   tensors (the experts, z, partials: at most a few MB, all in the 50 MB L2) hit in L2. x, dy, the
   base output, y and dx are each touched by one program per row, so for them the two agree.
 
-The floor is what the LoRA branch must move whatever the kernels (DESIGN.md 5b): forward reads x
+The floor is what the LoRA branch must move whatever the kernels (docs/design.md section 7): forward reads x
 and the base output and writes y, plus the experts it uses and the saved z; backward reads dy,
 writes dx, reads x once for the weight gradients, plus z, the experts and their gradients.
 """

@@ -1,5 +1,5 @@
 // CGC-LoRA forward and backward in plain C++: a second, independent implementation of the op
-// (DESIGN.md sections 2-3), written as loops over tokens, rank rows and features so that it shares
+// (docs/design.md sections 2-3), written as loops over tokens, rank rows and features so that it shares
 // no structure with the PyTorch reference (matmuls per cluster and task) or the Triton kernels
 // (tiles of same-task tokens).
 //

@@ -1,5 +1,5 @@
 """An independent oracle for CGC-LoRA: a naive loop over tokens and experts, straight from the
-formula in DESIGN.md section 2. Slow and obvious on purpose; shares no code with the package."""
+formula in docs/design.md section 2. Slow and obvious on purpose; shares no code with the package."""
 
 from __future__ import annotations
 

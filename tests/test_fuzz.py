@@ -8,7 +8,7 @@ place into `out` under no_grad (the Triton backend has a separate kernel path fo
 Each example checks, on the same (already rounded) inputs:
   * forward:   op == the naive loop in tests/oracle.py and == the reference, in float64;
   * gradients: op == the reference's autograd in float64, and the reference's gradients equal
-               those of a dense per-token formulation (below, written from DESIGN.md section 2
+               those of a dense per-token formulation (below, written from docs/design.md section 2
                without the reference's grouping), so the reference itself is checked too.
 
 Reproducible: `derandomize=True` and no example database, so CI runs the same examples every

@@ -18,7 +18,7 @@ Same math as reference.py (the spec), laid out for few, large GEMMs and a hand-w
   LoRA, each row's gates masking the others' columns; two GEMMs over all rows, no runs, no gather.
 
 Forward saves h = drop(x) (x itself without dropout) and z = h A^T [M, (S+K) r]; the backward
-makes, per run, four GEMMs (DESIGN.md section 2), then folds the stacked weight gradients back
+makes, per run, four GEMMs (docs/design.md section 2), then folds the stacked weight gradients back
 into the shared (summed over a cluster's tasks) and task parameters:
 
     dz_raw = dy B                  dB = dy^T (g * z)              dz = g * dz_raw
