@@ -1,4 +1,5 @@
-"""pytest options and hooks of the benchmark suites (the harness itself is benchmarks/harness.py).
+"""pytest options and hooks of the benchmark suites (the sweep is benchmarks/cases.py, the providers
+providers.py, checking and timing measure.py, the model level model_harness.py).
 
     pytest benchmarks/                          # time every suite at the device's default size
     pytest benchmarks/ --bench-size=cpu         # or CGC_BENCH_SIZE=cpu|gpu
@@ -17,12 +18,14 @@ import os
 
 import pytest
 
-from benchmarks import harness
+from benchmarks import cases, measure
+from benchmarks.environment import environment
+from benchmarks.providers import PROVIDERS
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("cgc benchmarks")
-    group.addoption("--bench-size", choices=harness.SIZES, default=None,
+    group.addoption("--bench-size", choices=cases.SIZES, default=None,
                     help="cpu (d=512, float32), gpu (d=4096, bfloat16) or ci (d=128, checks only); default: "
                          "CGC_BENCH_SIZE, else gpu with CUDA, else cpu (ci under --benchmark-disable)")
     group.addoption("--bench-out", default=None,
@@ -33,7 +36,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "bench(level, modes): a CGC benchmark at one level with these modes")
-    harness.SETTINGS["rounds"] = config.getoption("--bench-rounds", default=None)
+    measure.SETTINGS["rounds"] = config.getoption("--bench-rounds", default=None)
 
 
 def timing_enabled(config) -> bool:
@@ -42,7 +45,7 @@ def timing_enabled(config) -> bool:
 
 
 def bench_size(config) -> str:
-    return config.getoption("--bench-size", default=None) or harness.default_size(timing_enabled(config))
+    return config.getoption("--bench-size", default=None) or cases.default_size(timing_enabled(config))
 
 
 def pytest_generate_tests(metafunc):
@@ -52,9 +55,9 @@ def pytest_generate_tests(metafunc):
     level, modes = marker.kwargs["level"], marker.kwargs["modes"]
     if not timing_enabled(metafunc.config):
         modes = modes[-1:]  # checks only: "full" checks the output and the input gradient at once
-    providers = [p.name for p in harness.PROVIDERS.values() if level in p.levels]
+    providers = [p.name for p in PROVIDERS.values() if level in p.levels]
     params, ids = [], []
-    for case in harness.cases(bench_size(metafunc.config)):
+    for case in cases.cases(bench_size(metafunc.config)):
         for provider in providers:
             for mode in modes:
                 params.append((case, provider, mode))
@@ -73,7 +76,7 @@ _written = {"rows": 0}
 def _write_results(config) -> str | None:
     """Write every result so far (rewritten after each test, so a run cut short by a time limit
     still leaves its results)."""
-    if len(harness.RESULTS) == _written["rows"]:
+    if len(measure.RESULTS) == _written["rows"]:
         return None
     size = bench_size(config)
     path = config.getoption("--bench-out", default=None) or os.path.join(
@@ -81,9 +84,9 @@ def _write_results(config) -> str | None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"environment": harness.environment(size), "results": harness.RESULTS}, f, indent=1)
+        json.dump({"environment": environment(size), "results": measure.RESULTS}, f, indent=1)
     os.replace(tmp, path)
-    _written["rows"] = len(harness.RESULTS)
+    _written["rows"] = len(measure.RESULTS)
     return path
 
 
@@ -93,5 +96,5 @@ def pytest_runtest_teardown(item):
 
 def pytest_sessionfinish(session, exitstatus):
     path = _write_results(session.config)
-    if harness.RESULTS:
-        print(f"\ncgc benchmark results: {len(harness.RESULTS)} rows -> {path or 'written'}")
+    if measure.RESULTS:
+        print(f"\ncgc benchmark results: {len(measure.RESULTS)} rows -> {path or 'written'}")

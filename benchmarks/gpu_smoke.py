@@ -17,10 +17,8 @@ import time
 
 import torch
 
+from benchmarks.op_inputs import DIFF, TOLERANCES, Case, make_inputs
 from cgc_kernels import cgc_lora, reference
-from tests.cases import TOLERANCES, Case, make_inputs
-
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
 
 def check(case: Case, dtype: torch.dtype, device: str) -> dict:

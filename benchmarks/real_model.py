@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from benchmarks.harness import _quantile, environment
+from benchmarks.environment import environment
+from benchmarks.measure import quantile
 from cgc_kernels import CGCLoRAConfig, CGCModel
 from cgc_kernels.multitask.models import load_base
 
@@ -136,7 +137,7 @@ def summary(times: dict[str, list[float]], ref: str, tokens: int | None = None) 
     for name, ts in times.items():
         ts = sorted(ts)
         med = statistics.median(ts)
-        out.append(dict(candidate=name, median_s=med, p20_s=_quantile(ts, 0.2), p80_s=_quantile(ts, 0.8),
+        out.append(dict(candidate=name, median_s=med, p20_s=quantile(ts, 0.2), p80_s=quantile(ts, 0.8),
                         vs_ref=med / med_ref, tokens_per_s=tokens / med if tokens else None))
     return out
 

@@ -15,9 +15,9 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import harness
+from benchmarks import measure
+from benchmarks.stub_kernels import stubbed_kernels
 from cgc_kernels import CGCLoRALinear, build_routing
-from tests.stub_kernels import stubbed_kernels
 
 # (name, training): decode-style inference and one training step
 HOST_CASES = [pytest.param(False, id="infer"), pytest.param(True, id="train")]
@@ -69,7 +69,7 @@ def test_host_time_per_layer_call(benchmark, training):
     data = sorted(t / calls_per_round for t in benchmark.stats.stats.data)
     row = dict(level="host", mode="train" if training else "infer", provider="fused_stubbed",
                case=f"M{M}-{D}x{D}-T{T}-S{S}K{K}r{R}", median_s=statistics.median(data),
-               p20_s=harness._quantile(data, 0.2), p80_s=harness._quantile(data, 0.8), rounds=len(data),
+               p20_s=measure.quantile(data, 0.2), p80_s=measure.quantile(data, 0.8), rounds=len(data),
                device="cpu", dtype="float32")
     benchmark.extra_info.update(row)
-    harness.RESULTS.append(row)
+    measure.RESULTS.append(row)

@@ -7,14 +7,14 @@ single PEFT LoRA of the same total rank, and (inference) PEFT's adapter_names= m
 
 import pytest
 
-from benchmarks import harness
+from benchmarks import measure
 
 
 @pytest.mark.bench(level="layer", modes=("full",))
 def test_layer_train(benchmark, size, case, provider, mode):
-    harness.run(benchmark, provider=provider, level="layer", mode=mode, case=case, size=size)
+    measure.run(benchmark, provider=provider, level="layer", mode=mode, case=case, size=size)
 
 
 @pytest.mark.bench(level="infer", modes=("forward",))
 def test_layer_infer(benchmark, size, case, provider, mode):
-    harness.run(benchmark, provider=provider, level="infer", mode=mode, case=case, size=size)
+    measure.run(benchmark, provider=provider, level="infer", mode=mode, case=case, size=size)

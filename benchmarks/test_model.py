@@ -7,7 +7,7 @@ PEFT LoRA of rank (S+K) r, PEFT's adapter_names= mixed batch, and the bare model
 
 import pytest
 
-from benchmarks import harness
+from benchmarks import model_harness
 
 pytest.importorskip("cgc_kernels.adapter.model", reason="CGCModel is not in this checkout")
 
@@ -16,12 +16,12 @@ def pytest_generate_tests(metafunc):
     from benchmarks.conftest import bench_size
 
     params, ids = [], []
-    for case in harness.model_cases(bench_size(metafunc.config)):
-        for provider in harness.MODEL_PROVIDERS[case.kind]:
+    for case in model_harness.model_cases(bench_size(metafunc.config)):
+        for provider in model_harness.MODEL_PROVIDERS[case.kind]:
             params.append((case, provider))
             ids.append(f"{case.name}-{provider}")
     metafunc.parametrize(("model_case", "provider"), params, ids=ids)
 
 
 def test_model(benchmark, size, model_case, provider):
-    harness.run_model(benchmark, provider=provider, case=model_case, size=size)
+    model_harness.run_model(benchmark, provider=provider, case=model_case, size=size)

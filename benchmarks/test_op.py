@@ -7,9 +7,9 @@ torch_compile, peft_lora (a single LoRA of rank (S+K) r, checked against task 0'
 
 import pytest
 
-from benchmarks import harness
+from benchmarks import measure
 
 
 @pytest.mark.bench(level="op", modes=("forward", "backward", "full"))
 def test_op(benchmark, size, case, provider, mode):
-    harness.run(benchmark, provider=provider, level="op", mode=mode, case=case, size=size)
+    measure.run(benchmark, provider=provider, level="op", mode=mode, case=case, size=size)

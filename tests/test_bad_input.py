@@ -30,7 +30,7 @@ import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
 from cgc_kernels.adapter.gates import TaskGate
 
-from .cases import BACKENDS, TOLERANCES, Case, device_of, make_inputs
+from .cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
 from .oracle import naive_cgc_lora
 
 CORRECT = "correct result"
@@ -138,7 +138,7 @@ def op_nan(backend: str, where: str, value: float = float("nan")) -> Callable[[]
         else:
             raise AssertionError(where)
         assert hit.any() or where.startswith("x of"), "the case must reach some rows"
-        for t in ("x", "gates", "shared_a", "shared_b", "task_a", "task_b"):
+        for t in DIFF:
             bad[t].requires_grad_(True)
         got = op(backend, **bad)
         want = oracle(clean)

@@ -18,7 +18,7 @@ from cgc_kernels import reference
 from cgc_kernels.op import csrc_ref
 from cgc_kernels.op.routing import build_routing
 
-from .cases import TOLERANCES, Case, make_inputs
+from .cases import DIFF, TOLERANCES, Case, make_inputs
 from .oracle import naive_cgc_lora
 
 CASES = [
@@ -39,7 +39,6 @@ CASES = [
     Case(M=40, d_in=24, d_out=16, T=4, S=2, K=1, r=4, C=2),  # more tokens than threads, all paths
 ]
 DTYPES = [torch.float64, torch.float32]
-GRAD_NAMES = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
 
 def _case_id(case: Case) -> str:
@@ -57,9 +56,9 @@ def ext():
 
 def _autograd_grads(args, dy, **extra):
     """Gradients of <reference delta, dy> by torch.autograd, zeros where an input is unused."""
-    leaves = {k: args[k].detach().clone().requires_grad_() for k in GRAD_NAMES}
+    leaves = {k: args[k].detach().clone().requires_grad_() for k in DIFF}
     reference.cgc_lora(**{**args, **leaves}, **extra).backward(dy)
-    return {k: torch.zeros_like(args[k]) if leaves[k].grad is None else leaves[k].grad for k in GRAD_NAMES}
+    return {k: torch.zeros_like(args[k]) if leaves[k].grad is None else leaves[k].grad for k in DIFF}
 
 
 def _assert_close(actual, expected, dtype, what):
@@ -83,7 +82,7 @@ def test_backward_matches_autograd(case, dtype):
     dy = torch.randn(case.M, case.d_out, generator=g, dtype=torch.float64).to(dtype)
     expected = _autograd_grads(args, dy)
     grads = csrc_ref.backward(dy, **args)
-    for name in GRAD_NAMES:
+    for name in DIFF:
         _assert_close(getattr(grads, name), expected[name], dtype, f"d{name}")
 
 
@@ -105,7 +104,7 @@ def test_dropout_keep_mask_forward_and_backward(dtype):
     dy = torch.randn(case.M, case.d_out, generator=g, dtype=torch.float64).to(dtype)
     expected = _autograd_grads(args, dy, **drop)
     grads = csrc_ref.backward(dy, **args, **drop)
-    for name in GRAD_NAMES:
+    for name in DIFF:
         _assert_close(getattr(grads, name), expected[name], dtype, f"d{name}")
     # dropped inputs get no gradient
     assert (grads.x[~drop["dropout_mask"]] == 0).all()

@@ -19,9 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
 
-from .cases import BACKENDS, Case, device_of, make_inputs
-
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
+from .cases import BACKENDS, DIFF, Case, device_of, make_inputs
 
 CASES = [
     # several tiles per task (M = 150 > 64-row block), two clusters of two tasks, task -1 rows

@@ -8,10 +8,10 @@ import contextlib
 import pytest
 import torch
 
+from benchmarks.stub_kernels import stubbed_kernels
 from cgc_kernels.op import dispatch
 from cgc_kernels.op.triton import common
-from tests.cases import Case, make_inputs
-from tests.stub_kernels import stubbed_kernels
+from tests.cases import DIFF, Case, make_inputs
 
 CASE = Case(M=12, d_in=16, d_out=8, T=2, S=1, K=1, r=4)
 
@@ -19,7 +19,7 @@ CASE = Case(M=12, d_in=16, d_out=8, T=2, S=1, K=1, r=4)
 def _call(grad: bool, dropout_p: float = 0.0):
     args = make_inputs(CASE, dtype=torch.float32)
     if grad:
-        for k in ("x", "gates", "shared_a", "shared_b", "task_a", "task_b"):
+        for k in DIFF:
             args[k].requires_grad_()
         y = dispatch.cgc_lora(**args, dropout_p=dropout_p, backend="triton")
         y.sum().backward()

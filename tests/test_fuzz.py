@@ -25,10 +25,9 @@ from hypothesis import strategies as st
 import cgc_kernels
 from cgc_kernels import reference
 
-from .cases import BACKENDS, TOLERANCES, Case, device_of, make_inputs
+from .cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
 from .oracle import naive_cgc_lora
 
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 # Examples per backend: the reference costs ~20 ms an example, the interpreter ~0.2 s (tiny dims).
 MAX_EXAMPLES = {"reference": 150, "torch": 150, "triton": 80}
 DTYPES = {

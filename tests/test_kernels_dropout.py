@@ -14,10 +14,9 @@ import torch
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.triton.dropout import dropout_keep_mask, new_seed
-from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
+from tests.cases import DIFF, TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 DEVICES = TRITON_DEVICES
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 P = 0.3
 
 

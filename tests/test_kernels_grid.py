@@ -15,10 +15,9 @@ import torch
 from cgc_kernels import reference
 from cgc_kernels.op.routing import build_routing
 from cgc_kernels.op.triton import backward_grid, common, dropout, forward_grid
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import DIFF, TOLERANCES, Case, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 PLANS = ["fused", "split"]
 
 CASES = [

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cgc_kernels import reference
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import DIFF, TOLERANCES, Case, make_inputs
 from tests.oracle import naive_cgc_lora
 
 CASES = [
@@ -83,7 +83,7 @@ def test_reference_dropout_draws_a_mask_in_training():
 )
 def test_reference_gradcheck(case):
     args = make_inputs(case, torch.float64, seed=2)
-    names = ["x", "gates", "shared_a", "shared_b", "task_a", "task_b"]
+    names = list(DIFF)
     tensors = [args[n].clone().requires_grad_() for n in names]
 
     def fn(*ts):

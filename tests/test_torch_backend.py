@@ -10,10 +10,8 @@ import torch
 import cgc_kernels
 from cgc_kernels import build_routing, reference
 from cgc_kernels.op import torch_backend
-from tests.cases import TOLERANCES, Case, make_inputs
+from tests.cases import DIFF, TOLERANCES, Case, make_inputs
 from tests.oracle import naive_cgc_lora
-
-DIFF = ("x", "gates", "shared_a", "shared_b", "task_a", "task_b")
 
 CASES = [
     Case(M=7, d_in=5, d_out=6, T=1, S=0, K=1, r=3),  # plain LoRA
