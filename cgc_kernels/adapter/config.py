@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 CONFIG_NAME = "cgc_config.json"
 GATE_KINDS = ("task", "token")
 GATE_SCOPES = ("layer", "model")
-GATE_INITS = ("uniform", "random")  # the same as gates.GATE_INITS (config imports nothing of torch)
+GATE_INITS = ("uniform", "random")  # here, not in gates.py, so that the config needs no torch
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-GATE_INITS = ("uniform", "random")
+from .config import GATE_INITS
 
 
 class Float32Module(nn.Module):
