@@ -2,7 +2,7 @@
 
     python -m benchmarks.real_model [--rounds 5] [--out benchmarks/results/real_model_cpu.json]
 
-The setup of issue 15: float32, eager attention, adapters (S=2, K=1, r=8) on q/v/o/down_proj of
+Setup: float32, eager attention, adapters (S=2, K=1, r=8) on q/v/o/down_proj of
 every layer, 4 tasks mixed in every batch. Candidates run interleaved, round by round, in one
 process; the table gives medians and ratios of medians (a shared machine moves absolute times).
 

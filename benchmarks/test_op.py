@@ -1,6 +1,6 @@
 """Op level: the LoRA branch alone (no base layer): forward, backward, forward + backward.
 
-Providers: fused (Triton), fused_v1 (the first Triton kernels, until a GPU run has timed both),
+Providers: fused (Triton), fused_v1 (the first kernel generation, benchmarks/fused_v1.py),
 cuda_ref (csrc_ref's CUDA forward), reference, moelora_loop,
 torch_compile, peft_lora (a single LoRA of rank (S+K) r, checked against task 0's update). Groups: "op-<mode> <case>".
 """
