@@ -22,23 +22,18 @@ _ATTR = "_gradient_checkpointing_func"
 
 class RoutingCarrier:
     """`checkpoint_func(function, *args, **kwargs)` that runs `function` with the CGCModel's routing
-    of the moment it was called, in the forward and again in the backward's recomputation."""
+    (a task_ids.LayerRouting) of the moment it was called, in the forward and again in the
+    backward's recomputation."""
 
-    def __init__(self, inner, cgc):
-        self.inner, self.cgc = inner, cgc
+    def __init__(self, inner, routing):
+        self.inner, self.routing = inner, routing
 
     def __call__(self, function, *args, **kwargs):
-        routing, cgc = self.cgc._active_routing, self.cgc
+        slot, routing = self.routing, self.routing.current
 
         def run_with_routing(*a, **kw):
-            before = cgc._active_routing
-            if before is not routing:  # only in the recomputation: the forward has it set already
-                cgc._set_routing(routing)
-            try:
+            with slot.using(routing):  # only the recomputation changes it: the forward has it set
                 return function(*a, **kw)
-            finally:
-                if before is not routing:
-                    cgc._set_routing(before)
 
         return self.inner(run_with_routing, *args, **kwargs)
 
@@ -50,16 +45,16 @@ class RoutingCarrier:
 class CheckpointingMixin:
     """CGCModel's checkpointing verbs (PEFT / transformers names) and the routing carriers."""
 
+    _checkpointable: list | None = None  # found by the first _checkpointable_modules()
+
     def _checkpointable_modules(self) -> list:
         """The modules transformers may give a checkpoint function: those with a
         `gradient_checkpointing` flag (the decoder layers, and the model that holds them). Found
         once; wrapping adapters replaces linear layers only, so the list stays right."""
-        found = self.__dict__.get("_checkpointable")
-        if found is None:
-            found = [m for m in self.model.modules() if hasattr(type(m), "gradient_checkpointing")
-                     or "gradient_checkpointing" in m.__dict__ or _ATTR in m.__dict__]
-            self.__dict__["_checkpointable"] = found
-        return found
+        if self._checkpointable is None:
+            self._checkpointable = [m for m in self.model.modules() if hasattr(type(m), "gradient_checkpointing")
+                                    or "gradient_checkpointing" in m.__dict__ or _ATTR in m.__dict__]
+        return self._checkpointable
 
     def _carry_routing_into_checkpoints(self) -> None:
         """Wrap every checkpoint function of the base model not yet wrapped (per forward: one
@@ -67,7 +62,7 @@ class CheckpointingMixin:
         for module in self._checkpointable_modules():
             func = module.__dict__.get(_ATTR)
             if func is not None and not isinstance(func, RoutingCarrier):
-                setattr(module, _ATTR, RoutingCarrier(func, self))
+                setattr(module, _ATTR, RoutingCarrier(func, self._routing))
 
     def _remove_routing_carriers(self) -> None:
         for module in self.model.modules():

@@ -52,6 +52,12 @@ def _rename_cluster_key(key: str, old: str, new: str) -> str:
 class ClustersMixin:
     """CGCModel's cluster verbs (state: `_clusters`, an ordered {name: single-cluster config})."""
 
+    @property
+    def _shared_config(self) -> CGCLoRAConfig:
+        """The first cluster's config: every cluster has the same `_SHARED_FIELDS` (experts, rank,
+        scaling, gate), so this is where any of them is read."""
+        return next(iter(self._clusters.values()))
+
     def add_cluster(self, name: str, config: CGCLoRAConfig) -> None:
         """Plug in a new CGC-LoRA module `name` (fresh experts: A random, B zero) for config.tasks."""
         if not isinstance(name, str) or not name:
@@ -60,7 +66,7 @@ class ClustersMixin:
             raise ValueError(f"cluster {name!r} already exists; clusters: {self.clusters}")
         if config.clusters is not None and len(config.cluster_names) > 1:
             raise ValueError("add_cluster adds one cluster: config.clusters must be None or name one cluster")
-        check_compatible(next(iter(self._clusters.values())), config, f"cluster {name!r}")
+        check_compatible(self._shared_config, config, f"cluster {name!r}")
         clash = sorted(set(config.tasks) & set(self.tasks))
         if clash:
             raise ValueError(f"tasks {clash} already belong to another cluster; task names must be unique")
@@ -100,7 +106,7 @@ class ClustersMixin:
         for c, ccfg in new.items():
             if c in self._clusters:
                 raise ValueError(f"cluster {c!r} from {directory} already exists; clusters: {self.clusters}")
-            check_compatible(next(iter(self._clusters.values())), ccfg, f"cluster {c!r} from {directory}")
+            check_compatible(self._shared_config, ccfg, f"cluster {c!r} from {directory}")
         added = []
         try:
             for c, ccfg in new.items():

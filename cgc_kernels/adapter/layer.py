@@ -13,6 +13,8 @@ dequantized weight (see quantized.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -75,6 +77,8 @@ class CGCLoRALinear(nn.Module):
         gate_embedding_dim: int | None = None,
         gate_init: str = "uniform",
         backend: str | None = None,
+        task_names: Sequence[str] | None = None,
+        cluster_names: Sequence[str] | None = None,
     ):
         super().__init__()
         if num_tasks < 1 or num_shared_experts < 0 or num_task_experts < 0 or rank < 1:
@@ -103,6 +107,10 @@ class CGCLoRALinear(nn.Module):
             )
         self.num_clusters = int(tc.max()) + 1
         self.register_buffer("task_cluster", tc, persistent=False)
+        # Names of the task and cluster behind each index (CGCModel's; indices as text by default):
+        # what a rebuild for other clusters matches experts and gates by.
+        self.task_names = _names(task_names, num_tasks, "task_names")
+        self.cluster_names = _names(cluster_names, self.num_clusters, "cluster_names")
 
         self.quantized_base = is_quantized(base_layer)
         weight = getattr(base_layer, "weight", None)
@@ -134,7 +142,7 @@ class CGCLoRALinear(nn.Module):
             self.gate.to(device)
 
         self.merged_task: int | None = None
-        self._weight_before_merge: torch.Tensor | None = None
+        self._weight_before_merge: _KeptWeight | None = None  # what unmerge puts back
         self.disable_adapters = False  # PEFT's flag: True makes forward the base layer exactly
         # Set by CGCModel for the duration of a forward, so the model's own code passes no ids.
         self.current_routing: torch.Tensor | TaskRouting | None = None
@@ -255,8 +263,10 @@ class CGCLoRALinear(nn.Module):
         return delta * self.scaling
 
     @torch.no_grad()
-    def merge(self, task: int) -> None:
-        """Fold task `task` into the base weight; forward then needs no ids (or only this task's)."""
+    def merge(self, task: int, *, keep_original: bool = True) -> None:
+        """Fold task `task` into the base weight; forward then needs no ids (or only this task's).
+        keep_original=False drops the original weight (no unmerge): for a layer about to be
+        replaced by its merged base layer, so that the model's memory stays that of one copy."""
         if self.gate_kind != "task":
             raise ValueError("cannot merge a layer with a token gate: its expert mixture depends on x")
         if self.merged_task is not None:
@@ -276,8 +286,7 @@ class CGCLoRALinear(nn.Module):
         # another module (an LM head sharing the input embedding) is untied by the merge instead of
         # changing the embedding too, and unmerge re-ties it by putting the very same object back.
         merged = (weight.detach().to(delta.dtype) + delta).to(weight.dtype)
-        # object.__setattr__: a Parameter set as a module attribute would be registered as one
-        object.__setattr__(self, "_weight_before_merge", weight)
+        self._weight_before_merge = _KeptWeight(weight) if keep_original else None
         self.base_layer.weight = nn.Parameter(merged, requires_grad=weight.requires_grad)
         self.merged_task = task
 
@@ -287,11 +296,30 @@ class CGCLoRALinear(nn.Module):
         (tied to the same modules as before)."""
         if self.merged_task is None:
             return
-        self.base_layer.weight = self._weight_before_merge
-        object.__setattr__(self, "_weight_before_merge", None)
+        if self._weight_before_merge is None:
+            raise ValueError(f"task {self.merged_task} was merged without keeping the original weight: "
+                             f"nothing to unmerge")
+        self.base_layer.weight = self._weight_before_merge.weight
+        self._weight_before_merge = None
         self.merged_task = None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, "
                 f"clusters={self.num_clusters}, S={self.num_shared_experts}, K={self.num_task_experts}, "
                 f"r={self.rank}, scaling={self.scaling:g}, gate={self.gate_kind}")
+
+
+class _KeptWeight(NamedTuple):
+    """The base weight a merge replaced. Held in a tuple because a Parameter set as a module
+    attribute would be registered as one of the layer's own."""
+
+    weight: nn.Parameter
+
+
+def _names(names: Sequence[str] | None, count: int, what: str) -> tuple[str, ...]:
+    if names is None:
+        return tuple(str(i) for i in range(count))
+    names = tuple(names)
+    if len(names) != count:
+        raise ValueError(f"{what} must name {count} entries, got {len(names)}: {list(names)}")
+    return names

@@ -32,7 +32,7 @@ class MergeExportMixin:
     """CGCModel's deployment verbs."""
 
     def _check_mergeable(self) -> None:
-        if next(iter(self._clusters.values())).gate == "token":
+        if self._shared_config.gate == "token":
             raise ValueError("a token gate mixes experts per token, so a task has no single update: "
                              "it cannot be merged or exported as a LoRA adapter")
 
@@ -95,9 +95,10 @@ class MergeExportMixin:
                 base = dequantized_linear(layer.base_layer, model_activation_dtype(model), layer.get_delta_weight(t))
             else:
                 untied = untied or id(layer.base_layer.weight) in tied
-                layer.merge(t)  # a new Parameter: a tied original stays with the other module
+                # A new Parameter: a tied original stays with the other module. The layer is
+                # dropped, so it keeps no copy of the original to unmerge to.
+                layer.merge(t, keep_original=False)
                 base = layer.base_layer
-                object.__setattr__(layer, "_weight_before_merge", None)  # the layer is dropped: no undo
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, base)
         if dequantize:
@@ -121,7 +122,7 @@ class MergeExportMixin:
         (default: the base model's config._name_or_path)."""
         self._check_mergeable()
         t = self.task_index(task)
-        cfg = next(iter(self._clusters.values()))
+        cfg = self._shared_config
         S, K, r = cfg.num_shared_experts, cfg.num_task_experts, cfg.rank
         R = (S + K) * r
         padded = R if rank is None else int(rank)

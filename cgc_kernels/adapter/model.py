@@ -35,7 +35,6 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..op.routing import TaskRouting
 from .checkpointing import CheckpointingMixin
 from .clusters import DEFAULT_CLUSTER, ClustersMixin, split_config
 from .config import CGCLoRAConfig
@@ -46,7 +45,7 @@ from .merge import MergeExportMixin
 from .quantized import guard_quantized_layers
 from .save_load import SaveLoadMixin
 from .targets import resolve_target_modules
-from .task_ids import TaskIdsMixin, TaskRequest, check_input_rank
+from .task_ids import LayerRouting, TaskIdsMixin, TaskRequest, check_input_rank
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -77,7 +76,7 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
         self._adapter_disabled = False  # inside disable_adapter()
         self._clusters: OrderedDict[str, CGCLoRAConfig] = split_config(config)
         self._request: TaskRequest | None = None
-        self._active_routing: TaskRouting | None = None
+        self._routing = LayerRouting(self.adapted_layers)  # what the layers read during a call
         self._cluster_index_cache: dict[torch.device, torch.Tensor] = {}
         self._model_gates: dict[str, TaskGate] = {}  # gate_scope="model": one TaskGate per cluster
 
@@ -141,7 +140,7 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
     def _build_layers(self) -> None:
         """(Re)build every adapted layer for the current clusters, keeping the experts and gates
         of clusters and tasks that existed before (matched by name)."""
-        cfg = next(iter(self._clusters.values()))
+        cfg = self._shared_config
         tasks, task_cluster = self.tasks, self.task_cluster
         S, K, r = cfg.num_shared_experts, cfg.num_task_experts, cfg.rank
         if len(set(tasks)) != len(tasks):
@@ -162,8 +161,8 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
                     f"{name} has task {old.merged_task} merged; unmerge() before changing clusters"
                 )
             base = old.base_layer if old is not None else current
-            old_tasks = getattr(old, "_task_names", [])
-            old_clusters = getattr(old, "_cluster_names", [])
+            old_tasks = list(old.task_names) if old is not None else []
+            old_clusters = list(old.cluster_names) if old is not None else []
             if cfg.gate == "token":
                 gate = TokenGate(len(tasks), S + K, old.in_features if old else base_layer_features(base)[0])
                 if old is not None:
@@ -181,7 +180,7 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
                 gate = StackedTaskGate(parts)
             layer = CGCLoRALinear(
                 base, len(tasks), S, K, r, cfg.alpha, dropout=cfg.dropout, task_cluster=task_cluster,
-                gate=gate, backend=self.backend,
+                gate=gate, backend=self.backend, task_names=tasks, cluster_names=list(self._clusters),
             )
             if self.autocast_adapter_dtype:
                 for p in (layer.shared_a, layer.shared_b, layer.task_a, layer.task_b):
@@ -198,7 +197,6 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
                             layer.task_a[i] = old.task_a[old_tasks.index(t)]
                             layer.task_b[i] = old.task_b[old_tasks.index(t)]
             layer.train(self.model.training)
-            layer._task_names, layer._cluster_names = list(tasks), list(self._clusters)
             self._set_module(name, layer)
         self._cluster_index_cache.clear()
 

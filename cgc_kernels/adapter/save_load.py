@@ -17,7 +17,7 @@ from torch import nn
 from .config import CONFIG_NAME, CGCLoRAConfig
 
 if TYPE_CHECKING:
-    from .model import CGCModel
+    from typing_extensions import Self
 
 WEIGHTS_NAME = "cgc_adapter.safetensors"
 # The weights file carries a copy of its config in its safetensors metadata: the two files are
@@ -30,7 +30,7 @@ class SaveLoadMixin:
 
     def _adapter_tensors(self, clusters: list[str]) -> dict[str, torch.Tensor]:
         """{key: tensor} of the adapter and gate weights of `clusters` (empty tensors left out)."""
-        cfg = next(iter(self._clusters.values()))
+        cfg = self._shared_config
         order = list(self._clusters)
         out: dict[str, torch.Tensor] = {}
 
@@ -104,7 +104,7 @@ class SaveLoadMixin:
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, *, is_trainable: bool = False,
-                        backend: str | None = None, autocast_adapter_dtype: bool = True) -> CGCModel:
+                        backend: str | None = None, autocast_adapter_dtype: bool = True) -> Self:
         """Rebuild the CGCModel saved in `directory` on `model` (the same base architecture).
 
         As PEFT's: ready for inference by default (eval mode, every parameter frozen);

@@ -4,7 +4,7 @@ base-model call, set on every adapted layer by a forward pre-hook for the call's
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +35,38 @@ class TaskRequest:
         return self.ids.reshape(-1)
 
 
+class LayerRouting:
+    """The routing every adapted layer of one CGCModel reads during a base-model call.
+
+    CGCModel owns one and sets it per call (`set`); the checkpoint carriers (checkpointing.py) read
+    `current` when a checkpointed layer runs and reinstate it for its recomputation (`using`).
+    `layers` returns the adapted layers ({path: layer}) as they are at the time of the call."""
+
+    def __init__(self, layers: Callable[[], Mapping[str, object]]):
+        self.layers = layers
+        self.current: TaskRouting | None = None
+
+    def set(self, routing: TaskRouting | None) -> None:
+        self.current = routing
+        for layer in self.layers().values():
+            layer.current_routing = routing
+
+    @contextlib.contextmanager
+    def using(self, routing: TaskRouting | None) -> Iterator[None]:
+        """`routing` for the block, then whatever was set before (nothing to do if it is set already)."""
+        before = self.current
+        if before is routing:
+            yield
+            return
+        self.set(routing)
+        try:
+            yield
+        finally:
+            self.set(before)
+
+
 class TaskIdsMixin:
-    """CGCModel's task-id handling (state: `_request`, `_active_routing`, `_cluster_index_cache`,
+    """CGCModel's task-id handling (state: `_request`, `_routing`, `_cluster_index_cache`,
     `_active_task`, `_adapter_disabled`)."""
 
     # ---- task selection: what calls without task_ids use ---------------------------------------
@@ -125,9 +155,7 @@ class TaskIdsMixin:
         return self._cluster_index_cache[device]
 
     def _set_routing(self, routing: TaskRouting | None) -> None:
-        self._active_routing = routing
-        for name in self._layer_names:
-            self.model.get_submodule(name).current_routing = routing
+        self._routing.set(routing)
 
     def _pre_forward_hook(self, module, args, kwargs):
         """Build this base-model call's routing from its [batch, seq] and the request's ids."""
