@@ -20,6 +20,7 @@ import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
 
 from .cases import BACKENDS, DIFF, Case, device_of, make_inputs
+from .models import train_steps
 
 CASES = [
     # several tiles per task (M = 150 > 64-row block), two clusters of two tasks, task -1 rows
@@ -136,13 +137,7 @@ def test_training_steps_are_bitwise_reproducible(backend):
         cgc.train()
         opt = torch.optim.AdamW([p for p in cgc.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(123)
-        losses = []
-        for _ in range(3):
-            loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
+        losses = train_steps(cgc, ids, tids, opt, 3)
         results.append((torch.stack(losses), {n: p.detach().clone() for n, p in cgc.named_parameters()
                                               if p.requires_grad}))
     (l1, p1), (l2, p2) = results

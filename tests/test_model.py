@@ -13,68 +13,23 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
 from cgc_kernels.adapter import save_load
 
-from .cases import TOLERANCES
-
-TOL = TOLERANCES[torch.float64]
-VOCAB = 96
-ARCHS = ["llama", "gpt2"]
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
-TASKS = ["qa", "sum", "cls"]
-
-
-def tiny_base(arch: str, seed: int = 0, hidden: int = 32) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if arch == "llama":
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = LlamaForCausalLM(cfg)
-    else:
-        cfg = GPT2Config(n_embd=hidden, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        model = GPT2LMHeadModel(cfg)
-    return model.double().eval()
-
-
-def randomize(cgc: CGCModel, seed: int = 1, clusters=None) -> None:
-    """Nonzero B and uneven gates, so every task changes the output differently."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in cgc.adapted_layers().values():
-            for p in (layer.shared_a, layer.shared_b, layer.task_a, layer.task_b):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
-            for p in layer.gate.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-
-
-def make(arch: str, seed: int = 1, **overrides):
-    """(untouched copy of the base, CGCModel on another copy) with random adapters."""
-    base = tiny_base(arch)
-    cfg = dict(tasks=TASKS, num_shared_experts=2, num_task_experts=1, rank=2, alpha=4,
-               target_modules=TARGETS[arch])
-    cfg.update(overrides)
-    cgc = CGCModel(copy.deepcopy(base), CGCLoRAConfig(**cfg))
-    randomize(cgc, seed)
-    return base, cgc
-
-
-def inputs(batch=4, seq=6, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, **TOL)
-
-
-def differ(a, b):
-    assert (a - b).abs().max() > 1e-4, "adapters should change the output"
+from .models import (
+    ARCHS,
+    TARGETS,
+    TASKS,
+    VOCAB,
+    close,
+    differ,
+    inputs,
+    make,
+    randomize,
+    tiny_base,
+    train_steps,
+)
 
 
 # ---- routing: mixed batches ---------------------------------------------------------------------
@@ -277,13 +232,7 @@ def test_training_lowers_loss_and_changes_only_adapters(arch):
     frozen = {n: p.detach().clone() for n, p in cgc.named_parameters() if not p.requires_grad}
     assert trainable and all(("shared_" in n or "task_" in n or ".gate." in n) for n in trainable)
     opt = torch.optim.Adam([p for p in cgc.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(cgc, ids, tids, opt, 6)
     assert losses[-1] < losses[0] - 0.05
     for n, p in cgc.named_parameters():
         if n in frozen:

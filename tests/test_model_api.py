@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from cgc_kernels import CGCLoRAConfig, CGCModel
 from cgc_kernels.adapter.targets import summarize_targets
 
-from .test_model import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
+from .models import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
 
 
 # ---- task selection ----------------------------------------------------------------------------

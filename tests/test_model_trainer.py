@@ -10,7 +10,7 @@ import torch
 
 from cgc_kernels import CGCDataCollator
 
-from .test_model import TASKS, VOCAB, make
+from .models import TASKS, VOCAB, make
 
 
 def test_collator_pads_masks_prompts_and_maps_names():

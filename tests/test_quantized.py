@@ -23,6 +23,8 @@ from cgc_kernels.adapter.quantized import (  # noqa: E402
     is_quantized,
 )
 
+from .models import train_steps  # noqa: E402
+
 # 4-bit rounding moves a weight by up to ~1/8 of its block's absmax; outputs of the tiny model
 # below move by ~1e-3 when the same 4-bit weights run through different kernels (bitsandbytes'
 # CPU inference kernel computes in bfloat16).
@@ -201,13 +203,7 @@ def test_training_lowers_loss_and_touches_only_adapters(base_dir):
     opt = torch.optim.AdamW([p for p in cgc.parameters() if p.requires_grad], lr=1e-2)
     ids, tids = batch()
     cgc.train()
-    losses = []
-    for _ in range(6):
-        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(cgc, ids, tids, opt, 6)
     assert losses[-1] < losses[0] - 0.05, losses
     after = dict([*cgc.named_parameters(), *cgc.named_buffers()])
     for n, before in frozen.items():

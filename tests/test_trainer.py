@@ -12,7 +12,7 @@ import torch
 from cgc_kernels import CGCDataCollator, CGCLoRAConfig, CGCModel, CGCTrainer
 from cgc_kernels.adapter.trainer import ResumeError
 
-from .test_model import TARGETS, TASKS, VOCAB, inputs, tiny_base
+from .models import TARGETS, TASKS, VOCAB, inputs, tiny_base
 
 
 def examples(n: int = 16) -> list[dict]:
