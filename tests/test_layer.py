@@ -87,6 +87,29 @@ def test_merge_equals_unmerged_forward_and_unmerge_is_exact(kind, C):
         assert torch.equal(layer.base_layer.weight, w0)  # bit for bit
 
 
+def test_merge_without_the_original_cannot_unmerge():
+    """keep_original=False (a layer about to be dropped) merges the same weight and keeps nothing to
+    put back: unmerge refuses instead of leaving the merged weight in place silently."""
+    layer = random_layer()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    unmerged = layer(x, torch.full((6,), 1))
+    layer.merge(1, keep_original=False)
+    torch.testing.assert_close(layer(x), unmerged, **TOL)
+    with pytest.raises(ValueError, match="without keeping the original"):
+        layer.unmerge()
+
+
+def test_task_and_cluster_names_are_given_at_construction():
+    layer = CGCLoRALinear(base_layer("linear"), 3, 1, 1, 2, 4.0, task_cluster=[0, 1, 1],
+                          task_names=["qa", "sum", "cls"], cluster_names=["a", "b"])
+    assert layer.task_names == ("qa", "sum", "cls") and layer.cluster_names == ("a", "b")
+    assert random_layer(T=3, C=2).task_names == ("0", "1", "2")
+    with pytest.raises(ValueError, match="task_names must name 3 entries"):
+        CGCLoRALinear(base_layer("linear"), 3, 1, 1, 2, 4.0, task_names=["qa"])
+    with pytest.raises(ValueError, match="cluster_names must name 2 entries"):
+        CGCLoRALinear(base_layer("linear"), 3, 1, 1, 2, 4.0, task_cluster=[0, 1, 1], cluster_names=["a"])
+
+
 def test_delta_weight_is_the_gate_weighted_expert_sum():
     layer = random_layer(S=2, K=1, r=2)
     g = layer.task_gates()[1]
