@@ -91,12 +91,8 @@ def run(benchmark, *, provider: str, level: str, mode: str, case: BenchCase, siz
             if dx_ref is not None:
                 assert_matches(x.grad, dx_ref, f"{provider} {level} input gradient")
 
-    benchmark.group = f"{level}-{mode} {case.name}"
-    benchmark.name = provider
-    if benchmark.disabled:
-        benchmark.pedantic(check)
+    if checked_only(benchmark, f"{level}-{mode} {case.name}", provider, check):
         return
-    check()
 
     # 2. Timing.
     def target_forward():
@@ -155,6 +151,17 @@ def run(benchmark, *, provider: str, level: str, mode: str, case: BenchCase, siz
     row["tokens_per_s"] = case.M / row["median_s"]
     benchmark.extra_info.update({k: v for k, v in row.items() if k not in asdict(case)})
     RESULTS.append(row)
+
+
+def checked_only(benchmark, group: str, name: str, check: Callable[[], None]) -> bool:
+    """Name the benchmark and run `check`: through the fixture when timing is disabled (CI), which
+    is then all there is to do (True); otherwise directly, before the timing (False)."""
+    benchmark.group, benchmark.name = group, name
+    if benchmark.disabled:
+        benchmark.pedantic(check)
+        return True
+    check()
+    return False
 
 
 def quantile(sorted_data: list[float], q: float) -> float:

@@ -16,7 +16,7 @@ from torch import nn
 
 from benchmarks.baselines import MOELoRALinear
 from benchmarks.cases import TASK_COUNTS, Memo, device_for, dtype_for
-from benchmarks.measure import RESULTS, SETTINGS, quantile, sync
+from benchmarks.measure import RESULTS, SETTINGS, checked_only, quantile, sync
 from benchmarks.providers import OP_BACKENDS, assert_matches
 
 # The linear layers of a Llama block, adapted by every model-level provider.
@@ -242,12 +242,8 @@ def run_model(benchmark, *, provider: str, case: ModelCase, size: str) -> None:
             with torch.no_grad():
                 assert_matches(call(p.input_ids), want, f"{provider} model logits")
 
-    benchmark.group = f"model-{case.name}"
-    benchmark.name = provider
-    if benchmark.disabled:
-        benchmark.pedantic(check_fn)
+    if checked_only(benchmark, f"model-{case.name}", provider, check_fn):
         return
-    check_fn()
 
     def target():
         if train:

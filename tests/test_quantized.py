@@ -183,15 +183,20 @@ def test_layer_forward_backward_matches_dequantized_reference(kind):
         torch.testing.assert_close(p.grad, q.grad, **tol)
 
 
+def assert_fresh_adapter_is_base(cgc, ref, ids, tids) -> None:
+    """Every adapted layer wraps a quantized base, and with B = 0 the model is that base, exactly."""
+    assert all(layer.quantized_base for layer in cgc.adapted_layers().values())
+    with torch.no_grad():
+        torch.testing.assert_close(cgc(input_ids=ids, task_ids=tids).logits, ref(input_ids=ids).logits,
+                                   atol=0, rtol=0)
+
+
 # ---- a 4-bit model ------------------------------------------------------------------------------
 def test_fresh_adapter_is_the_quantized_base(base_dir):
     ref, model = load_4bit(base_dir), load_4bit(base_dir)
     cgc = make_cgc(model)
-    assert all(layer.quantized_base for layer in cgc.adapted_layers().values())
     ids, tids = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(cgc(input_ids=ids, task_ids=tids).logits, ref(input_ids=ids).logits,
-                                   atol=0, rtol=0)
+    assert_fresh_adapter_is_base(cgc, ref, ids, tids)
 
 
 def test_training_lowers_loss_and_touches_only_adapters(base_dir):
@@ -304,11 +309,8 @@ def test_8bit_model_forward_and_backward(base_dir):
     except Exception as e:  # an int8 backend this bitsandbytes build lacks on this machine
         pytest.skip(f"bitsandbytes cannot load an 8-bit model here: {e}")
     cgc = make_cgc(model)
-    assert all(layer.quantized_base for layer in cgc.adapted_layers().values())
     ids, tids = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(cgc(input_ids=ids, task_ids=tids).logits, ref(input_ids=ids).logits,
-                                   atol=0, rtol=0)
+    assert_fresh_adapter_is_base(cgc, ref, ids, tids)
     evaluate(cgc)
     cgc(input_ids=ids, labels=ids, task_ids=tids).loss.backward()
     for name, layer in cgc.adapted_layers().items():
