@@ -14,7 +14,7 @@ from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
 from .cases import TOLERANCES, TRITON_SKIP
 
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
-# Triton's interpreter gets raw bf16 dots wrong (docs/design.md section 9): fp16 only there.
+# Triton's interpreter gets raw bf16 dots wrong (docs/design.md section 10): fp16 only there.
 BACKENDS = ["torch", "reference", pytest.param("triton", marks=pytest.mark.skipif(
     TRITON_SKIP is not None, reason=str(TRITON_SKIP)))]
 
