@@ -1,4 +1,4 @@
-"""The traffic model of the GPU-filling kernels at a real layer's shapes (benchmarks/traffic.py):
+"""The traffic model of the kernels `cgc_lora` launches on a GPU, at a real layer's shapes (benchmarks/traffic.py):
 the bytes each pass moves from HBM, counted from the kernels' loops, against the floor."""
 
 from benchmarks.traffic import Shape, step_ratio, traffic

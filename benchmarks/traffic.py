@@ -1,4 +1,4 @@
-"""Bytes each GPU-filling kernel moves, counted from its loop structure, against the floor.
+"""Bytes each kernel `cgc_lora` launches on a GPU moves, counted from its loop structure, against the floor.
 
     python -m benchmarks.traffic            # the markdown table of BENCHMARKS.md
 
