@@ -113,8 +113,8 @@ def encode_dataset(dataset, tokenizer, tasks, *, max_length: int = 1024, system:
     """
     import datasets
 
+    from .errors import UserError
     from .formats import load_rows, normalize_records
-    from .reader import UserError
 
     tasks = list(tasks)
     if isinstance(dataset, (str, bytes)) or hasattr(dataset, "__fspath__"):

@@ -26,7 +26,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from .reader import UserError
+from .errors import UserError
 
 FORMATS = {
     "messages": "{task, messages} (multi-turn chat)",
@@ -227,7 +227,8 @@ def _read_saved(path: str) -> list[dict]:
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:
-            raise UserError(f"{path}: a folder, but not one written by Dataset.save_to_disk ({_first_line(e)})") from None
+            raise UserError(f"{path}: a folder, but not one written by Dataset.save_to_disk "
+                            f"({_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds and len(ds) != 1:
                 raise UserError(f"{path}: a DatasetDict of splits {', '.join(ds)}; expected a 'train' split or one "

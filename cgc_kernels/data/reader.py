@@ -3,17 +3,16 @@ formats.py (any accepted file type and row format, through `datasets`)."""
 
 from __future__ import annotations
 
+from .errors import UserError
+from .formats import load_rows
 
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, never a traceback."""
+__all__ = ["UserError", "check_tasks", "read_jsonl", "tasks_of"]
 
 
 # ---- data --------------------------------------------------------------------------------------
 def read_jsonl(path: str, *, need_response: bool = True) -> list[dict]:
     """The rows of a data file as plain dicts {task, prompt, response} (or {task, messages,
     response}): formats.load_rows with the defaults; UserError naming the file and row."""
-    from .formats import load_rows
-
     return load_rows(path, need_answer=need_response).rows
 
 

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter.param_groups import parameter_groups
-from ..data.encode import encode_prompt_response, encode_row, row_prompt_text
-from ..data.encode import prompt_text  # noqa: F401  (re-exported: the prompt as the model sees it)
+from ..data.encode import (
+    encode_prompt_response,
+    encode_row,
+    prompt_text,  # noqa: F401  (re-exported: the prompt as the model sees it)
+    row_prompt_text,
+)
 from ..data.reader import tasks_of
 
 IGNORE_INDEX = -100
