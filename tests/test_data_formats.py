@@ -177,7 +177,7 @@ BAD = [  # (file name, content, extra arguments, what the one line says)
     ("notask.jsonl", json.dumps({"prompt": "x", "response": "y"}) + "\n", [], ["no 'task' column", "--task NAME"]),
     ("both.jsonl", GOOD + "\n", ["--task", "x"], ["has a 'task' column"]),
     ("fake.parquet", "not parquet\n", [], ["fake.parquet: cannot read it as Parquet"]),
-    ("data.txt", GOOD + "\n", [], ["data.txt: unknown file type .txt"]),
+    ("data.txt", "task,prompt,response\n", [], ["data.txt:1: not valid JSON"]),  # read as JSON Lines
     ("latin1.jsonl", GOOD + "\n" + '{"task": "add", "prompt": "caf\xe9", "response": "1"}\n', [],
      ["latin1.jsonl:2:", "not UTF-8"]),
 ]

@@ -1,5 +1,6 @@
-"""Instruction data from a file, through Hugging Face `datasets`: JSON Lines (.jsonl), JSON (.json,
-lines or one array), CSV (.csv), Parquet (.parquet) or a `Dataset.save_to_disk` folder.
+"""Instruction data from a file, through Hugging Face `datasets`: JSON Lines (.jsonl, and any other
+extension), JSON (.json, lines or one array), CSV (.csv), Parquet (.parquet) or a
+`Dataset.save_to_disk` folder.
 
 The row format is found from the columns, as TRL finds it, and every row becomes one plain dict:
 
@@ -73,7 +74,7 @@ def load_rows(path: str, *, task_column: str = "task", task: str | None = None, 
     """The rows of a data file; UserError for a file it cannot read or a bad row. `known_tasks`:
     a row naming another task is an error (an adapter's tasks)."""
     records = _read_records(path)
-    lines = _jsonl_lines(path) if path.endswith(".jsonl") else None
+    lines = _jsonl_lines(path) if os.path.isfile(path) and _is_json_lines(path) else None
     where = [f"{path}:{lines[i]}" if lines and i < len(lines) else f"{path}: row {i + 1}" for i in range(len(records))]
     rows, fmt = normalize_records(records, path, where, task_column=task_column, task=task,
                                   need_answer=need_answer, columns=_columns(records, path))
@@ -203,11 +204,8 @@ def _read_records(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
-    builder = FILE_TYPES.get(ext)
-    if builder is None:
-        raise UserError(f"{path}: unknown file type {ext or '(no extension)'}; expected .jsonl, .json, .csv, "
-                        f".parquet or a folder written by Dataset.save_to_disk")
-    kind = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}[ext]
+    builder = FILE_TYPES.get(ext, "json")  # another extension: JSON Lines, as this command always read
+    kind = {".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}.get(ext, "JSON Lines")
     with _quiet_datasets() as datasets, tempfile.TemporaryDirectory() as cache:
         try:
             records = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train",
@@ -284,6 +282,10 @@ def _line_of_byte(path: str, offset: int) -> tuple[int, int]:
     with open(path, "rb") as f:
         head = f.read()[:offset]
     return head.count(b"\n") + 1, offset - (head.rfind(b"\n") + 1) + 1
+
+
+def _is_json_lines(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() not in (".json", ".csv", ".parquet")
 
 
 def _jsonl_lines(path: str) -> list[int]:
