@@ -163,7 +163,8 @@ def test_task_and_task_column(tmp_path, capsys):
 # ---- bad files: one line naming the file, the row and the problem; nothing written -----------------
 GOOD = json.dumps({"task": "add", "prompt": "1 + 1", "response": "2"})
 BAD = [  # (file name, content, extra arguments, what the one line says)
-    ("chat.jsonl", json.dumps({"task": "a", "messages": "hi"}) + "\n", [], ["chat.jsonl:1:", "messages must be a list"]),
+    ("chat.jsonl", json.dumps({"task": "a", "messages": "hi"}) + "\n", [],
+     ["chat.jsonl:1:", "messages must be a list"]),
     ("turns.jsonl", json.dumps({"task": "a", "messages": [{"role": "bot", "content": "x"}]}) + "\n", [],
      ["turns.jsonl:1:", "role 'bot'"]),
     ("noanswer.jsonl", json.dumps({"task": "a", "messages": [{"role": "user", "content": "x"}]}) + "\n", [],
