@@ -148,6 +148,20 @@ def test_train_reads_each_format(tmp_path, capsys, fmt, kind):
     log = capsys.readouterr().out
     assert f"{data}: 4 rows, format" in log and "2 steps" in log
     assert json.loads((out / "cgc_cli.json").read_text())["tasks"] == ["add", "upper"]
+    if fmt == "messages":  # generate reads conversations too: the answer to the last user turn
+        prompts = [{"task": "add", "messages": [{"role": "user", "content": "1 + 1"}]},
+                   {"task": "upper", "messages": [{"role": "user", "content": "ab"}, {"role": "assistant",
+                                                  "content": "AB"}, {"role": "user", "content": "cd"}]}]
+        answers = tmp_path / "answers.jsonl"
+        assert main(["generate", str(out), "--input", write(tmp_path / "p.parquet", prompts, "parquet"),
+                     "--output", str(answers), "--max-new-tokens", "2"]) == 0
+        got = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert [g["task"] for g in got] == ["add", "upper"] and all(isinstance(g["output"], str) for g in got)
+    if fmt == "alpaca":  # and cluster
+        clusters = tmp_path / "clusters.json"
+        assert main(["cluster", "--tiny", "--data", data, "--num-clusters", "2", "--clusters-out", str(clusters),
+                     "--warmup-steps", "1", "--batches", "1", "--batch-size", "2", "--rank", "2"]) == 0
+        assert sorted(json.loads(clusters.read_text())) == ["add", "upper"]
 
 
 def test_task_and_task_column(tmp_path, capsys):

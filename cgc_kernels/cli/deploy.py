@@ -81,8 +81,10 @@ def cmd_generate(args) -> int:
     from ..multitask.recipe import generate_answers
     from .arguments import data_options
 
+    loaded = load_rows(args.input, **data_options(args), need_answer=False)
     meta = read_meta(args.dir)
-    rows = load_rows(args.input, **data_options(args), need_answer=False, known_tasks=meta["tasks"]).rows
+    loaded.check_tasks(meta["tasks"])
+    rows = loaded.rows
     if args.output:  # refuse a bad --output before the model loads
         check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
                      option="--output")

@@ -51,6 +51,12 @@ class LoadedRows:
     format: str
     where: list[str]
 
+    def check_tasks(self, known: list[str]) -> None:
+        """UserError naming the first row whose task is not in `known` (an adapter's tasks)."""
+        for r, w in zip(self.rows, self.where, strict=True):
+            if r["task"] not in known:
+                raise UserError(f"{w}: task {r['task']!r} is not one of the adapter's tasks ({', '.join(known)})")
+
     def describe(self) -> str:
         return f"{self.path}: {len(self.rows)} rows, format {FORMATS[self.format]}"
 
@@ -78,12 +84,10 @@ def load_rows(path: str, *, task_column: str = "task", task: str | None = None, 
     where = [f"{path}:{lines[i]}" if lines and i < len(lines) else f"{path}: row {i + 1}" for i in range(len(records))]
     rows, fmt = normalize_records(records, path, where, task_column=task_column, task=task,
                                   need_answer=need_answer, columns=_columns(records, path))
+    loaded = LoadedRows(path, rows, fmt, where)
     if known_tasks is not None:
-        for r, w in zip(rows, where, strict=True):
-            if r["task"] not in known_tasks:
-                raise UserError(f"{w}: task {r['task']!r} is not one of the adapter's tasks "
-                                f"({', '.join(known_tasks)})")
-    return LoadedRows(path, rows, fmt, where)
+        loaded.check_tasks(known_tasks)
+    return loaded
 
 
 def normalize_records(records: list[dict], path: str, where: list[str], *, task_column: str = "task",
