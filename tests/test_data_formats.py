@@ -157,6 +157,12 @@ def test_train_reads_each_format(tmp_path, capsys, fmt, kind):
                      "--output", str(answers), "--max-new-tokens", "2"]) == 0
         got = [json.loads(line) for line in answers.read_text().splitlines()]
         assert [g["task"] for g in got] == ["add", "upper"] and all(isinstance(g["output"], str) for g in got)
+    if fmt == "prompt-completion":  # and compare
+        assert main(["compare", "--tiny", "--data", data, "--eval-data", data, "--out", str(tmp_path / "cmp"),
+                     "--steps", "1", "--batch-size", "4", "--warmup-steps", "0", "--rank", "4", "--seeds", "0",
+                     "--max-new-tokens", "2", "--target-modules", "q_proj", "--cgc-shared", "2", "--cgc-task", "1",
+                     "--moe-experts", "4"]) == 0
+        assert (tmp_path / "cmp" / "compare.json").is_file()
     if fmt == "alpaca":  # and cluster
         clusters = tmp_path / "clusters.json"
         assert main(["cluster", "--tiny", "--data", data, "--num-clusters", "2", "--clusters-out", str(clusters),

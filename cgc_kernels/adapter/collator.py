@@ -87,7 +87,8 @@ class CGCDataCollator:
                 raise ValueError(
                     f"example {i} has no task_ids and no task column (it has {sorted(f)}): transformers.Trainer "
                     f"drops the columns that the model's forward does not name, `task` among them; use CGCTrainer, "
-                    f"or TrainingArguments(remove_unused_columns=False), or name the column task_ids")
+                    f"or TrainingArguments(remove_unused_columns=False), or name the column task_ids (TRL's packing "
+                    f"keeps input_ids and labels only: it cannot train several tasks)")
             ids = [int(t) for t in _as_list(f["input_ids"])]
             labels = [int(t) for t in _as_list(f["labels"])] if f.get("labels") is not None else list(ids)
             if len(labels) != len(ids):

@@ -52,10 +52,10 @@ class LoadedRows:
     where: list[str]
 
     def check_tasks(self, known: list[str]) -> None:
-        """UserError naming the first row whose task is not in `known` (an adapter's tasks)."""
+        """UserError naming the first row whose task is not in `known` (the tasks trained)."""
         for r, w in zip(self.rows, self.where, strict=True):
             if r["task"] not in known:
-                raise UserError(f"{w}: task {r['task']!r} is not one of the adapter's tasks ({', '.join(known)})")
+                raise UserError(f"{w}: task {r['task']!r} is not one of the tasks trained ({', '.join(known)})")
 
     def describe(self) -> str:
         return f"{self.path}: {len(self.rows)} rows, format {FORMATS[self.format]}"
@@ -78,7 +78,7 @@ def detect_format(columns, *, need_answer: bool = True) -> str | None:
 def load_rows(path: str, *, task_column: str = "task", task: str | None = None, need_answer: bool = True,
               known_tasks: list[str] | None = None) -> LoadedRows:
     """The rows of a data file; UserError for a file it cannot read or a bad row. `known_tasks`:
-    a row naming another task is an error (an adapter's tasks)."""
+    a row naming another task is an error (the tasks trained)."""
     records = _read_records(path)
     lines = _jsonl_lines(path) if os.path.isfile(path) and _is_json_lines(path) else None
     where = [f"{path}:{lines[i]}" if lines and i < len(lines) else f"{path}: row {i + 1}" for i in range(len(records))]

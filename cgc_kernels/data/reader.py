@@ -6,7 +6,7 @@ from __future__ import annotations
 from .errors import UserError
 from .formats import load_rows
 
-__all__ = ["UserError", "check_tasks", "read_jsonl", "tasks_of"]
+__all__ = ["UserError", "read_jsonl", "tasks_of"]
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -20,10 +20,3 @@ def tasks_of(rows: list[dict]) -> list[str]:
     """Task names in order of first appearance."""
     return list(dict.fromkeys(r["task"] for r in rows))
 
-
-def check_tasks(rows: list[dict], known: list[str], path: str) -> None:
-    """UserError if a row names a task the adapter does not have."""
-    for i, r in enumerate(rows):
-        if r["task"] not in known:
-            raise UserError(f"{path}: row {i + 1} has task {r['task']!r}, which the adapter does not have "
-                            f"(its tasks: {', '.join(known)})")
