@@ -2,7 +2,8 @@
 
 Four layers, each importing only itself and the layers below: `op` (the op and its kernels) <
 `adapter` (CGC-LoRA in transformers models) < `multitask` (clustering, comparison, the recipe) <
-`cli` (the `cgc-lora` command). This module re-exports the public names of `op` and `adapter`.
+`cli` (the `cgc-lora` command); `data` (data files, encoding) sits beside `adapter`. This module
+re-exports the public names of `op`, `adapter` and `data`.
 """
 
 from .adapter.collator import CGCDataCollator
@@ -20,6 +21,7 @@ from .adapter.gates import StackedTaskGate, TaskGate, TokenGate
 from .adapter.layer import CGCLoRALinear
 from .adapter.model import CGCModel
 from .adapter.param_groups import gate_parameters, parameter_groups
+from .data.encode import encode_dataset
 from .op import reference
 from .op.dispatch import cgc_lora
 from .op.routing import TaskRouting, build_routing
@@ -28,11 +30,15 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # CGCTrainer imports transformers.Trainer (and accelerate): only when asked for.
+    # CGCTrainer imports transformers.Trainer (and accelerate), CGCSFTTrainer TRL: only when asked for.
     if name == "CGCTrainer":
         from .adapter.trainer import CGCTrainer
 
         return CGCTrainer
+    if name == "CGCSFTTrainer":
+        from .adapter.sft import CGCSFTTrainer
+
+        return CGCSFTTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -41,6 +47,7 @@ __all__ = [
     "CGCLoRAConfig",
     "CGCLoRALinear",
     "CGCModel",
+    "CGCSFTTrainer",
     "CGCTrainer",
     "GateMovement",
     "GateTable",
@@ -50,6 +57,7 @@ __all__ = [
     "TokenGate",
     "build_routing",
     "cgc_lora",
+    "encode_dataset",
     "gate_movement",
     "gate_parameters",
     "gate_snapshot",

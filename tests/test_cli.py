@@ -263,8 +263,8 @@ def test_missing_data_file(tmp_path, capsys):
 @pytest.mark.parametrize("line, message", [
     ('{"task": "add", "prompt": "x", "response": "1"', "not valid JSON"),  # cut short
     ('["add", "x", "1"]', "expected a JSON object"),
-    ('{"task": "add", "response": "1"}', "missing field(s) prompt"),
-    ('{"task": "", "prompt": "x", "response": "1"}', "non-empty strings"),
+    ('{"task": "add", "response": "1"}', "prompt is missing"),
+    ('{"task": "", "prompt": "x", "response": "1"}', "task is missing or empty"),
 ])
 def test_malformed_jsonl_line_names_its_line(tmp_path, capsys, line, message):
     path = tmp_path / "bad.jsonl"
@@ -279,7 +279,7 @@ def test_unknown_task(run, capsys):
                     "unknown task 'poetry'", "sentiment")
     inp = d / "unknown-task.jsonl"
     inp.write_text('{"task": "add", "prompt": "1 + 1"}\n{"task": "poetry", "prompt": "a poem"}\n')
-    _one_line_error(capsys, ["generate", str(out), "--input", str(inp)], "row 2", "'poetry'")
+    _one_line_error(capsys, ["generate", str(out), "--input", str(inp)], "unknown-task.jsonl:2:", "'poetry'")
 
 
 def test_model_the_adapter_was_not_trained_on(run, capsys, tmp_path):

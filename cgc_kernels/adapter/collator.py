@@ -4,7 +4,8 @@ Each example is a dict:
 
     input_ids      list[int]                    the tokens (prompt + response)
     task_ids       str | int | None | list[int] its task (name or id; None or -1 = the base model),
-                                                or one id per token (packing)
+                                                or one id per token (packing); or, without
+                                                task_ids, `task` (a task name, a data file's column)
     labels         list[int], optional          targets; default: input_ids
     attention_mask list[int], optional          kept as given (padded with 0); default: all ones
     prompt_length  int, optional                tokens of the prompt: their labels become -100
@@ -12,10 +13,12 @@ Each example is a dict:
 The batch: input_ids [B, L], attention_mask [B, L], labels [B, L] (-100 on padding and, with
 prompt lengths, on the prompt), task_ids [B] (or [B, L] with per-token ids, padded with -1).
 
-Trainer keeps only the columns that the model's forward names: CGCModel.forward names task_ids,
-so they survive; `prompt_length` is not a forward argument, so with Trainer either pass
-TrainingArguments(remove_unused_columns=False) or put ready-made `labels` in the examples.
-`response_only=True` makes a missing prompt_length an error instead of a silent full-sequence loss.
+Trainer keeps only the columns that the model's forward names: CGCModel.forward names task_ids
+and labels, so they survive; `task` and `prompt_length` are not forward arguments, so with a plain
+transformers.Trainer either pass TrainingArguments(remove_unused_columns=False), or use CGCTrainer
+(which keeps them), or examples from `encode_dataset` (input_ids, labels, task_ids).
+`response_only=True` makes an example with neither labels nor prompt_length an error instead of a
+silent full-sequence loss.
 """
 
 from __future__ import annotations
@@ -78,8 +81,14 @@ class CGCDataCollator:
             raise ValueError("cannot collate an empty list of examples")
         rows = []
         for i, f in enumerate(features):
-            if "input_ids" not in f or "task_ids" not in f:
-                raise ValueError(f"example {i} needs input_ids and task_ids, has {sorted(f)}")
+            if "input_ids" not in f:
+                raise ValueError(f"example {i} needs input_ids, has {sorted(f)}")
+            if "task_ids" not in f and "task" not in f:
+                raise ValueError(
+                    f"example {i} has no task_ids and no task column (it has {sorted(f)}): transformers.Trainer "
+                    f"drops the columns that the model's forward does not name, `task` among them; use CGCTrainer, "
+                    f"or TrainingArguments(remove_unused_columns=False), or name the column task_ids (TRL's packing "
+                    f"keeps input_ids and labels only: it cannot train several tasks)")
             ids = [int(t) for t in _as_list(f["input_ids"])]
             labels = [int(t) for t in _as_list(f["labels"])] if f.get("labels") is not None else list(ids)
             if len(labels) != len(ids):
@@ -91,9 +100,9 @@ class CGCDataCollator:
             else:
                 mask = [1] * len(ids)
             prompt = f.get("prompt_length")
-            if prompt is None and self.response_only:
+            if prompt is None and self.response_only and f.get("labels") is None:
                 raise ValueError(
-                    f"example {i} has no prompt_length but response_only=True (with Trainer, pass "
+                    f"example {i} has neither labels nor prompt_length but response_only=True (with Trainer, pass "
                     f"TrainingArguments(remove_unused_columns=False): it drops columns forward does not name)"
                 )
             if prompt is not None:
@@ -101,7 +110,7 @@ class CGCDataCollator:
                 if not 0 <= prompt <= len(ids):
                     raise ValueError(f"example {i}: prompt_length {prompt} outside [0, {len(ids)}]")
                 labels[:prompt] = [self.label_pad_token_id] * prompt
-            task = f["task_ids"]
+            task = f["task_ids"] if "task_ids" in f else f["task"]
             if isinstance(task, torch.Tensor) and task.dim() == 0:
                 task = task.item()
             if type(task).__module__ == "numpy":

@@ -46,11 +46,13 @@ from .quantized import guard_quantized_layers
 from .save_load import SaveLoadMixin
 from .targets import resolve_target_modules
 from .task_ids import LayerRouting, TaskIdsMixin, TaskRequest, check_input_rank
+from .trl_support import TRLMixin
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, nn.Module):
+class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin, SaveLoadMixin, TRLMixin,
+               nn.Module):
     """A transformers model with CGC-LoRA in its `target_modules`; everything else frozen.
 
     Args:

@@ -16,11 +16,16 @@ whole state dict, the frozen base included, and cannot load it back into a CGCMo
   checkpoint's adapter into the live model; a checkpoint of another configuration is a
   `ResumeError` naming the directory and the tensor.
 * With no data_collator, a CGCDataCollator padding with the processing class's pad token.
+* The columns a CGCDataCollator reads survive `remove_unused_columns`: besides the forward's
+  arguments (input_ids, labels, task_ids, ...), `task` (a task name) and `prompt_length`.
 * `gate_lr_ratio`: the task gates train in an AdamW group of their own at that multiple of the
   learning rate (param_groups.parameter_groups), when no optimizer is given.
 
 Sharded training (FSDP, DeepSpeed ZeRO-3) is not handled here: the adapter is saved from the
 unwrapped model of each writing process (DDP and single-device training).
+
+CGCTrainerMixin holds all of it, for other Trainer subclasses too: sft.py mixes it into TRL's
+SFTTrainer.
 """
 
 from __future__ import annotations
@@ -42,22 +47,31 @@ class ResumeError(ValueError):
     """A checkpoint directory that holds no CGC-LoRA adapter of this model."""
 
 
-class CGCTrainer(Trainer):
-    """transformers.Trainer whose checkpoints hold the CGC-LoRA adapter only (see the module
-    docstring); every Trainer argument works as documented by transformers."""
+# Columns a CGCDataCollator reads that are not arguments of the model's forward.
+COLLATOR_COLUMNS = ("task", "task_ids", "prompt_length")
+
+
+class CGCTrainerMixin:
+    """A Trainer subclass's changes for a CGCModel (see the module docstring); mix it in before
+    the Trainer class: `class T(CGCTrainerMixin, Trainer)`."""
 
     def __init__(self, model: CGCModel | None = None, args=None, data_collator=None, *,
                  gate_lr_ratio: float = 1.0, **kwargs):
+        name = type(self).__name__
         if not isinstance(model, CGCModel):
-            raise ValueError(f"CGCTrainer trains a CGCModel, got {type(model).__name__}")
+            raise ValueError(f"{name} trains a CGCModel, got {type(model).__name__}")
         if data_collator is None:
             pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
             if pad is None:
-                raise ValueError("CGCTrainer needs a data_collator, or a processing_class with a pad token "
+                raise ValueError(f"{name} needs a data_collator, or a processing_class with a pad token "
                                  "to build a CGCDataCollator from")
             data_collator = CGCDataCollator(pad_token_id=pad, tasks=model.tasks)
         self.gate_lr_ratio = gate_lr_ratio
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *COLLATOR_COLUMNS]))
 
     def create_optimizer(self, model=None):
         """AdamW over the trainable parameters, the gates in a group of their own at
@@ -100,3 +114,8 @@ class CGCTrainer(Trainer):
             cgc._load_adapter_tensors(tensors, cgc.clusters)
         except ValueError as e:
             raise ResumeError(f"cannot resume from {directory}: {e}") from None
+
+
+class CGCTrainer(CGCTrainerMixin, Trainer):
+    """transformers.Trainer whose checkpoints hold the CGC-LoRA adapter only (see the module
+    docstring); every Trainer argument works as documented by transformers."""

@@ -28,9 +28,11 @@ from ..adapter.merge import VLLM_LORA_RANKS
 from ..data.reader import UserError
 from . import bench, cluster, compare, demo, deploy, inspect, train
 from .arguments import (
+    DATA_HELP,
     WEIGHT_DTYPES,
     Parser,
     add_cgc_args,
+    add_data_args,
     add_model_args,
     add_overwrite,
     max_length,
@@ -60,11 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out rows per task (default 0: all)")
     p.set_defaults(func=demo.cmd_demo)
 
-    p = sub.add_parser("train", help="fine-tune CGC-LoRA on a JSONL file of {task, prompt, response} rows")
+    p = sub.add_parser("train", help="fine-tune CGC-LoRA on a data file of multi-task rows (chat, Alpaca, "
+                                     "prompt/completion; JSONL, JSON, CSV, Parquet, a saved dataset)")
     add_model_args(p, default_help="the demo's SmolLM2-135M-Instruct")
-    p.add_argument("--data", required=True, help="training rows, JSONL {task, prompt, response}")
-    p.add_argument("--eval-data", help="held-out rows: exact-match accuracy per task before and after "
-                                       "(default: no evaluation)")
+    p.add_argument("--data", required=True, help=f"training rows: {DATA_HELP}")
+    p.add_argument("--eval-data", help="held-out rows, the same formats: exact-match accuracy per task before and "
+                                       "after (default: no evaluation)")
+    add_data_args(p)
     p.add_argument("--out", required=True, help="output directory (adapter, tokenizer, checkpoints/)")
     add_overwrite(p)
     p.add_argument("--clusters", help="JSON file {task: cluster}: one shared-expert group per cluster, 1+N "
@@ -125,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_overwrite(p)
     p.set_defaults(func=deploy.cmd_export_base)
 
-    p = sub.add_parser("generate", help="answer JSONL {task, prompt} rows, batched across tasks")
+    p = sub.add_parser("generate", help="answer {task, prompt} rows (or any train format), batched across tasks")
     p.add_argument("dir", help="a directory written by `cgc-lora train` (or the demo's adapter/)")
-    p.add_argument("--input", required=True, help="rows, JSONL {task, prompt}")
+    p.add_argument("--input", required=True, help="rows to answer, any format that train reads, the answer "
+                                                   "column not needed: {task, prompt}, {task, messages}, ...")
+    add_data_args(p)
     p.add_argument("--output", help="JSONL file to write (default: stdout)")
     add_overwrite(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer, at most")

@@ -7,7 +7,8 @@ One meaning per option name across subcommands:
     --overwrite        replace an existing output as a whole
     --model PATH       the base model: a transformers model directory or a .gguf file
     --clusters FILE    a JSON file {task: cluster}; the number of clusters is --num-clusters
-    --data / --eval-data FILE   JSONL rows {task, prompt, response}
+    --data / --eval-data FILE   rows in any accepted format and file type (data/formats.py)
+    --task-column NAME / --task NAME   the column naming each row's task / the task of every row
 """
 
 from __future__ import annotations
@@ -174,3 +175,21 @@ def add_cgc_args(p) -> None:
     g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
                    help="the gates' learning rate over the experts' (their own optimizer group, like "
                         "LoRA+ for B; 0 freezes the gates)")
+
+
+DATA_HELP = ("a .jsonl, .json, .csv or .parquet file, or a Dataset.save_to_disk folder, of rows {task, prompt, "
+             "response}, {task, prompt, completion}, {task, messages} or {task, instruction, input, output}")
+
+
+def add_data_args(p) -> None:
+    """--task-column and --task: which column names each row's task, or the one task of a file
+    without such a column (every subcommand that reads data files)."""
+    p.add_argument("--task-column", default="task", help="the column that names each row's task")
+    p.add_argument("--task", dest="data_task", metavar="NAME",
+                   help="the task of every row, for a file of one task without a task column (default: the "
+                        "task column)")
+
+
+def data_options(args) -> dict:
+    """The keyword arguments of data.formats.load_rows that add_data_args gave."""
+    return {"task_column": args.task_column, "task": args.data_task}

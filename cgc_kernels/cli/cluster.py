@@ -7,11 +7,20 @@ import json
 import os
 import time
 
-from ..data.reader import UserError, read_jsonl, tasks_of
+from ..data.formats import load_rows
+from ..data.reader import UserError, tasks_of
 from ..multitask.clustering import LINKAGES, cluster_summary, cluster_tasks, task_affinity, write_clusters
 from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import format_seconds
-from .arguments import add_overwrite, non_negative_int, positive_float, positive_int
+from .arguments import (
+    DATA_HELP,
+    add_data_args,
+    add_overwrite,
+    data_options,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from .common import log, model_spec
 from .output import check_output, staged_output
 
@@ -22,7 +31,8 @@ def add_cluster_command(sub) -> None:
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
-    p.add_argument("--data", required=True, help="training rows, JSONL {task, prompt, response}")
+    p.add_argument("--data", required=True, help=f"training rows: {DATA_HELP}")
+    add_data_args(p)
     p.add_argument("--num-clusters", type=positive_int, required=True, help="N, the number of clusters")
     p.add_argument("--clusters-out", default="clusters.json",
                    help="clusters file to write, JSON {task: cluster} (what train --clusters reads)")
@@ -41,8 +51,9 @@ def add_cluster_command(sub) -> None:
 
 def cmd_cluster(args) -> int:
     t0 = time.perf_counter()
-    rows = read_jsonl(args.data)
-    tasks = tasks_of(rows)
+    data = load_rows(args.data, **data_options(args))
+    log(data.describe())
+    rows, tasks = data.rows, tasks_of(data.rows)
     if len(tasks) < 2:
         raise UserError(f"{args.data} holds one task ({tasks[0]}): nothing to cluster")
     if args.num_clusters > len(tasks):

@@ -8,13 +8,16 @@ import time
 
 from ..adapter.config import CGCLoRAConfig
 from ..data import demo_tasks, suite_tasks
-from ..data.reader import UserError, read_jsonl, tasks_of
+from ..data.formats import load_rows
+from ..data.reader import UserError, tasks_of
 from ..multitask.clustering import read_clusters
 from ..multitask.compare import DEFAULT_TARGETS, compare_methods, plan_methods
 from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
 from .arguments import (
+    add_data_args,
     add_overwrite,
+    data_options,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -34,8 +37,9 @@ def add_compare_command(sub) -> None:
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
-    p.add_argument("--data", help="training rows, JSONL {task, prompt, response} (default: the demo's)")
+    p.add_argument("--data", help="training rows, any format that train reads (default: the demo's)")
     p.add_argument("--eval-data", help="held-out rows (default: the demo's held-out set; needed with --data)")
+    add_data_args(p)
     p.add_argument("--suite", action="store_true",
                    help="the shipped multi-task suite (transfer, conflict, an unrelated task; QUALITY.md) "
                         "instead of the demo's tasks")
@@ -87,8 +91,10 @@ def cmd_compare(args) -> int:
         raise UserError("--eval-data is needed with --data")
     inputs = [train_path, eval_path, args.clusters, None if spec in (None, TINY_MODEL) else spec]
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)
-    train_rows, eval_rows = read_jsonl(train_path), read_jsonl(eval_path)
-    tasks = tasks_of(train_rows)
+    train_data = load_rows(train_path, **data_options(args))
+    log(train_data.describe())
+    train_rows, tasks = train_data.rows, tasks_of(train_data.rows)
+    eval_rows = load_rows(eval_path, **data_options(args), known_tasks=tasks).rows
     if args.eval_limit:
         seen: dict[str, int] = {}
         kept = []

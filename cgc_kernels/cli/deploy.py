@@ -77,12 +77,14 @@ def cmd_export_base(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from ..data.reader import check_tasks, read_jsonl
+    from ..data.formats import load_rows
     from ..multitask.recipe import generate_answers
+    from .arguments import data_options
 
-    rows = read_jsonl(args.input, need_response=False)
+    loaded = load_rows(args.input, **data_options(args), need_answer=False)
     meta = read_meta(args.dir)
-    check_tasks(rows, meta["tasks"], args.input)
+    loaded.check_tasks(meta["tasks"])
+    rows = loaded.rows
     if args.output:  # refuse a bad --output before the model loads
         check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
                      option="--output")

@@ -19,9 +19,11 @@ def cmd_train(args) -> int:
     from ..adapter.gate_report import gate_movement, gate_snapshot
     from ..adapter.targets import summarize_targets
     from ..adapter.trainer import ResumeError
-    from ..data.reader import check_tasks, read_jsonl, tasks_of
+    from ..data.formats import load_rows
+    from ..data.reader import tasks_of
     from ..multitask.models import adapters_to_float32, load_base
     from ..multitask.recipe import accuracy_table, evaluate, interleave
+    from .arguments import data_options
 
     spec = model_spec(args)
     if args.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
@@ -29,12 +31,12 @@ def cmd_train(args) -> int:
                         "(the base in bfloat16, the adapters in float32)")
     if args.resume and not os.path.isdir(args.resume):
         raise UserError(f"--resume {args.resume}: no such checkpoint directory")
-    rows = read_jsonl(args.data)
-    tasks = tasks_of(rows)
+    data = load_rows(args.data, **data_options(args))
+    log(data.describe())
+    rows, tasks = data.rows, tasks_of(data.rows)
     eval_rows = None
-    if args.eval_data:
-        eval_rows = interleave(read_jsonl(args.eval_data))
-        check_tasks(eval_rows, tasks, args.eval_data)
+    if args.eval_data:  # checked where the file has them, before interleaving reorders them
+        eval_rows = interleave(load_rows(args.eval_data, **data_options(args), known_tasks=tasks).rows)
     config = cgc_config_from_args(args, tasks)
     inputs = [args.data, args.eval_data, args.clusters, args.resume, spec if spec != TINY_MODEL else None]
     with staged_output(args.out, overwrite=args.overwrite, inputs=inputs, keep_on_failure="checkpoints") as staging:
@@ -90,7 +92,10 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args, checkpoints: str):
     from ..adapter.trainer import CGCTrainer
     from ..multitask.recipe import encode_for_trainer
 
-    dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
+    try:
+        dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
+    except ValueError as e:  # a conversation whose answers all lie beyond --max-length
+        raise UserError(f"{args.data}: {e}") from None
     targs = _training_arguments(
         TrainingArguments, output_dir=checkpoints, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=0.0,
@@ -102,7 +107,7 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args, checkpoints: str):
     )
     return CGCTrainer(
         model=cgc, args=targs, train_dataset=dataset,
-        data_collator=CGCDataCollator(tokenizer.pad_token_id, tasks=tasks, response_only=True),
+        data_collator=CGCDataCollator(tokenizer.pad_token_id, tasks=tasks, response_only=True),  # labels given
         gate_lr_ratio=args.gate_lr_ratio,
     )
 

@@ -1,9 +1,11 @@
 """The training recipe that the demo, clustering and the method comparison share: prompts, a fast
 training loop, evaluation.
 
-Rows of an instruction file are JSON objects, one a line: {"task": name, "prompt": text,
-"response": text} ("response" is not needed to generate). A prompt is wrapped in the tokenizer's
-chat template when it has one; the loss is on the response (and the end-of-turn token) only.
+Rows are plain dicts {"task", "prompt", "response"} or {"task", "messages", "response"} as
+data/formats.py reads them from any accepted file ("response" is not needed to generate). A prompt
+is wrapped in the tokenizer's chat template when it has one; the loss is on the response (and the
+end-of-turn token) only: here the last assistant turn of a conversation, in encode_for_trainer
+(the command's `train`) every assistant turn.
 
 Batches are LEFT padded, with position ids counted from each row's first real token, so that
 every row's response ends at the last position: training then computes the LM head only over
@@ -19,6 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ..adapter.param_groups import parameter_groups
+from ..data.encode import (
+    encode_prompt_response,
+    encode_row,
+    prompt_text,  # noqa: F401  (re-exported: the prompt as the model sees it)
+    row_prompt_text,
+)
 from ..data.reader import tasks_of
 
 IGNORE_INDEX = -100
@@ -27,27 +35,12 @@ DEMO_SYSTEM = "Answer briefly."
 
 
 # ---- prompts -----------------------------------------------------------------------------------
-def prompt_text(tokenizer, prompt: str, system: str | None) -> str:
-    """The prompt as the model sees it: chat template with the assistant turn opened, if any."""
-    if getattr(tokenizer, "chat_template", None):
-        msgs = [{"role": "system", "content": system}] if system else []
-        msgs.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return (system + "\n\n" if system else "") + prompt + "\n"
-
-
 def encode(tokenizer, rows: list[dict], system: str | None, max_length: int) -> list[dict]:
-    """Token ids of each row: {"prompt": [...], "response": [...] (with the end-of-turn token)}."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for r in rows:
-        p = tokenizer(prompt_text(tokenizer, r["prompt"], system), add_special_tokens=False).input_ids
-        resp = tokenizer(r.get("response", ""), add_special_tokens=False).input_ids + [eos]
-        if len(resp) >= max_length:
-            resp = resp[: max_length // 2]
-        p = p[-(max_length - len(resp)):]  # keep the end of a long prompt (the assistant turn)
-        out.append({"prompt": p, "response": resp})
-    return out
+    """Token ids of each row: {"prompt": [...], "response": [...] (with the end-of-turn token)}.
+    A conversation's prompt is every turn before its last assistant turn, the response."""
+    return [dict(zip(("prompt", "response"), encode_prompt_response(
+        tokenizer, row_prompt_text(tokenizer, r, system), r.get("response", ""), max_length), strict=True))
+        for r in rows]
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +154,7 @@ def generate_answers(cgc, tokenizer, rows: list[dict], tasks: list[str], *, syst
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
-    prompts = [tokenizer(prompt_text(tokenizer, r["prompt"], system), add_special_tokens=False).input_ids
+    prompts = [tokenizer(row_prompt_text(tokenizer, r, system), add_special_tokens=False).input_ids
                for r in rows]
     answers = []
     starts = range(0, len(rows), batch_size)
@@ -225,7 +218,13 @@ def format_seconds(s: float) -> str:
 # ---- transformers.Trainer ----------------------------------------------------------------------
 def encode_for_trainer(tokenizer, rows: list[dict], tasks: list[str], system: str | None,
                        max_length: int) -> list[dict]:
-    """Examples for CGCDataCollator: {"input_ids", "prompt_length", "task_ids"} (loss on the response)."""
-    return [{"input_ids": e["prompt"] + e["response"], "prompt_length": len(e["prompt"]),
-             "task_ids": tasks.index(r["task"])}
-            for r, e in zip(rows, encode(tokenizer, rows, system, max_length), strict=True)]
+    """Examples for CGCDataCollator: {"input_ids", "labels", "task_ids"}, the loss on the answers
+    (every assistant turn of a conversation); ValueError naming the row if none fits max_length."""
+    out = []
+    for i, r in enumerate(rows):
+        try:
+            ids, labels = encode_row(tokenizer, r, max_length, system)
+        except ValueError as e:
+            raise ValueError(f"row {i + 1}: {e}") from None
+        out.append({"input_ids": ids, "labels": labels, "task_ids": tasks.index(r["task"])})
+    return out
