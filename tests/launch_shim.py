@@ -7,11 +7,12 @@ writes what, and let accelerate's FSDP and DeepSpeed configs run on CPU processe
 * With CGC_TEST_WRITERS=FILE, every adapter save (CGCModel.save_pretrained) and every output commit
   (output._commit: the rename that makes an output folder) appends "RANK save|commit PATH" to FILE,
   so the test counts the processes that wrote.
-* accelerate turns an FSDP config into FSDP only on accelerator devices (CUDA, XPU, NPU, ...): on
-  CPU processes its state stays MULTI_CPU and the run is plain DDP, whatever the config says. When
-  the launcher asked for FSDP (ACCELERATE_USE_FSDP), this makes accelerate's state FSDP for CPU
-  processes, so the code under test goes through accelerate's own FSDP2 path (fsdp2_prepare_model,
-  Trainer's FSDP save and load) over gloo. On GPUs the same config needs no shim.
+* accelerate turns an FSDP or DeepSpeed config into that engine only on accelerator devices (CUDA,
+  XPU, NPU, ...): on CPU processes its state stays MULTI_CPU and the run is plain DDP, whatever the
+  config says. When the launcher asked for FSDP (ACCELERATE_USE_FSDP) or DeepSpeed
+  (ACCELERATE_USE_DEEPSPEED), this makes accelerate's state that engine for CPU processes, so the
+  code under test goes through accelerate's own path (fsdp2_prepare_model / deepspeed.initialize,
+  Trainer's save and load) over gloo. On GPUs the same config needs no shim.
 
 Then it runs the target as `python -m MODULE ...` / `python SCRIPT ...` would.
 """
@@ -23,17 +24,26 @@ import runpy
 import sys
 
 
-def _fsdp_on_cpu() -> None:
+def _engine_on_cpu(plugin_arg: str, engine: str) -> None:
+    """Make accelerate's state `engine` (FSDP / DEEPSPEED) where it would stay MULTI_CPU although
+    the launcher gave it that engine's plugin."""
     from accelerate.state import AcceleratorState, DistributedType, PartialState
 
     original = AcceleratorState.__init__
 
-    def init(self, *args, fsdp_plugin=None, **kwargs):
-        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get(plugin_arg)
+        if plugin is None or self.distributed_type != DistributedType.MULTI_CPU:
+            return
+        self.distributed_type = DistributedType[engine]
+        PartialState._shared_state["distributed_type"] = self.distributed_type
+        if engine == "FSDP":
+            self.fsdp_plugin = plugin
+        else:  # what AcceleratorState does for DeepSpeed on an accelerator
+            plugin.set_mixed_precision(self._mixed_precision)
+            plugin.select(_from_accelerator_state=True)
+            self.deepspeed_plugins = plugin
 
     AcceleratorState.__init__ = init
 
@@ -63,7 +73,9 @@ def _record_writes(log: str) -> None:
 
 def main() -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        _fsdp_on_cpu()
+        _engine_on_cpu("fsdp_plugin", "FSDP")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        _engine_on_cpu("deepspeed_plugin", "DEEPSPEED")
     if os.environ.get("CGC_TEST_WRITERS"):
         _record_writes(os.environ["CGC_TEST_WRITERS"])
     args = sys.argv[1:]

@@ -30,8 +30,11 @@ def command_argv(data: str, out: str, batch_size: int, *extra: str) -> list[str]
             str(batch_size), "--warmup-steps", "0", "--save-steps", "1", "--rank", "4", "--seed", "0", *extra]
 
 
-def train_cgctrainer(data: str, out: str, batch_size: int):
-    """2 steps of CGCTrainer on a fresh tiny CGCModel, then save_model(out); returns the trainer."""
+def train_cgctrainer(data: str, out: str, batch_size: int, dtype: str = "float64"):
+    """2 steps of CGCTrainer on a fresh tiny CGCModel over a `dtype` base, then save_model(out);
+    returns the trainer. (DeepSpeed ZeRO-3 flattens every trainable parameter into one dtype: it
+    refuses float64 experts beside float32 gates, so its runs use a float32 base.)"""
+    import torch
     from transformers import TrainingArguments, set_seed
 
     from cgc_kernels import CGCLoRAConfig, CGCModel
@@ -44,8 +47,9 @@ def train_cgctrainer(data: str, out: str, batch_size: int):
     tasks = tasks_of(rows)
     base, tokenizer = tiny_model()
     set_seed(0)
-    cgc = CGCModel(base.double(), CGCLoRAConfig(tasks=tasks, num_shared_experts=2, num_task_experts=1, rank=4,
-                                                alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    config = CGCLoRAConfig(tasks=tasks, num_shared_experts=2, num_task_experts=1, rank=4, alpha=8,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    cgc = CGCModel(base.to(getattr(torch, dtype)), config)
     args = TrainingArguments(output_dir=os.path.join(out, "checkpoints"), per_device_train_batch_size=batch_size,
                              max_steps=STEPS, learning_rate=1e-2, warmup_steps=0, save_steps=1, report_to=[],
                              seed=0, remove_unused_columns=False, disable_tqdm=True, logging_steps=1)
@@ -75,13 +79,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, required=True)
     ap.add_argument("--report", required=True)
+    ap.add_argument("--trainer-dtype", default="float64")
     a = ap.parse_args()
 
     from cgc_kernels.cli import main as cli_main
 
     rc = cli_main(command_argv(a.data, os.path.join(a.out, "cmd"), a.batch_size))
-    trainer = train_cgctrainer(a.data, os.path.join(a.out, "trainer"), a.batch_size)
-    report = dict(command_rc=rc, world_size=trainer.args.world_size, fsdp=trainer.is_fsdp_enabled)
+    trainer = train_cgctrainer(a.data, os.path.join(a.out, "trainer"), a.batch_size, a.trainer_dtype)
+    report = dict(command_rc=rc, world_size=trainer.args.world_size, fsdp=trainer.is_fsdp_enabled,
+                  deepspeed=trainer.is_deepspeed_enabled)
     if trainer.is_fsdp_enabled:
         report.update(fsdp_facts(trainer.model))
     if os.environ.get("RANK", "0") == "0":

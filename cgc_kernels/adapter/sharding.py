@@ -75,10 +75,17 @@ def broadcast_adapter(model: nn.Module, device: torch.device | None = None) -> i
 
 @contextlib.contextmanager
 def whole_adapter(model: nn.Module, *, write_back: bool = False) -> Iterator[None]:
-    """Inside, every trainable parameter that FSDP2 shards is a whole plain tensor on every rank
-    (gathered on entry: call it on every rank); the frozen base stays sharded. With `write_back`,
-    what was written into them is sharded back into the live parameters on exit. Without FSDP2 it
-    does nothing. No forward may run inside."""
+    """Inside, every trainable parameter that FSDP2 or DeepSpeed ZeRO-3 shards is a whole tensor
+    on every rank (gathered on entry: call it on every rank); the frozen base stays sharded. With
+    `write_back`, what was written into them is sharded back into the live parameters on exit
+    (ZeRO-3: rank 0's). Without sharding it does nothing. No forward may run inside."""
+    zero3 = [p for _, _, p in _trainable(model) if hasattr(p, "ds_id")]
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0 if write_back else None):
+            yield
+        return
     _reshard(model)
     swapped = []
     for module, name, p in list(_trainable(model)):

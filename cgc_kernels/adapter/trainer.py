@@ -91,9 +91,10 @@ class CGCTrainer(Trainer):
         return bool(self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP2 every rank gathers the sharded adapter, then the main process writes it;
-        otherwise transformers' save_model (which calls _save on the main process)."""
-        if not self._fsdp2:
+        """Under FSDP2 or DeepSpeed every rank gathers the sharded adapter (ZeRO-3; nothing to gather
+        for ZeRO-1/2), then the main process writes it; otherwise transformers' save_model (which
+        calls _save on the main process)."""
+        if not (self._fsdp2 or self.is_deepspeed_enabled):
             return super().save_model(output_dir, _internal_call)
         with whole_adapter(self.model):
             self._save(output_dir)

@@ -37,14 +37,19 @@ def is_main_process() -> bool:
 
 def _process_group():
     """torch.distributed, its default process group initialised the way transformers' Trainer does
-    it (accelerate's PartialState, CPU processes when ACCELERATE_USE_CPU is set)."""
+    it (accelerate's PartialState). On a machine without an accelerator the processes are CPU ones
+    (gloo): ACCELERATE_USE_CPU is set for the Trainer too, which otherwise runs each process alone."""
     from datetime import timedelta
 
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
         from accelerate import PartialState
 
+        accelerator = getattr(torch, "accelerator", None)
+        if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+            os.environ["ACCELERATE_USE_CPU"] = "true"
         cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
         PartialState(cpu=cpu, timeout=timedelta(seconds=1800))  # TrainingArguments' ddp_timeout
     return dist
@@ -89,5 +94,4 @@ def check_launch(trainer_world_size: int) -> None:
     _, world = launch_world()
     if world > 1 and trainer_world_size != world:
         raise UserError(f"launched as {world} processes, but transformers' Trainer runs each alone "
-                        f"(world size {trainer_world_size}): accelerate found no GPU for its config; "
-                        f"on CPU processes set ACCELERATE_USE_CPU=true")
+                        f"(world size {trainer_world_size}); for CPU processes set ACCELERATE_USE_CPU=true")
