@@ -201,3 +201,15 @@ def test_resume_under_a_launcher_ends_where_the_run_ended(runs, engine):
     diff = largest_difference(resumed, tmp / engine / "cmd")
     print(f"{engine} --resume: largest difference from the uninterrupted run {diff:.3g}")
     assert writer_ranks(writes, resumed) == {"save": {"0"}, "commit": {"0"}}, writes
+
+
+def test_a_launch_whose_trainer_runs_each_process_alone_is_refused(monkeypatch):
+    from cgc_kernels.cli.launcher import check_launch, is_main_process, launch_world
+    from cgc_kernels.data.reader import UserError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_world() == (1, 2) and not is_main_process()
+    with pytest.raises(UserError, match="launched as 2 processes.*world size 1.*ACCELERATE_USE_CPU=true"):
+        check_launch(1)  # each process would train on all the data and write alone
+    check_launch(2)

@@ -1,5 +1,6 @@
 """What a CGCModel needs under several processes (torchrun, accelerate launch): the same adapter
-on every rank, FSDP2 groups of one dtype, and whole tensors to save or load when FSDP2 shards them.
+on every rank, FSDP2 groups of one dtype, and whole tensors to save or load when FSDP2 or
+DeepSpeed ZeRO-3 shards them.
 
     broadcast_adapter(cgc)              # rank 0's experts and gates on every rank (before wrapping)
     with whole_adapter(cgc):            # on every rank: sharded adapter tensors gathered whole
@@ -63,8 +64,8 @@ def broadcast_adapter(model: nn.Module, device: torch.device | None = None) -> i
 
     sent = 0
     for _, _, p in _trainable(model):
-        if _is_dtensor(p):
-            continue  # already sharded by FSDP2: one adapter across ranks
+        if _is_dtensor(p) or hasattr(p, "ds_id"):
+            continue  # already sharded by FSDP2 / DeepSpeed ZeRO-3: one adapter across ranks
         t = p.data if device is None or p.device == device else p.data.to(device)
         dist.broadcast(t, src=0)
         if t is not p.data:

@@ -23,10 +23,11 @@ Under several processes (torchrun, accelerate launch; docs/distributed.md):
 
 * `train` first copies rank 0's adapter to every rank (sharding.broadcast_adapter), so every rank
   starts from the same experts and gates whatever random state each built them in;
-* only the main process writes a checkpoint's adapter (`args.should_save`); under FSDP2 every
-  rank first takes part in gathering the sharded adapter tensors (sharding.whole_adapter), and
-  resuming shards the loaded adapter back. accelerate's own copy of the whole model (the frozen
-  base included) is not written into FSDP checkpoints: the adapter is what resuming loads;
+* only the main process writes a checkpoint's adapter (`args.should_save`); under FSDP2 and
+  DeepSpeed ZeRO-3 every rank first takes part in gathering the sharded adapter tensors
+  (sharding.whole_adapter), and resuming under FSDP2 shards the loaded adapter back.
+  accelerate's own copy of the whole model (the frozen base included) is not written into FSDP
+  checkpoints: the adapter is what resuming loads;
 * the task gates are FSDP2 groups of their own, also when the accelerate config names the decoder
   block class to wrap (FSDP2 flattens one dtype per group; the gates are float32).
 """
