@@ -8,6 +8,8 @@ over each half averages to the mean over the whole batch), and runs one step:
 
   ddp:    DistributedDataParallel; the all-reduced gradients must equal a single-process step on
           the whole batch, and after one SGD step every rank must hold the same adapter weights.
+  broadcast: ranks whose adapters differ (rank 1's moved by +1) hold rank 0's after
+          sharding.broadcast_adapter (what CGCTrainer.train does first);
   fsdp2:  torch.distributed.fsdp.fully_shard on each task gate, each decoder layer and the root;
           the gathered gradients must equal the single-process ones as well, and a checkpoint saved
           after the step (unshard, save on rank 0) must load as the single-process step's weights
@@ -110,6 +112,21 @@ def run_ddp(backend, rows, want) -> dict:
     return report
 
 
+def run_broadcast(backend) -> dict:
+    from cgc_kernels.adapter.sharding import broadcast_adapter
+
+    cgc = build(backend)  # rank 0's adapter; rank 1 moves its own away from it
+    with torch.no_grad():
+        for p in trainable(cgc).values():
+            p.add_(float(dist.get_rank()))
+    differed = not ranks_agree(trainable(cgc))
+    sent = broadcast_adapter(cgc)
+    rank0 = trainable(build(backend))
+    equal_rank0 = all(torch.equal(p, rank0[n]) for n, p in trainable(cgc).items())
+    return dict(differed_before=differed, sent=sent, n_trainable=len(rank0),
+                agree_after=ranks_agree(trainable(cgc)), equal_rank0=equal_rank0)
+
+
 def run_fsdp2(backend, rows, want, single_step, save_dir) -> dict:
     try:
         from torch.distributed.device_mesh import init_device_mesh
@@ -172,6 +189,7 @@ def main() -> None:
 
     report = dict(world=world, torch=torch.__version__)
     runs = (("ddp", lambda: run_ddp(args.backend, rows, want)),
+            ("broadcast", lambda: run_broadcast(args.backend)),
             ("fsdp2", lambda: run_fsdp2(args.backend, rows, want, single_step, args.out + ".fsdp2_checkpoint")))
     for name, fn in runs:
         try:

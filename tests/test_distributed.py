@@ -55,6 +55,13 @@ def test_ddp_gradients_equal_single_process_step(report):
     _check(report["ddp"])
 
 
+def test_broadcast_adapter_gives_every_rank_rank0s_adapter(report):
+    result = report["broadcast"]
+    assert "error" not in result, result.get("error")
+    assert result["differed_before"] and result["sent"] == result["n_trainable"] > 0, result
+    assert result["agree_after"] and result["equal_rank0"], result
+
+
 def test_fsdp2_gradients_equal_single_process_step(report):
     if "skipped" in report["fsdp2"]:
         pytest.skip(report["fsdp2"]["skipped"])

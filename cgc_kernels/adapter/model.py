@@ -276,6 +276,14 @@ class CGCModel(TaskIdsMixin, CheckpointingMixin, ClustersMixin, MergeExportMixin
     def name_or_path(self) -> str | None:
         return getattr(self.model, "name_or_path", None)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """What FSDP auto-wrap shards on its own (accelerate's TRANSFORMER_BASED_WRAP reads it):
+        the float32 gates, then the base model's decoder block (sharding.fsdp_wrap_classes)."""
+        from .sharding import fsdp_wrap_classes
+
+        return fsdp_wrap_classes(self)
+
     # ---- PEFT's calls ------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:

@@ -21,8 +21,17 @@ whole state dict, the frozen base included, and cannot load it back into a CGCMo
 * `gate_lr_ratio`: the task gates train in an AdamW group of their own at that multiple of the
   learning rate (param_groups.parameter_groups), when no optimizer is given.
 
-Sharded training (FSDP, DeepSpeed ZeRO-3) is not handled here: the adapter is saved from the
-unwrapped model of each writing process (DDP and single-device training).
+Under several processes (torchrun, accelerate launch; docs/distributed.md):
+
+* `train` first copies rank 0's adapter to every rank (sharding.broadcast_adapter), so every rank
+  starts from the same experts and gates whatever random state each built them in;
+* only the main process writes a checkpoint's adapter (`args.should_save`); under FSDP2 and
+  DeepSpeed ZeRO-3 every rank first takes part in gathering the sharded adapter tensors
+  (sharding.whole_adapter), and resuming under FSDP2 shards the loaded adapter back.
+  accelerate's own copy of the whole model (the frozen base included) is not written into FSDP
+  checkpoints: the adapter is what resuming loads;
+* the task gates are FSDP2 groups of their own, also when the accelerate config names the decoder
+  block class to wrap (FSDP2 flattens one dtype per group; the gates are float32).
 
 CGCTrainerMixin holds all of it, for other Trainer subclasses too: sft.py mixes it into TRL's
 SFTTrainer.
@@ -39,6 +48,7 @@ from .collator import CGCDataCollator
 from .model import CGCModel
 from .param_groups import parameter_groups
 from .save_load import read_checkpoint
+from .sharding import GATE_CLASSES, broadcast_adapter, whole_adapter
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the same file
 
@@ -68,6 +78,51 @@ class CGCTrainerMixin:
             data_collator = CGCDataCollator(pad_token_id=pad, tasks=model.tasks)
         self.gate_lr_ratio = gate_lr_ratio
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        self._wrap_gates_alone()
+
+    def _wrap_gates_alone(self) -> None:
+        """An FSDP config that names the classes to wrap (fsdp_transformer_layer_cls_to_wrap) gets
+        the gate classes added: without it, CGCModel._no_split_modules names them already."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+        if names is None:
+            return
+        names = [names] if isinstance(names, str) else list(names)
+        present = {type(m).__name__ for m in self.model.modules()}
+        plugin.transformer_cls_names_to_wrap = names + [
+            c.__name__ for c in GATE_CLASSES if c.__name__ in present and c.__name__ not in names]
+
+    def train(self, *args, **kwargs):
+        """transformers' train, after giving every rank rank 0's adapter (a no-op in one process)."""
+        broadcast_adapter(self._cgc(), self.args.device)
+        return super().train(*args, **kwargs)
+
+    @property
+    def _fsdp2(self) -> bool:
+        return bool(self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 or DeepSpeed every rank gathers the sharded adapter (ZeRO-3; nothing to gather
+        for ZeRO-1/2), then the main process writes it; otherwise transformers' save_model (which
+        calls _save on the main process)."""
+        if not (self._fsdp2 or self.is_deepspeed_enabled):
+            return super().save_model(output_dir, _internal_call)
+        with whole_adapter(self.model):
+            self._save(output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # transformers saves the whole FSDP model here (the frozen base too) next to the optimizer;
+        # the checkpoint's adapter is what resuming loads, so only the optimizer and scheduler go.
+        import transformers.trainer as hf_trainer
+
+        save_fsdp_model = hf_trainer.save_fsdp_model
+        hf_trainer.save_fsdp_model = lambda *a, **k: None
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            hf_trainer.save_fsdp_model = save_fsdp_model
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -111,7 +166,8 @@ class CGCTrainerMixin:
             raise ResumeError(f"cannot resume from {directory}: it was saved for tasks {config.tasks}, "
                               f"the model has {cgc.cgc_config.tasks}")
         try:
-            cgc._load_adapter_tensors(tensors, cgc.clusters)
+            with whole_adapter(cgc, write_back=True):  # FSDP2: gathered on every rank, sharded back
+                cgc._load_adapter_tensors(tensors, cgc.clusters)
         except ValueError as e:
             raise ResumeError(f"cannot resume from {directory}: {e}") from None
 

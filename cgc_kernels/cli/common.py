@@ -16,7 +16,11 @@ META_NAME = "cgc_cli.json"
 
 
 def log(msg: str = "") -> None:
-    print(msg, flush=True)
+    """Print a progress line; under a launcher, on the main process only."""
+    from .launcher import is_main_process
+
+    if is_main_process():
+        print(msg, flush=True)
 
 
 def positive_ratio(text: str) -> float:
@@ -86,15 +90,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None, dtype: torch.dtype,
-                 dtype_reason: str) -> None:
+                 dtype_reason: str, fingerprint: dict | None = None) -> None:
     """The adapter, the tokenizer and cgc_cli.json (the base model, its fingerprint, the tasks, the
-    system prompt, and the dtype the base ran in with why it was chosen)."""
+    system prompt, and the dtype the base ran in with why it was chosen). `fingerprint`: the
+    base's, taken before FSDP sharded it (default: taken from `base` now)."""
     from ..multitask.models import model_fingerprint, quiet_transformers
 
     with quiet_transformers():
         cgc.save_pretrained(out)
         tokenizer.save_pretrained(out)
-    meta = {"base_model": spec, "fingerprint": model_fingerprint(base), "tasks": list(cgc.tasks),
+    meta = {"base_model": spec, "fingerprint": fingerprint or model_fingerprint(base), "tasks": list(cgc.tasks),
             "system": system, "dtype": dtype_name(dtype), "dtype_reason": dtype_reason}
     with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)

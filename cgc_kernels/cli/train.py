@@ -10,18 +10,19 @@ import os
 from ..data.reader import UserError
 from ..multitask.models import TINY_MODEL
 from .common import base_dtype, cgc_config_from_args, dtype_name, log, model_spec, save_trained, wrap
-from .output import staged_output
+from .launcher import check_launch, is_main_process, launched_output
 
 
 def cmd_train(args) -> int:
     import torch
 
     from ..adapter.gate_report import gate_movement, gate_snapshot
+    from ..adapter.sharding import whole_adapter
     from ..adapter.targets import summarize_targets
     from ..adapter.trainer import ResumeError
     from ..data.formats import load_rows
     from ..data.reader import tasks_of
-    from ..multitask.models import adapters_to_float32, load_base
+    from ..multitask.models import adapters_to_float32, load_base, model_fingerprint
     from ..multitask.recipe import accuracy_table, evaluate, interleave
     from .arguments import data_options
 
@@ -39,12 +40,14 @@ def cmd_train(args) -> int:
         eval_rows = interleave(load_rows(args.eval_data, **data_options(args), known_tasks=tasks).rows)
     config = cgc_config_from_args(args, tasks)
     inputs = [args.data, args.eval_data, args.clusters, args.resume, spec if spec != TINY_MODEL else None]
-    with staged_output(args.out, overwrite=args.overwrite, inputs=inputs, keep_on_failure="checkpoints") as staging:
+    # Under a launcher every process runs this; the main one alone writes --out (launcher.py).
+    with launched_output(args.out, overwrite=args.overwrite, inputs=inputs, keep_on_failure="checkpoints") as staging:
         out = os.path.abspath(args.out)
         dtype, dtype_reason = base_dtype(args, spec)
         log(f"base model in {dtype_name(dtype)} ({dtype_reason})")
         base, tokenizer = load_base(spec, dtype)
         _check_max_length(tokenizer, args)
+        torch.manual_seed(args.seed)  # the experts' initial values: the same for every launch and rank
         cgc = wrap(base, config)
         adapters_to_float32(cgc)
         tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
@@ -54,7 +57,9 @@ def cmd_train(args) -> int:
         if eval_rows:
             before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out before")
         trainer = _make_trainer(cgc, tokenizer, rows, tasks, args, os.path.join(staging, "checkpoints"))
+        check_launch(trainer.args.world_size)
         start = gate_snapshot(cgc)
+        fingerprint = model_fingerprint(base)  # before FSDP shards the base
         try:
             trainer.train(resume_from_checkpoint=args.resume or None)
         except ResumeError as e:
@@ -62,10 +67,12 @@ def cmd_train(args) -> int:
         if trainer.state.global_step == 0:
             raise UserError("no optimizer step ran (too few rows for --batch-size x --grad-accum?); nothing saved")
         cgc.eval()
-        if start is not None:
+        if start is not None:  # on every rank: under FSDP2 a gate's forward gathers its shards
             log("gate movement (what training changed in the task gates)")
             log(gate_movement(start, cgc).format())
-        save_trained(cgc, tokenizer, staging, spec, base, args.system, dtype, dtype_reason)
+        with whole_adapter(cgc):  # FSDP2: every rank gathers the sharded adapter; otherwise nothing
+            if is_main_process():
+                save_trained(cgc, tokenizer, staging, spec, base, args.system, dtype, dtype_reason, fingerprint)
         if eval_rows:
             after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out after")
             counts = {t: sum(r["task"] == t for r in eval_rows) for t in after}
