@@ -15,11 +15,16 @@ A mixed-task batch carries one task id per token. The kernels want tokens groupe
 tile table has a fixed grid (CUDA-graph safe); unused slots exit at once.
 
 Validation (ids in [-1, T)) is the one step that needs the host: `build_routing(validate=True)`
-does it once; layers given a `TaskRouting` skip it.
+does it once; layers given a `TaskRouting` skip it, and a plain id tensor is checked once per
+tensor (`checked_once`), not once per layer.
+
+A model whose layers sit on several devices gets one copy of the routing per device
+(`TaskRouting.on`), made by the first layer there and cached on the routing.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +47,11 @@ def check_task_ids(task_ids: torch.Tensor, num_tasks: int, num_rows: int | None 
         raise ValueError(f"task_ids has {task_ids.shape[0]} entries but x has {num_rows} rows")
     if task_ids.numel() == 0:
         return
-    lo, hi = torch.aminmax(task_ids)
-    lo, hi = int(lo), int(hi)
+    if task_ids.device.type == "cpu":  # host values: read them without a dispatched op
+        values = task_ids.detach().numpy()
+        lo, hi = int(values.min()), int(values.max())
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(task_ids))
     if lo < -1 or hi >= num_tasks:
         bad = lo if lo < -1 else hi
         raise ValueError(
@@ -86,8 +94,18 @@ class TaskRouting:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cache"}
         for k, v in fields.items():
             if isinstance(v, torch.Tensor) and k != "host_task_ids":
-                fields[k] = v.to(device)
+                fields[k] = v.to(device, non_blocking=True)  # device to device: stream-ordered, no host wait
         return TaskRouting(**fields)
+
+    def on(self, device: torch.device) -> TaskRouting:
+        """This routing on `device`: itself, or a copy made once and cached (layers split over
+        several devices, `device_map="auto"`, each read the copy on their own device)."""
+        if device == self.device:
+            return self
+        key = ("device", device)
+        if key not in self.cache:
+            self.cache[key] = self.to(device)
+        return self.cache[key]
 
 
 def build_routing(
@@ -170,3 +188,60 @@ def build_routing(
         tile_start=torch.where(used, tile_start, torch.zeros_like(slot)).to(torch.int32),
         tile_end=torch.where(used, tile_end, torch.zeros_like(slot)).to(torch.int32),
     )
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host wait: on CUDA one non-blocking copy from pinned
+    memory (the pinned buffer is held by PyTorch's caching host allocator until the copy is done),
+    elsewhere `.to` (a CPU tensor is returned as is)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+# Plain id tensors already checked, with what was derived from them (their routing): a model that
+# passes one id tensor to every layer pays one check (a host sync on a GPU) and one routing build
+# per tensor, not per layer. Keyed by id() with a weak reference to tell a reused id apart (a dict
+# keyed by the tensor itself would compare tensors elementwise); the version counter notices an
+# in-place change.
+_CHECKED_IDS: dict[int, tuple] = {}
+
+
+def tensor_cache(t: torch.Tensor) -> dict:
+    """A dict kept for `t` while it lives and is not changed in place (its version counter), for
+    what callers derive from its values once: checks passed, a routing, a host copy."""
+    key = (t._version, t.shape, t.dtype, t.device)
+    entry = _CHECKED_IDS.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == key:
+        return entry[2]
+    if len(_CHECKED_IDS) >= 256:  # bounded: drop the entries of tensors that are gone
+        for k in [k for k, e in _CHECKED_IDS.items() if e[0]() is None]:
+            del _CHECKED_IDS[k]
+    cache: dict = {}
+    _CHECKED_IDS[id(t)] = (weakref.ref(t), key, cache)
+    return cache
+
+
+def checked_once(t: torch.Tensor, what: tuple, check) -> dict:
+    """Run `check()` (which validates `t`'s values for `what`) once per tensor, version and `what`;
+    returns `tensor_cache(t)`. Under torch.compile the check runs at trace time only."""
+    if not isinstance(t, torch.Tensor) or torch.compiler.is_compiling():
+        check()
+        return {}
+    cache = tensor_cache(t)
+    passed = cache.setdefault("checked", set())
+    if what not in passed:
+        check()
+        passed.add(what)
+    return cache
+
+
+def host_list(t: torch.Tensor) -> tuple:
+    """t's values on the host as a tuple, read once per tensor (and version): a device tensor that
+    rarely changes (a layer's task_cluster) costs one host sync in its lifetime, not one per call."""
+    if t.device.type == "cpu" or torch.compiler.is_compiling():
+        return tuple(t.tolist())
+    cache = tensor_cache(t)
+    if "host" not in cache:
+        cache["host"] = tuple(t.tolist())
+    return cache["host"]

@@ -39,10 +39,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import torch_dense
-from .routing import TaskRouting
+from .routing import TaskRouting, host_list, tensor_cache, to_device
 
 # Runs shorter than this on average (with more runs than tasks) are gathered into task order:
 # below it, per-run GEMMs cost more in call overhead than one gather of the rows.
@@ -79,9 +80,10 @@ def _runs(host_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     M = host_ids.numel()
     if M == 0:
         return []
-    bounds = torch.nonzero(host_ids[1:] != host_ids[:-1]).flatten().add_(1).tolist()
+    values = host_ids.numpy()  # host values: numpy reads them without a dispatched (syncing) op
+    bounds = (np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()
     starts, ends = [0, *bounds], [*bounds, M]
-    ids = host_ids.tolist()  # once per routing (plans are cached on it)
+    ids = values.tolist()  # once per routing (plans are cached on it)
     return [(ids[a], a, b) for a, b in zip(starts, ends, strict=True) if ids[a] >= 0]
 
 
@@ -103,7 +105,7 @@ def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_clus
         host, host_order = torch.sort(host, stable=True)
         host_inverse = torch.empty_like(host_order)
         host_inverse[host_order] = torch.arange(M)
-        order, inverse = host_order.to(ids.device), host_inverse.to(ids.device)
+        order, inverse = to_device(host_order, ids.device), to_device(host_inverse, ids.device)
         ids = ids[order]
         runs = _runs(host)
     covered = sum(b - a for _, a, b in runs) == M
@@ -468,14 +470,14 @@ def cgc_lora_torch(x, task_ids: torch.Tensor | TaskRouting, gates, shared_a, sha
         if out is not None:
             return out.add_(y.to(out.dtype))
         return y if base is None else base + y.to(base.dtype)
-    host_cluster = None if task_cluster is None else tuple(task_cluster.tolist())
-    if routing is None:
-        plan = plan_rows(ids, None, host_cluster)
-    else:
-        key = ("torch_backend.plan", host_cluster)
-        plan = routing.cache.get(key)
-        if plan is None:
-            plan = routing.cache[key] = plan_rows(ids, routing.host_task_ids, host_cluster)
+    host_cluster = None if task_cluster is None else host_list(task_cluster)
+    # One plan per routing, or per plain id tensor (a device tensor's ids come to the host once).
+    cache = routing.cache if routing is not None else tensor_cache(task_ids)
+    key = ("torch_backend.plan", host_cluster)
+    plan = cache.get(key)
+    if plan is None:
+        host_ids = routing.host_task_ids if routing is not None else None
+        plan = cache[key] = plan_rows(ids, host_ids, host_cluster)
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, base) if t is not None)
     if not needs_grad:

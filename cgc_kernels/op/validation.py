@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .routing import TaskRouting, check_task_ids
+from .routing import TaskRouting, check_task_ids, checked_once
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,6 +30,12 @@ class CGCShapes:
     @property
     def num_experts(self) -> int:
         return self.S + self.K
+
+
+def _check_clusters(task_cluster: torch.Tensor, C: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(task_cluster))
+    if lo < 0 or hi >= C:
+        raise ValueError(f"task_cluster values must lie in [0, {C}) (clusters in shared_a)")
 
 
 def _tensor(name: str, t, ndim: int) -> torch.Tensor:
@@ -133,8 +139,8 @@ def check_cgc_lora_args(
             raise ValueError(f"routing covers {task_ids.num_rows} tokens but x has {M} rows")
         if task_ids.num_tasks != T:
             raise ValueError(f"routing was built for {task_ids.num_tasks} tasks but task_a has {T}")
-    else:
-        check_task_ids(task_ids, T, num_rows=M)
+    else:  # once per id tensor, not once per layer that receives it
+        checked_once(task_ids, ("task_ids", T, M), lambda: check_task_ids(task_ids, T, num_rows=M))
 
     if task_cluster is None:
         if C != 1:
@@ -145,10 +151,9 @@ def check_cgc_lora_args(
             raise ValueError(f"task_cluster must be an integer tensor, got {task_cluster.dtype}")
         if task_cluster.shape[0] != T:
             raise ValueError(f"task_cluster must be [T] = [{T}], got {tuple(task_cluster.shape)}")
-        # A routing's owner built task_cluster itself; re-checking would sync the host per layer.
-        checked = isinstance(task_ids, TaskRouting)
-        if not checked and (int(task_cluster.min()) < 0 or int(task_cluster.max()) >= C):
-            raise ValueError(f"task_cluster values must lie in [0, {C}) (clusters in shared_a)")
+        # A routing's owner built task_cluster itself; other callers' is checked once per tensor.
+        if not isinstance(task_ids, TaskRouting):
+            checked_once(task_cluster, ("task_cluster", C), lambda: _check_clusters(task_cluster, C))
 
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise ValueError(f"scaling must be a Python float, got {type(scaling).__name__}")
