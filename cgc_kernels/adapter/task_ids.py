@@ -110,7 +110,8 @@ class TaskIdsMixin:
             raise ValueError(f"task_ids has {task_ids.shape[0]} rows but the batch has {batch} sequences")
         if task_ids.dim() == 2 and seq is not None and task_ids.shape[1] != seq:
             raise ValueError(f"per-token task_ids are {tuple(task_ids.shape)} but input is [{batch}, {seq}]")
-        # Checked on the host: the ids are there already (lists, names) or come there once.
+        check_task_ids(task_ids.reshape(-1)[:0], T)  # the dtype, before the values are cast
+        # Values checked on the host: the ids are there already (lists, names) or come there once.
         host = task_ids.detach().to("cpu", torch.int64)
         check_task_ids(host.reshape(-1), T)
         return TaskRequest(host, per_sequence=task_ids.dim() == 1)
