@@ -8,7 +8,7 @@ import torch
 from cgc_kernels.op.routing import build_routing
 
 
-def python_routing(ids: list[int], T: int, cluster: list[int] | None, block_m: int):
+def python_routing(ids: list[int], T: int, cluster: list[int] | None, tile_rows: int):
     """Order, counts, starts and tile table computed one token at a time."""
     cl = cluster or [0] * T
     task_seq = sorted(range(T), key=lambda t: (cl[t], t))  # segment order of the tasks
@@ -22,15 +22,15 @@ def python_routing(ids: list[int], T: int, cluster: list[int] | None, block_m: i
         starts[t], pos = pos, pos + counts[t]
     tiles = []
     for t in task_seq:
-        for s in range(starts[t], starts[t] + counts[t], block_m):
-            tiles.append((t, s, min(s + block_m, starts[t] + counts[t])))
-    max_tiles = -(-len(ids) // block_m) + T
+        for s in range(starts[t], starts[t] + counts[t], tile_rows):
+            tiles.append((t, s, min(s + tile_rows, starts[t] + counts[t])))
+    max_tiles = -(-len(ids) // tile_rows) + T
     tiles += [(-1, 0, 0)] * (max_tiles - len(tiles))
     return order, counts, starts, tiles
 
 
 @pytest.mark.parametrize(
-    "ids, T, cluster, block_m",
+    "ids, T, cluster, tile_rows",
     [
         ([2, 0, 1, 0, 2, 2, 1], 3, None, 2),  # unsorted ids, partial tiles
         ([1, -1, 0, -1, 1], 2, None, 4),  # task -1 rows go last and get no tile
@@ -42,17 +42,17 @@ def python_routing(ids: list[int], T: int, cluster: list[int] | None, block_m: i
         ([5, 4, 3, 2, 1, 0, 5, 4], 6, [0, 1, 2, 0, 1, 2], 3),  # more clusters than one task each
     ],
 )
-def test_routing_matches_python(ids, T, cluster, block_m):
+def test_routing_matches_python(ids, T, cluster, tile_rows):
     tids = torch.tensor(ids, dtype=torch.int64)
     tc = torch.tensor(cluster) if cluster is not None else None
-    rt = build_routing(tids, T, tc, block_m=block_m)
-    order, counts, starts, tiles = python_routing(ids, T, cluster, block_m)
+    rt = build_routing(tids, T, tc, tile_rows=tile_rows)
+    order, counts, starts, tiles = python_routing(ids, T, cluster, tile_rows)
     assert rt.order.tolist() == order
     assert rt.counts.tolist() == counts
     assert rt.starts.tolist() == starts
     got = list(zip(rt.tile_task.tolist(), rt.tile_start.tolist(), rt.tile_end.tolist(), strict=True))
     assert got == tiles
-    assert rt.max_tiles == -(-len(ids) // block_m) + T  # depends on M, T, block only
+    assert rt.max_tiles == -(-len(ids) // tile_rows) + T  # depends on M, T, block only
 
 
 def test_routing_grid_size_independent_of_ids():
@@ -69,5 +69,5 @@ def test_routing_rejects_bad_ids(bad):
 
 
 def test_routing_block_m_must_be_positive():
-    with pytest.raises(ValueError, match="block_m"):
-        build_routing(torch.tensor([0]), 1, block_m=0)
+    with pytest.raises(ValueError, match="tile_rows"):
+        build_routing(torch.tensor([0]), 1, tile_rows=0)

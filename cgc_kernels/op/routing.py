@@ -7,11 +7,11 @@ A mixed-task batch carries one task id per token. The kernels want tokens groupe
     order       [M]          token indices, stably sorted by (cluster(task), task); task -1 last
     counts      [T]          tokens per task
     starts      [T]          where each task's segment starts in `order`
-    tile_task   [max_tiles]  task of each tile of BLOCK_M sorted rows, -1 for an unused slot
+    tile_task   [max_tiles]  task of each tile of `tile_rows` sorted rows (the kernels' BLOCK_M), -1 for an unused slot
     tile_start  [max_tiles]  first row (into `order`) of each tile
     tile_end    [max_tiles]  one past its last row
 
-`max_tiles = cdiv(M, block_m) + T` depends only on M, T and the block size, so a launch over the
+`max_tiles = cdiv(M, tile_rows) + T` depends only on M, T and the block size, so a launch over the
 tile table has a fixed grid (CUDA-graph safe); unused slots exit at once.
 
 Validation (ids in [-1, T)) is the one step that needs the host: `build_routing(validate=True)`
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_BLOCK_M = 64
+DEFAULT_TILE_ROWS = 64
 
 
 def check_task_ids(task_ids: torch.Tensor, num_tasks: int, num_rows: int | None = None) -> None:
@@ -65,7 +65,7 @@ class TaskRouting:
 
     task_ids: torch.Tensor  # [M] int64, checked to lie in [-1, num_tasks)
     num_tasks: int
-    block_m: int
+    tile_rows: int
     order: torch.Tensor  # [M] int64
     counts: torch.Tensor  # [T] int64
     starts: torch.Tensor  # [T] int64
@@ -92,9 +92,11 @@ class TaskRouting:
 
     def to(self, device: torch.device | str) -> TaskRouting:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cache"}
+        # Onto a GPU the copies are stream-ordered (no host wait); onto the host they must finish.
+        non_blocking = torch.device(device).type == "cuda"
         for k, v in fields.items():
             if isinstance(v, torch.Tensor) and k != "host_task_ids":
-                fields[k] = v.to(device, non_blocking=True)  # device to device: stream-ordered, no host wait
+                fields[k] = v.to(device, non_blocking=non_blocking)
         return TaskRouting(**fields)
 
     def on(self, device: torch.device) -> TaskRouting:
@@ -113,25 +115,25 @@ def build_routing(
     num_tasks: int,
     task_cluster: torch.Tensor | None = None,
     *,
-    block_m: int = DEFAULT_BLOCK_M,
+    tile_rows: int = DEFAULT_TILE_ROWS,
     validate: bool = True,
     host_task_ids: torch.Tensor | None = None,
 ) -> TaskRouting:
-    """Sort tokens by (cluster, task) and cut each task's segment into tiles of `block_m` rows.
+    """Sort tokens by (cluster, task) and cut each task's segment into tiles of `tile_rows` rows.
 
     Args:
         task_ids: [M] integer, values in [-1, num_tasks); -1 = no adapter.
         num_tasks: T.
         task_cluster: [T] integer cluster of each task, or None (one cluster).
-        block_m: rows per tile.
+        tile_rows: rows per tile.
         validate: check the ids (one host sync); pass False only for ids already checked.
         host_task_ids: the same ids on the CPU, if the caller has them (kept for host-side planning;
             CPU ids are their own host copy).
     """
     if validate:
         check_task_ids(task_ids, num_tasks)
-    if block_m <= 0:
-        raise ValueError(f"block_m must be positive, got {block_m}")
+    if tile_rows <= 0:
+        raise ValueError(f"tile_rows must be positive, got {tile_rows}")
     device = task_ids.device
     ids = task_ids.to(torch.int64)
     M, T = ids.shape[0], num_tasks
@@ -160,8 +162,8 @@ def build_routing(
     starts[task_order] = seg_start_sorted
 
     # Tile table of fixed size: tiles are laid out task by task in sort order.
-    max_tiles = -(-M // block_m) + T
-    tiles_per_task = torch.div(counts[task_order] + block_m - 1, block_m, rounding_mode="floor")
+    max_tiles = -(-M // tile_rows) + T
+    tiles_per_task = torch.div(counts[task_order] + tile_rows - 1, tile_rows, rounding_mode="floor")
     tile_cum = torch.cumsum(tiles_per_task, 0)  # inclusive
     slot = torch.arange(max_tiles, device=device)
     which = torch.searchsorted(tile_cum, slot, right=True)  # index into task_order
@@ -169,8 +171,8 @@ def build_routing(
     which_c = which.clamp(max=max(T - 1, 0))
     first_tile = tile_cum[which_c] - tiles_per_task[which_c]
     task = task_order[which_c]
-    tile_start = seg_start_sorted[which_c] + (slot - first_tile) * block_m
-    tile_end = torch.minimum(tile_start + block_m, seg_start_sorted[which_c] + counts[task_order][which_c])
+    tile_start = seg_start_sorted[which_c] + (slot - first_tile) * tile_rows
+    tile_end = torch.minimum(tile_start + tile_rows, seg_start_sorted[which_c] + counts[task_order][which_c])
     neg = torch.full_like(slot, -1)
     if host_task_ids is None and ids.device.type == "cpu":
         host_task_ids = ids
@@ -180,7 +182,7 @@ def build_routing(
         task_ids=ids,
         host_task_ids=host_task_ids,
         num_tasks=T,
-        block_m=block_m,
+        tile_rows=tile_rows,
         order=order,
         counts=counts,
         starts=starts,

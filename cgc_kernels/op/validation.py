@@ -32,6 +32,17 @@ class CGCShapes:
         return self.S + self.K
 
 
+def shapes_of(x: torch.Tensor, gates: torch.Tensor, shared_a: torch.Tensor, task_a: torch.Tensor,
+              task_b: torch.Tensor) -> CGCShapes:
+    """The sizes of a call whose arguments are already checked (the one place S, K and r are
+    derived from the stacked ranks: check_cgc_lora_args returns this, custom ops that get only
+    tensors call it)."""
+    C, Sr, d_in = shared_a.shape
+    T, Kr = task_a.shape[0], task_a.shape[1]
+    r = (Sr + Kr) // gates.shape[1]
+    return CGCShapes(M=x.shape[0], d_in=d_in, d_out=task_b.shape[1], T=T, C=C, S=Sr // r, K=Kr // r, r=r)
+
+
 def _check_clusters(task_cluster: torch.Tensor, C: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(task_cluster))
     if lo < 0 or hi >= C:
@@ -116,7 +127,6 @@ def check_cgc_lora_args(
             f"gates has {E} columns but shared rank {Sr} and task rank {Kr} do not split into "
             f"S + K = {E} experts of one rank"
         )
-    S, K = Sr // r, Kr // r
 
     ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
     named = [("task_ids", ids), ("gates", gates), ("shared_a", shared_a), ("shared_b", shared_b),
@@ -160,4 +170,4 @@ def check_cgc_lora_args(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
 
-    return CGCShapes(M=M, d_in=d_in, d_out=d_out, T=T, C=C, S=S, K=K, r=r)
+    return shapes_of(x, gates, shared_a, task_a, task_b)
