@@ -8,6 +8,7 @@ import torch
 from cgc_kernels.op import autograd
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.routing import build_routing
+from cgc_kernels.op.validation import CGCCall
 from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 
@@ -76,9 +77,9 @@ def test_custom_ops_pass_opcheck(device, base_dtype):
     args = make_inputs(case, dtype=torch.float32, device=device)
     rt = build_routing(args["task_ids"], case.T)
     base = None if base_dtype is None else torch.randn(case.M, case.d_out, dtype=base_dtype, device=device)
-    fwd_args = (*autograd.kernel_args(args["x"].requires_grad_(), args["gates"], args["shared_a"], args["shared_b"],
-                                      args["task_a"], args["task_b"].requires_grad_(), None, rt, None, 2.0, False,
-                                      0.0), base)
+    call = CGCCall(args["x"].requires_grad_(), rt, args["gates"], args["shared_a"], args["shared_b"], args["task_a"],
+                   args["task_b"].requires_grad_(), 2.0)
+    fwd_args = (*autograd.kernel_args(call, rt, None), base)
     torch.library.opcheck(torch.ops.cgc_kernels.lora_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -71,3 +71,35 @@ def test_routing_rejects_bad_ids(bad):
 def test_routing_block_m_must_be_positive():
     with pytest.raises(ValueError, match="tile_rows"):
         build_routing(torch.tensor([0]), 1, tile_rows=0)
+
+
+def test_routing_on_another_device_is_copied_once_and_cached():
+    """Layers split over devices (device_map="auto") read the routing's copy on their own device:
+    made by the first layer there, then reused; the host ids stay on the host."""
+    rt = build_routing(torch.tensor([1, 0, -1, 1, 0]), 2, torch.tensor([0, 1]), tile_rows=2)
+    assert rt.on(torch.device("cpu")) is rt
+    moved = rt.on(torch.device("meta"))
+    assert moved is rt.on(torch.device("meta"))  # cached
+    assert moved.device == torch.device("meta") and moved.tile_rows == 2 and moved.num_tasks == 2
+    for name in ("task_ids", "order", "counts", "starts", "tile_task", "tile_start", "tile_end"):
+        src, dst = getattr(rt, name), getattr(moved, name)
+        assert dst.device.type == "meta" and dst.shape == src.shape and dst.dtype == src.dtype, name
+    assert moved.host_task_ids is rt.host_task_ids
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_op_and_layer_take_a_routing_from_another_device():
+    from cgc_kernels import CGCLoRALinear, cgc_lora
+
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 1, 1, -1, 0, 1])
+    layer = CGCLoRALinear(torch.nn.Linear(16, 8), num_tasks=2, num_shared_experts=1, num_task_experts=1,
+                          rank=4, alpha=8).to("cuda:1")
+    torch.nn.init.normal_(layer.task_b)
+    x = torch.randn(6, 16, device="cuda:1")
+    want = layer(x, ids.to("cuda:1"))
+    routing = build_routing(ids.to("cuda:0"), 2)
+    torch.testing.assert_close(layer(x, routing), want)
+    args = (torch.rand(2, 2, device="cuda:1"), *(torch.randn(s, device="cuda:1") for s in
+                                                 ((1, 4, 16), (1, 8, 4), (2, 4, 16), (2, 8, 4))), 0.5)
+    torch.testing.assert_close(cgc_lora(x, routing, *args), cgc_lora(x, ids.to("cuda:1"), *args))

@@ -36,7 +36,7 @@ from . import torch_backend
 from .routing import TaskRouting
 from .torch_backend import RowPlan
 from .triton import common
-from .validation import CGCShapes, shapes_of
+from .validation import CGCCall, CGCShapes, shapes_of
 
 Tensor = torch.Tensor
 
@@ -68,12 +68,12 @@ class KernelArgs(NamedTuple):
     dropout_p: float
 
 
-def kernel_args(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, routing: TaskRouting, seed, scaling,
-                per_token_gates, dropout_p) -> KernelArgs:
+def kernel_args(call: CGCCall, routing: TaskRouting, seed: Tensor | None) -> KernelArgs:
     """A call's KernelArgs from its routing (the one place a routing is unpacked for the kernels)."""
-    return KernelArgs(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, routing.order, routing.tile_task,
-                      routing.tile_start, routing.tile_end, routing.counts, routing.starts, routing.tile_rows, seed,
-                      float(scaling), bool(per_token_gates), float(dropout_p))
+    return KernelArgs(call.x, call.gates, call.shared_a, call.shared_b, call.task_a, call.task_b, call.task_cluster,
+                      routing.order, routing.tile_task, routing.tile_start, routing.tile_end, routing.counts,
+                      routing.starts, routing.tile_rows, seed, float(call.scaling), bool(call.per_token_gates),
+                      float(call.dropout_p))
 
 
 _SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", int: "SymInt", float: "float", bool: "bool"}  # noqa: UP045
@@ -215,14 +215,12 @@ def _lora_backward(ctx, dy, _dz):
 _lora_fwd.register_autograd(_lora_backward, setup_context=_lora_setup_context)
 
 
-def run_triton(x, routing: TaskRouting, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-               per_token_gates, dropout_p, out, base) -> Tensor:
+def run_triton(call: CGCCall, routing: TaskRouting) -> Tensor:
     """The Triton path of a checked call: eager launches, or the custom ops under torch.compile."""
-    seed = common.new_dropout_seed(x.device) if dropout_p > 0 else None
-    a = kernel_args(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, routing, seed, scaling,
-                    per_token_gates, dropout_p)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, out, base) if t is not None)
+    x, out, base = call.x, call.out, call.base
+    seed = common.new_dropout_seed(x.device) if call.dropout_p > 0 else None
+    a = kernel_args(call, routing, seed)
+    needs_grad = _needs_grad(call)
     compiling = torch.compiler.is_compiling()
     if not needs_grad and out is not None:
         if compiling:
@@ -334,25 +332,26 @@ def _torch_backward(ctx, dy, _dmask):
 _torch_fwd.register_autograd(_torch_backward, setup_context=_torch_setup_context)
 
 
-def run_torch(x, task_ids: Tensor | TaskRouting, gates, shared_a, shared_b, task_a, task_b, scaling,
-              shp: CGCShapes, *, task_cluster: Tensor | None, per_token_gates: bool, dropout_p: float,
-              base: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """The PyTorch backend on checked arguments: the delta [M, d_out]; base + delta with `base`
+def _needs_grad(call: CGCCall) -> bool:
+    return torch.is_grad_enabled() and any(
+        t.requires_grad for t in (call.x, *call[2:7], call.out, call.base) if isinstance(t, Tensor))
+
+
+def run_torch(call: CGCCall, shp: CGCShapes) -> Tensor:
+    """The PyTorch backend on a checked call: the delta [M, d_out]; base + delta with `base`
     (differentiable in base), or `out` += delta in place (returns out)."""
-    routing = task_ids if isinstance(task_ids, TaskRouting) else None
-    ids = (routing.task_ids if routing is not None else task_ids).to(torch.int64)
-    scalars = (float(scaling), bool(per_token_gates), float(dropout_p))
+    x, task_ids, gates, shared_a, shared_b, task_a, task_b, _, task_cluster, _, _, out, base = call
+    ids = (task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids).to(torch.int64)
+    scalars = (float(call.scaling), bool(call.per_token_gates), float(call.dropout_p))
     if torch.compiler.is_compiling():
         y, _ = torch.ops.cgc_kernels.torch_fwd(x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster,
                                                *scalars)
         return torch_backend.add_to(y, base, out)
     plan = torch_backend.plan_for(task_ids, ids, task_cluster)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, base) if t is not None)
-    if not needs_grad:
+    if not _needs_grad(call._replace(out=None)):
         return torch_backend.forward_call(x, plan, shp, gates, shared_a, shared_b, task_a, task_b, *scalars,
                                           base=base, out=out)[0]
+    experts = (x, gates, shared_a, shared_b, task_a, task_b)
     if out is not None:  # in place under autograd: the delta through the Function, then added
-        return out.add_(TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, None, plan, shp,
-                                           *scalars).to(out.dtype))
-    return TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, base, plan, shp, *scalars)
+        return out.add_(TorchCGCLoRA.apply(*experts, None, plan, shp, *scalars).to(out.dtype))
+    return TorchCGCLoRA.apply(*experts, base, plan, shp, *scalars)

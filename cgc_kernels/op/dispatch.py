@@ -25,7 +25,7 @@ import torch
 from . import autograd, reference
 from .routing import TaskRouting, build_routing, tensor_cache
 from .triton import common
-from .validation import CGCShapes, check_cgc_lora_args
+from .validation import CGCCall, CGCShapes, check_call
 
 BACKENDS = ("torch", "triton", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,23 +58,11 @@ def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
 
 # ---- public op -------------------------------------------------------------------------------
 
-def cgc_lora(
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    out: torch.Tensor | None = None,
-    backend: str | None = None,
-    base: torch.Tensor | None = None,
-) -> torch.Tensor:
+def cgc_lora(x: torch.Tensor, task_ids: torch.Tensor | TaskRouting, gates: torch.Tensor, shared_a: torch.Tensor,
+             shared_b: torch.Tensor, task_a: torch.Tensor, task_b: torch.Tensor, scaling: float, *,
+             task_cluster: torch.Tensor | None = None, per_token_gates: bool = False, dropout_p: float = 0.0,
+             out: torch.Tensor | None = None, backend: str | None = None,
+             base: torch.Tensor | None = None) -> torch.Tensor:
     """CGC-LoRA delta for a mixed-task batch; see `cgc_kernels.reference.cgc_lora` for the math.
 
     backend: "torch" (the fast PyTorch path, the CPU default), "triton" (the CUDA default) or
@@ -92,52 +80,44 @@ def cgc_lora(
     path a plain id tensor is checked, then routed per call. The kernels need only the routing's
     per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
-    args = (x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-            dropout_p, out, backend, base)
+    call = CGCCall(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
+                   dropout_p, out, base)
     device = x.device.type if isinstance(x, torch.Tensor) else "cpu"
     if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
-        return _dispatch(*args)
+        return _dispatch(call, backend)
     with torch.autocast(device, enabled=False):
-        return _dispatch(*args)
+        return _dispatch(call, backend)
 
 
-def _dispatch(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-              dropout_p, out, backend, base):
+def _dispatch(call: CGCCall, backend: str | None) -> torch.Tensor:
+    x, task_ids = call.x, call.task_ids
     if isinstance(task_ids, TaskRouting) and isinstance(x, torch.Tensor) and task_ids.device != x.device:
-        task_ids = task_ids.on(x.device)  # layers split over devices: one copy per device, cached
+        call = call._replace(task_ids=task_ids.on(x.device))  # layers split over devices: a copy per device
     chosen = resolve_backend(x, backend)
-    if backend is None and chosen == "triton" and _rank_too_large(shared_a, task_a):
+    if backend is None and chosen == "triton" and _rank_too_large(call.shared_a, call.task_a):
         chosen = "torch"  # beyond the kernels' register budget
     if chosen == "reference":
-        if base is not None:
-            _check_base(base, out, x, task_b)
-        delta = reference.cgc_lora(
-            x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
-            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
-        )
-        return delta if base is None else base + delta.to(base.dtype)
+        if call.base is not None:
+            _check_base(call)
+        delta = reference.cgc_lora(*call[:8], task_cluster=call.task_cluster, per_token_gates=call.per_token_gates,
+                                   dropout_p=call.dropout_p, out=call.out)
+        return delta if call.base is None else call.base + delta.to(call.base.dtype)
     # Under torch.compile the checks run once, at trace time; the cache is for eager calls.
-    key = None if torch.compiler.is_compiling() else _call_key(
-        x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-        dropout_p, out, base)
+    key = None if torch.compiler.is_compiling() else _call_key(call)
     if key is not None:
         key = (chosen, key)
     shp = _CHECKED.get(key) if key is not None else None
     if shp is None:  # not this call signature's first pass through every check below
-        shp = _check_call(chosen, x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                          per_token_gates, dropout_p, out, base)
+        shp = _check_call(chosen, call)
         if key is not None:
             if len(_CHECKED) >= 1024:  # bounded: a server seeing many batch sizes
                 _CHECKED.clear()
             _CHECKED[key] = shp
     if chosen == "torch":
-        return autograd.run_torch(
-            x, task_ids, gates.to(x.device), shared_a, shared_b, task_a, task_b, scaling, shp,
-            task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, base=base, out=out,
-        )
-    routing = task_ids if isinstance(task_ids, TaskRouting) else _routing_of(task_ids, shp, task_cluster)
-    return autograd.run_triton(x, routing, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                               per_token_gates, dropout_p, out, base)
+        return autograd.run_torch(call._replace(gates=call.gates.to(x.device)), shp)
+    task_ids = call.task_ids
+    routing = task_ids if isinstance(task_ids, TaskRouting) else _routing_of(task_ids, shp, call.task_cluster)
+    return autograd.run_triton(call, routing)
 
 
 def _routing_of(task_ids: torch.Tensor, shp: CGCShapes, task_cluster: torch.Tensor | None) -> TaskRouting:
@@ -153,27 +133,24 @@ def _routing_of(task_ids: torch.Tensor, shp: CGCShapes, task_cluster: torch.Tens
     return entry[1]
 
 
-def _check_call(chosen, x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster,
-                per_token_gates, dropout_p, out, base) -> CGCShapes:
+def _check_call(chosen: str, call: CGCCall) -> CGCShapes:
     """Every check of a call to the torch or triton backend; ValueError naming the problem."""
-    if base is not None:
-        _check_base(base, out, x, task_b)
-    shp = check_cgc_lora_args(
-        x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling,
-        task_cluster=task_cluster, per_token_gates=per_token_gates, dropout_p=dropout_p, out=out,
-    )
+    x = call.x
+    if call.base is not None:
+        _check_base(call)
+    shp = check_call(call)
     if chosen == "triton":
         if x.dtype not in TRITON_DTYPES:
             raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
         if not x.is_cuda and not common.INTERPRET:
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
                              "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
-        if _rank_too_large(shared_a, task_a):
+        if _rank_too_large(call.shared_a, call.task_a):
             raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
                              f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to "
                              f"powers of two); use backend='torch'")
-    if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
-        raise ValueError(f"task_ids (routing) is on {task_ids.device} but x is on {x.device}")
+    if isinstance(call.task_ids, TaskRouting) and call.task_ids.device != x.device:
+        raise ValueError(f"task_ids (routing) is on {call.task_ids.device} but x is on {x.device}")
     return shp
 
 
@@ -187,19 +164,21 @@ def _meta(t):
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _call_key(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
-              dropout_p, out, base=None) -> tuple | None:
+def _call_key(call: CGCCall) -> tuple | None:
     """Hashable signature of a call with a TaskRouting (None: always check fully)."""
-    tensors = (x, gates, shared_a, shared_b, task_a, task_b)
-    if not isinstance(task_ids, TaskRouting) or not all(isinstance(t, torch.Tensor) for t in tensors) or not (
-            isinstance(task_cluster, (torch.Tensor, type(None))) and isinstance(out, (torch.Tensor, type(None)))):
+    tensors = (call.x, call.gates, call.shared_a, call.shared_b, call.task_a, call.task_b)
+    if not isinstance(call.task_ids, TaskRouting) or not all(isinstance(t, torch.Tensor) for t in tensors) or not (
+            isinstance(call.task_cluster, (torch.Tensor, type(None)))
+            and isinstance(call.out, (torch.Tensor, type(None)))):
         return None
-    return (tuple(_meta(t) for t in tensors), _meta(task_cluster), _meta(out), _meta(base), task_ids.num_rows,
-            task_ids.num_tasks, task_ids.device, bool(per_token_gates), type(scaling), dropout_p)
+    rt = call.task_ids
+    return (tuple(_meta(t) for t in tensors), _meta(call.task_cluster), _meta(call.out), _meta(call.base),
+            rt.num_rows, rt.num_tasks, rt.device, bool(call.per_token_gates), type(call.scaling), call.dropout_p)
 
 
-def _check_base(base, out, x, task_b) -> None:
-    if out is not None:
+def _check_base(call: CGCCall) -> None:
+    base, x, task_b = call.base, call.x, call.task_b
+    if call.out is not None:
         raise ValueError("pass base= (returns base + delta) or out= (adds into out in place), not both")
     if not isinstance(base, torch.Tensor) or base.dim() != 2:
         raise ValueError(f"base must be a 2-D tensor [M, d_out], got {getattr(base, 'shape', type(base))}")
@@ -210,4 +189,3 @@ def _check_base(base, out, x, task_b) -> None:
         raise ValueError(f"base must be a floating tensor, got {base.dtype}")
     if base.device != x.device:
         raise ValueError(f"base is on {base.device} but x is on {x.device}; all tensors must share a device")
-

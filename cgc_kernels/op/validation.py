@@ -1,11 +1,12 @@
 """Argument checks shared by every backend of `cgc_lora`: bad input fails here, before any kernel.
 
-`check_cgc_lora_args` returns the problem's sizes (`CGCShapes`) so callers never re-derive them.
+`check_call` (`check_cgc_lora_args`) returns the problem's sizes (`CGCShapes`) so callers never re-derive them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -57,26 +58,37 @@ def _tensor(name: str, t, ndim: int) -> torch.Tensor:
     return t
 
 
-def check_cgc_lora_args(
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    out: torch.Tensor | None = None,
-) -> CGCShapes:
+class CGCCall(NamedTuple):
+    """The arguments of one `cgc_lora` call, named (dispatch.py passes them as one bundle)."""
+
+    x: torch.Tensor
+    task_ids: torch.Tensor | TaskRouting
+    gates: torch.Tensor
+    shared_a: torch.Tensor
+    shared_b: torch.Tensor
+    task_a: torch.Tensor
+    task_b: torch.Tensor
+    scaling: float
+    task_cluster: torch.Tensor | None = None
+    per_token_gates: bool = False
+    dropout_p: float = 0.0
+    out: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+
+
+def check_cgc_lora_args(*args, **kwargs) -> CGCShapes:
+    """check_call(CGCCall(*args, **kwargs)): the op's arguments as `cgc_lora` takes them."""
+    return check_call(CGCCall(*args, **kwargs))
+
+
+def check_call(call: CGCCall) -> CGCShapes:
     """Validate a `cgc_lora` call (shapes, dtypes, devices, task ids) and return its sizes.
 
     Raises ValueError naming the offending argument. Task ids are range-checked unless a
-    `TaskRouting` (already checked) is passed.
+    `TaskRouting` (already checked) is passed. `base` is checked by the caller (dispatch.py).
     """
+    x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates, dropout_p, \
+        out, _ = call
     _tensor("x", x, 2)
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
