@@ -126,3 +126,26 @@ def test_plain_ids_are_checked_once_per_tensor(monkeypatch):
     with pytest.raises(ValueError, match="found task id 7"):
         cgc_lora(x, ids, *args)
     assert len(seen) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a CUDA device")
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["triton", "torch"])
+def test_cuda_forward_backward_does_not_synchronize(backend):
+    """On a GPU, CUDA itself says so: under torch.cuda.set_sync_debug_mode("error") a synchronizing
+    call raises. The request's ids were copied once (pinned, non-blocking) by the warm-up call's
+    request; the recorded step is the base model's call inside a second request's context."""
+    cgc = _model(2).to("cuda")
+    for layer in cgc.adapted_layers().values():
+        layer.backend = backend
+    ids = torch.randint(0, 64, (4, 12), device="cuda")
+    mask = torch.ones_like(ids)
+    cgc(input_ids=ids, attention_mask=mask, task_ids=[2, 0, 1, -1]).logits.sum().backward()  # warm-up
+    request = cgc.resolve_task_ids([2, 0, 1, -1], 4, 12)
+    torch.cuda.synchronize()
+    with cgc.task_context(request):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cgc.model(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
