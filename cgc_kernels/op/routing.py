@@ -7,12 +7,14 @@ A mixed-task batch carries one task id per token. The kernels want tokens groupe
     order       [M]          token indices, stably sorted by (cluster(task), task); task -1 last
     counts      [T]          tokens per task
     starts      [T]          where each task's segment starts in `order`
-    tile_task   [max_tiles]  task of each tile of `tile_rows` sorted rows (the kernels' BLOCK_M), -1 for an unused slot
+    tile_task   [max_tiles]  task of each tile of `tile_rows` sorted rows, -1 for an unused slot
     tile_start  [max_tiles]  first row (into `order`) of each tile
     tile_end    [max_tiles]  one past its last row
 
-`max_tiles = cdiv(M, tile_rows) + T` depends only on M, T and the block size, so a launch over the
-tile table has a fixed grid (CUDA-graph safe); unused slots exit at once.
+`tile_rows` (rows per tile) is the name of that size everywhere outside the kernels, where it is a
+kernel's BLOCK_M. `max_tiles = cdiv(M, tile_rows) + T` depends only on M, T and the tile size, so
+a launch over the tile table has a fixed grid (CUDA-graph safe; under torch.compile, fixed graph
+input shapes whatever the task mix); unused slots exit at once.
 
 Validation (ids in [-1, T)) is the one step that needs the host: `build_routing(validate=True)`
 does it once; layers given a `TaskRouting` skip it, and a plain id tensor is checked once per
