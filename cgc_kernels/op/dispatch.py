@@ -76,8 +76,8 @@ def cgc_lora(x: torch.Tensor, task_ids: torch.Tensor | TaskRouting, gates: torch
     tensor, differentiable in base (its gradient is dy). The Triton kernels write it in one pass
     (no zero-fill, no add after), which is what a training step wants; `out=` adds in place.
 
-    A TaskRouting skips the id check (no host sync) and is reused across layers; on the Triton
-    path a plain id tensor is checked, then routed per call. The kernels need only the routing's
+    A TaskRouting skips the id check (no host sync) and is reused across layers; a plain id tensor
+    is checked (and, on the Triton path, routed) once per tensor, on its first call. The kernels need only the routing's
     per-task segments, so a routing built with or without `task_cluster` gives the same result.
     """
     call = CGCCall(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates,
