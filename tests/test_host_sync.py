@@ -149,3 +149,14 @@ def test_cuda_forward_backward_does_not_synchronize(backend):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def test_cached_checks_go_with_their_tensor():
+    """What is kept for a plain id tensor (its check, its routing) is dropped when it is."""
+    before = len(routing_mod._CHECKED_IDS)
+    ids = torch.tensor([0, 1, 1])
+    checks = []
+    routing_mod.checked_once(ids, ("task_ids", 2, 3), lambda: checks.append(1))
+    assert len(routing_mod._CHECKED_IDS) == before + 1 and checks == [1]
+    del ids
+    assert len(routing_mod._CHECKED_IDS) == before

@@ -218,12 +218,17 @@ def tensor_cache(t: torch.Tensor) -> dict:
     entry = _CHECKED_IDS.get(id(t))
     if entry is not None and entry[0]() is t and entry[1] == key:
         return entry[2]
-    if len(_CHECKED_IDS) >= 256:  # bounded: drop the entries of tensors that are gone
-        for k in [k for k, e in _CHECKED_IDS.items() if e[0]() is None]:
-            del _CHECKED_IDS[k]
     cache: dict = {}
-    _CHECKED_IDS[id(t)] = (weakref.ref(t), key, cache)
+    _CHECKED_IDS[id(t)] = (weakref.ref(t, _forget), key, cache)  # dropped with the tensor
     return cache
+
+
+def _forget(ref: weakref.ref) -> None:
+    """A cached tensor is gone: drop its entry (and the routing it may hold), unless its id()
+    already serves a newer tensor."""
+    for k, entry in list(_CHECKED_IDS.items()):
+        if entry[0] is ref:
+            del _CHECKED_IDS[k]
 
 
 def checked_once(t: torch.Tensor, what: tuple, check) -> dict:
