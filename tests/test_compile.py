@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cgc_kernels.op import autograd
 from cgc_kernels.op.dispatch import cgc_lora
 from cgc_kernels.op.routing import build_routing
+from cgc_kernels.op.validation import CGCCall
 from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 
@@ -65,15 +67,19 @@ def test_torch_backend_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("base_dtype", [None, torch.float64], ids=["no-base", "float64-base"])
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_custom_ops_pass_opcheck(device):
-    # Schema, fake (meta) implementations and autograd registration agree with the real kernels.
+def test_custom_ops_pass_opcheck(device, base_dtype):
+    # Schema, fake (meta) implementations and autograd registration agree with the real kernels;
+    # with a base of another dtype than x the kernel writes base + delta in x's dtype, and so must
+    # the fake say.
     case = Case(M=12, d_in=17, d_out=9, T=2, S=1, K=1, r=2)
     args = make_inputs(case, dtype=torch.float32, device=device)
     rt = build_routing(args["task_ids"], case.T)
-    fwd_args = (args["x"].requires_grad_(), args["gates"], args["shared_a"], args["shared_b"],
-                args["task_a"], args["task_b"].requires_grad_(), None, rt.order, rt.tile_task,
-                rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, None, None, 2.0, False, 0.0)
+    base = None if base_dtype is None else torch.randn(case.M, case.d_out, dtype=base_dtype, device=device)
+    call = CGCCall(args["x"].requires_grad_(), rt, args["gates"], args["shared_a"], args["shared_b"], args["task_a"],
+                   args["task_b"].requires_grad_(), 2.0)
+    fwd_args = (*autograd.kernel_args(call, rt, None), base)
     torch.library.opcheck(torch.ops.cgc_kernels.lora_fwd.default, fwd_args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

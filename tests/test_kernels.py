@@ -145,7 +145,7 @@ def test_routing_reuse_and_block_size(device):
     args = _inputs(case, torch.float32, device)
     want = cgc_lora(**args, backend="triton")
     for bm in (16, 128):
-        rt = build_routing(args["task_ids"], case.T, args["task_cluster"], block_m=bm)
+        rt = build_routing(args["task_ids"], case.T, args["task_cluster"], tile_rows=bm)
         got = cgc_lora(**{**args, "task_ids": rt}, backend="triton")
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 

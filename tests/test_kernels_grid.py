@@ -58,7 +58,7 @@ def zipf_ids(M: int, T: int, seed: int = 0) -> torch.Tensor:
 
 
 def _routing(args, T, tile_rows):
-    return build_routing(args["task_ids"], T, args["task_cluster"], block_m=tile_rows)
+    return build_routing(args["task_ids"], T, args["task_cluster"], tile_rows=tile_rows)
 
 
 def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, seed=0, dz_parts=None):
@@ -67,16 +67,16 @@ def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, s
     a = args
     y, z = forward_grid.cgc_lora_forward_grid(
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
-        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.block_m,
+        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.tile_rows,
         a["scaling"], a["per_token_gates"], dropout_p, seed, base=base, plan=plan)
     M, d_in = a["x"].shape
     RS, RK = a["shared_a"].shape[1], a["task_a"].shape[1]
     rank = (common.rank_pad(RS) if RS else 0) + (common.rank_pad(RK) if RK else 0)
-    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.block_m, chunk=chunk,
+    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.tile_rows, chunk=chunk,
                                         rank=RS + RK, dz_parts=dz_parts)
     grads = backward_grid.cgc_lora_backward_grid(
         dy, a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
-        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, z,
+        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.tile_rows, z,
         a["scaling"], a["per_token_gates"], dropout_p, seed, True, True, True, True, plan=bplan)
     return y, dict(zip(DIFF, grads, strict=True))
 
@@ -172,7 +172,7 @@ def test_delta_only_and_in_place(plan, device):
     a = args
     call = lambda **kw: forward_grid.cgc_lora_forward_grid(  # noqa: E731
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
-        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.block_m,
+        rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.tile_rows,
         a["scaling"], False, 0.0, 0, plan=plan, **kw)
     want = reference.cgc_lora(**{k: (v.double() if k in DIFF else v) for k, v in args.items()})
     delta, _ = call(base=None)

@@ -65,11 +65,11 @@ def record(M: int, mix: str, backward: bool) -> None:
     base = torch.empty(M, D, **bf)
     _, z = forward_grid.cgc_lora_forward_grid(
         x, gates, sa, sb, ta, tb, None, rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts,
-        rt.block_m, 2.0, False, 0.0, 0, base=base)
+        rt.tile_rows, 2.0, False, 0.0, 0, base=base)
     if backward:
         backward_grid.cgc_lora_backward_grid(
             torch.empty(M, D, **bf), x, gates, sa, sb, ta, tb, None, rt.order, rt.tile_task, rt.tile_start,
-            rt.tile_end, rt.counts, rt.starts, rt.block_m, z, 2.0, False, 0.0, 0, True, True, True, True)
+            rt.tile_end, rt.counts, rt.starts, rt.tile_rows, z, 2.0, False, 0.0, 0, True, True, True, True)
 
 
 @pytest.mark.parametrize("M, mix, backward", [

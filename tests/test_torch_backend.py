@@ -9,7 +9,8 @@ import torch
 
 import cgc_kernels
 from cgc_kernels import build_routing, reference
-from cgc_kernels.op import torch_backend
+from cgc_kernels.op import autograd, torch_backend
+from cgc_kernels.op.validation import CGCShapes, shapes_of
 from tests.cases import DIFF, TOLERANCES, Case, make_inputs
 from tests.oracle import naive_cgc_lora
 
@@ -66,9 +67,10 @@ def _torch_call(gather, dense):
         cluster = a["task_cluster"]
         plan = torch_backend.plan_rows(ids, None, None if cluster is None else cluster.tolist(), gather=gather,
                                        dense=dense)
-        return torch_backend._TorchCGCLoRA.apply(
-            a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], None, plan, a["scaling"],
-            a["per_token_gates"], 0.0)
+        shp = shapes_of(a["x"], a["gates"], a["shared_a"], a["task_a"], a["task_b"])
+        return autograd.TorchCGCLoRA.apply(
+            a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], None, plan, shp,
+            a["scaling"], a["per_token_gates"], 0.0)
     return call
 
 
@@ -138,11 +140,12 @@ def test_dropout_uses_the_mask_in_forward_and_backward():
     mask = torch.rand(case.M, case.d_in, generator=torch.Generator().manual_seed(3)) > 0.3
     plan = torch_backend.plan_rows(args["task_ids"])
     x = args["x"].clone().requires_grad_()
-    y, saved = torch_backend.forward_call(x.detach(), plan, args["gates"], args["shared_a"], args["shared_b"],
-                                          args["task_a"], args["task_b"], 2.0, False, 0.3, mask=mask)
+    shp = CGCShapes(M=case.M, d_in=case.d_in, d_out=case.d_out, T=case.T, C=1, S=case.S, K=case.K, r=case.r)
+    y, saved = torch_backend.forward_call(x.detach(), plan, shp, args["gates"], args["shared_a"],
+                                          args["shared_b"], args["task_a"], args["task_b"], 2.0, False, 0.3, mask=mask)
     dy = torch.randn_like(y)
-    dx = torch_backend.backward_call(dy, plan, saved, args["gates"], args["shared_a"], args["task_a"], 2.0,
-                                     False, 0.3, (True, False, False, False))[0]
+    dx = torch_backend.backward_call(dy, plan, shp, saved, args["gates"], 2.0, False, 0.3,
+                                     (True, False, False, False))[0]
     ref = reference.cgc_lora(**{**args, "x": x}, dropout_p=0.3, dropout_mask=mask)
     ref.backward(dy)
     torch.testing.assert_close(y, ref.detach(), **TOLERANCES[torch.float64])
@@ -200,7 +203,8 @@ def test_grouped_rows_run_without_gather_scatter_or_index_add():
 
 
 def test_dense_layout_only_for_interleaved_training_sized_batches():
-    use = lambda ids, T=4: torch_backend.use_dense(torch_backend.plan_rows(ids), torch.zeros(1, 1), 1, T, 2, 1, 8)
+    use = lambda ids, T=4: torch_backend.use_dense(torch_backend.plan_rows(ids), torch.zeros(1, 1), CGCShapes(
+        M=ids.shape[0], d_in=1, d_out=1, T=T, C=1, S=2, K=1, r=8))
     sequences = (torch.arange(16) % 4).repeat_interleave(32)  # 16 sequences of 32 rows, tasks in turn
     assert use(sequences)
     assert not use(sequences.sort().values)  # grouped by task: one run each

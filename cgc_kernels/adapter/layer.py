@@ -176,6 +176,8 @@ class CGCLoRALinear(nn.Module):
             raise ValueError(f"x is on {x.device} but the layer's experts are on {self.shared_a.device}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x has {x.shape[-1]} features but the layer expects {self.in_features}")
+        if isinstance(task_ids, TaskRouting) and task_ids.device != x.device:
+            task_ids = task_ids.on(x.device)  # device_map="auto": the routing's copy on this device
         if self.disable_adapters:
             return self._base_forward(x)
         if self.merged_task is not None:

@@ -1,5 +1,10 @@
-"""Task ids into a CGCModel: checked once per request on the host, then one TaskRouting per
-base-model call, set on every adapted layer by a forward pre-hook for the call's duration."""
+"""Task ids into a CGCModel: checked once per request on the host, copied to the model's device
+once per request (one non-blocking copy from pinned memory: per model call, or per generate call
+for all its decode steps), then one TaskRouting per base-model call, built on the device from those
+ids without a host sync and set on every adapted layer by a forward pre-hook for the call's
+duration. Under torch.compile the hook is traced like the rest of the call: the routing's tensors
+have shapes fixed by the batch and the task count, so a decode step compiles once for every task
+mix at one batch size."""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..op.routing import TaskRouting, build_routing, check_task_ids
+from ..op.routing import TaskRouting, build_routing, check_task_ids, to_device
 
 
 @dataclass
@@ -18,21 +23,32 @@ class TaskRequest:
 
     ids: torch.Tensor
     per_sequence: bool
+    device_ids: torch.Tensor | None = None  # `ids` on the model's device, copied once (`on`)
 
-    def expand(self, batch: int, seq: int) -> torch.Tensor:
-        """[batch * seq] ids for a base-model call on [batch, seq] tokens."""
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The ids on `device`: one non-blocking copy from pinned memory, made by the request's
+        first base-model call and reused by the rest (every decode step of a generate call)."""
+        if self.device_ids is None or self.device_ids.device != device:
+            self.device_ids = to_device(self.ids, device)
+        return self.device_ids
+
+    def expand(self, batch: int, seq: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch * seq] ids for a base-model call on [batch, seq] tokens, from `ids` (the request's
+        ids on some device; its host ids by default). Views and one copy: no host sync."""
+        ids = self.ids if ids is None else ids
         if self.per_sequence:
-            b0 = self.ids.shape[0]
+            b0 = ids.shape[0]
             if batch != b0 and (b0 == 0 or batch % b0):
                 raise ValueError(f"the model was called on {batch} sequences, not a multiple of the "
                                  f"{b0} task ids given")
-            # generate() repeats each row (beams, num_return_sequences) with repeat_interleave.
-            ids = self.ids.repeat_interleave(batch // b0) if batch != b0 else self.ids
+            # generate() repeats each row (beams, num_return_sequences) in place, row by row; an
+            # expand, not repeat_interleave, whose output size a GPU would report to the host.
+            ids = ids[:, None].expand(b0, batch // b0).reshape(-1)
             return ids[:, None].expand(batch, seq).reshape(-1)
-        if tuple(self.ids.shape) != (batch, seq):
-            raise ValueError(f"per-token task_ids are {tuple(self.ids.shape)} but the model was called on "
+        if tuple(ids.shape) != (batch, seq):
+            raise ValueError(f"per-token task_ids are {tuple(ids.shape)} but the model was called on "
                              f"[batch, seq] = [{batch}, {seq}]")
-        return self.ids.reshape(-1)
+        return ids.reshape(-1)
 
 
 class LayerRouting:
@@ -124,8 +140,11 @@ class TaskIdsMixin:
             raise ValueError(f"task_ids has {task_ids.shape[0]} rows but the batch has {batch} sequences")
         if task_ids.dim() == 2 and seq is not None and task_ids.shape[1] != seq:
             raise ValueError(f"per-token task_ids are {tuple(task_ids.shape)} but input is [{batch}, {seq}]")
-        check_task_ids(task_ids.reshape(-1), T)  # one host sync per request, none per layer
-        return TaskRequest(task_ids.detach().to("cpu", torch.int64), per_sequence=task_ids.dim() == 1)
+        check_task_ids(task_ids.reshape(-1)[:0], T)  # the dtype, before the values are cast
+        # Values checked on the host: the ids are there already (lists, names) or come there once.
+        host = task_ids.detach().to("cpu", torch.int64)
+        check_task_ids(host.reshape(-1), T)
+        return TaskRequest(host, per_sequence=task_ids.dim() == 1)
 
     def _list_ids(self, entries) -> list:
         """A (nested) list of names, ints and None as a (nested) list of ints; -1 for None."""
@@ -167,9 +186,13 @@ class TaskIdsMixin:
         if x is None:
             raise ValueError("CGCModel needs input_ids or inputs_embeds to place the task ids")
         batch, seq = x.shape[0], x.shape[1]
-        host_ids = self._request.expand(batch, seq)  # on the CPU: host-side planning needs no sync
-        self._set_routing(build_routing(host_ids.to(x.device), self.num_tasks, self._cluster_index(x.device),
-                                        validate=False, host_task_ids=host_ids))
+        request = self._request
+        # The host ids go along for host-side planning (the PyTorch backend's row runs), outside
+        # torch.compile, where that backend plans inside its custom op instead.
+        host_ids = None if torch.compiler.is_compiling() else request.expand(batch, seq)
+        ids = request.expand(batch, seq, request.on(x.device))
+        self._set_routing(build_routing(ids, self.num_tasks, self._cluster_index(x.device), validate=False,
+                                        host_task_ids=host_ids))
 
     @contextlib.contextmanager
     def task_context(self, request: TaskRequest) -> Iterator[None]:

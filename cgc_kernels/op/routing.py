@@ -7,24 +7,31 @@ A mixed-task batch carries one task id per token. The kernels want tokens groupe
     order       [M]          token indices, stably sorted by (cluster(task), task); task -1 last
     counts      [T]          tokens per task
     starts      [T]          where each task's segment starts in `order`
-    tile_task   [max_tiles]  task of each tile of BLOCK_M sorted rows, -1 for an unused slot
+    tile_task   [max_tiles]  task of each tile of `tile_rows` sorted rows, -1 for an unused slot
     tile_start  [max_tiles]  first row (into `order`) of each tile
     tile_end    [max_tiles]  one past its last row
 
-`max_tiles = cdiv(M, block_m) + T` depends only on M, T and the block size, so a launch over the
-tile table has a fixed grid (CUDA-graph safe); unused slots exit at once.
+`tile_rows` (rows per tile) is the name of that size everywhere outside the kernels, where it is a
+kernel's BLOCK_M. `max_tiles = cdiv(M, tile_rows) + T` depends only on M, T and the tile size, so
+a launch over the tile table has a fixed grid (CUDA-graph safe; under torch.compile, fixed graph
+input shapes whatever the task mix); unused slots exit at once.
 
 Validation (ids in [-1, T)) is the one step that needs the host: `build_routing(validate=True)`
-does it once; layers given a `TaskRouting` skip it.
+does it once; layers given a `TaskRouting` skip it, and a plain id tensor is checked once per
+tensor (`checked_once`), not once per layer.
+
+A model whose layers sit on several devices gets one copy of the routing per device
+(`TaskRouting.on`), made by the first layer there and cached on the routing.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_BLOCK_M = 64
+DEFAULT_TILE_ROWS = 64
 
 
 def check_task_ids(task_ids: torch.Tensor, num_tasks: int, num_rows: int | None = None) -> None:
@@ -42,8 +49,11 @@ def check_task_ids(task_ids: torch.Tensor, num_tasks: int, num_rows: int | None 
         raise ValueError(f"task_ids has {task_ids.shape[0]} entries but x has {num_rows} rows")
     if task_ids.numel() == 0:
         return
-    lo, hi = torch.aminmax(task_ids)
-    lo, hi = int(lo), int(hi)
+    if task_ids.device.type == "cpu":  # host values: read them without a dispatched op
+        values = task_ids.detach().numpy()
+        lo, hi = int(values.min()), int(values.max())
+    else:
+        lo, hi = (int(v) for v in torch.aminmax(task_ids))
     if lo < -1 or hi >= num_tasks:
         bad = lo if lo < -1 else hi
         raise ValueError(
@@ -57,7 +67,7 @@ class TaskRouting:
 
     task_ids: torch.Tensor  # [M] int64, checked to lie in [-1, num_tasks)
     num_tasks: int
-    block_m: int
+    tile_rows: int
     order: torch.Tensor  # [M] int64
     counts: torch.Tensor  # [T] int64
     starts: torch.Tensor  # [T] int64
@@ -84,10 +94,22 @@ class TaskRouting:
 
     def to(self, device: torch.device | str) -> TaskRouting:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cache"}
+        # Onto a GPU the copies are stream-ordered (no host wait); onto the host they must finish.
+        non_blocking = torch.device(device).type == "cuda"
         for k, v in fields.items():
             if isinstance(v, torch.Tensor) and k != "host_task_ids":
-                fields[k] = v.to(device)
+                fields[k] = v.to(device, non_blocking=non_blocking)
         return TaskRouting(**fields)
+
+    def on(self, device: torch.device) -> TaskRouting:
+        """This routing on `device`: itself, or a copy made once and cached (layers split over
+        several devices, `device_map="auto"`, each read the copy on their own device)."""
+        if device == self.device:
+            return self
+        key = ("device", device)
+        if key not in self.cache:
+            self.cache[key] = self.to(device)
+        return self.cache[key]
 
 
 def build_routing(
@@ -95,25 +117,25 @@ def build_routing(
     num_tasks: int,
     task_cluster: torch.Tensor | None = None,
     *,
-    block_m: int = DEFAULT_BLOCK_M,
+    tile_rows: int = DEFAULT_TILE_ROWS,
     validate: bool = True,
     host_task_ids: torch.Tensor | None = None,
 ) -> TaskRouting:
-    """Sort tokens by (cluster, task) and cut each task's segment into tiles of `block_m` rows.
+    """Sort tokens by (cluster, task) and cut each task's segment into tiles of `tile_rows` rows.
 
     Args:
         task_ids: [M] integer, values in [-1, num_tasks); -1 = no adapter.
         num_tasks: T.
         task_cluster: [T] integer cluster of each task, or None (one cluster).
-        block_m: rows per tile.
+        tile_rows: rows per tile.
         validate: check the ids (one host sync); pass False only for ids already checked.
         host_task_ids: the same ids on the CPU, if the caller has them (kept for host-side planning;
             CPU ids are their own host copy).
     """
     if validate:
         check_task_ids(task_ids, num_tasks)
-    if block_m <= 0:
-        raise ValueError(f"block_m must be positive, got {block_m}")
+    if tile_rows <= 0:
+        raise ValueError(f"tile_rows must be positive, got {tile_rows}")
     device = task_ids.device
     ids = task_ids.to(torch.int64)
     M, T = ids.shape[0], num_tasks
@@ -142,8 +164,8 @@ def build_routing(
     starts[task_order] = seg_start_sorted
 
     # Tile table of fixed size: tiles are laid out task by task in sort order.
-    max_tiles = -(-M // block_m) + T
-    tiles_per_task = torch.div(counts[task_order] + block_m - 1, block_m, rounding_mode="floor")
+    max_tiles = -(-M // tile_rows) + T
+    tiles_per_task = torch.div(counts[task_order] + tile_rows - 1, tile_rows, rounding_mode="floor")
     tile_cum = torch.cumsum(tiles_per_task, 0)  # inclusive
     slot = torch.arange(max_tiles, device=device)
     which = torch.searchsorted(tile_cum, slot, right=True)  # index into task_order
@@ -151,8 +173,8 @@ def build_routing(
     which_c = which.clamp(max=max(T - 1, 0))
     first_tile = tile_cum[which_c] - tiles_per_task[which_c]
     task = task_order[which_c]
-    tile_start = seg_start_sorted[which_c] + (slot - first_tile) * block_m
-    tile_end = torch.minimum(tile_start + block_m, seg_start_sorted[which_c] + counts[task_order][which_c])
+    tile_start = seg_start_sorted[which_c] + (slot - first_tile) * tile_rows
+    tile_end = torch.minimum(tile_start + tile_rows, seg_start_sorted[which_c] + counts[task_order][which_c])
     neg = torch.full_like(slot, -1)
     if host_task_ids is None and ids.device.type == "cpu":
         host_task_ids = ids
@@ -162,7 +184,7 @@ def build_routing(
         task_ids=ids,
         host_task_ids=host_task_ids,
         num_tasks=T,
-        block_m=block_m,
+        tile_rows=tile_rows,
         order=order,
         counts=counts,
         starts=starts,
@@ -170,3 +192,65 @@ def build_routing(
         tile_start=torch.where(used, tile_start, torch.zeros_like(slot)).to(torch.int32),
         tile_end=torch.where(used, tile_end, torch.zeros_like(slot)).to(torch.int32),
     )
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a host wait: on CUDA one non-blocking copy from pinned
+    memory (the pinned buffer is held by PyTorch's caching host allocator until the copy is done),
+    elsewhere `.to` (a CPU tensor is returned as is)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+# Plain id tensors already checked, with what was derived from them (their routing): a model that
+# passes one id tensor to every layer pays one check (a host sync on a GPU) and one routing build
+# per tensor, not per layer. Keyed by id() with a weak reference to tell a reused id apart (a dict
+# keyed by the tensor itself would compare tensors elementwise); the version counter notices an
+# in-place change.
+_CHECKED_IDS: dict[int, tuple] = {}
+
+
+def tensor_cache(t: torch.Tensor) -> dict:
+    """A dict kept for `t` while it lives and is not changed in place (its version counter), for
+    what callers derive from its values once: checks passed, a routing, a host copy."""
+    key = (t._version, t.shape, t.dtype, t.device)
+    entry = _CHECKED_IDS.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == key:
+        return entry[2]
+    cache: dict = {}
+    _CHECKED_IDS[id(t)] = (weakref.ref(t, _forget), key, cache)  # dropped with the tensor
+    return cache
+
+
+def _forget(ref: weakref.ref) -> None:
+    """A cached tensor is gone: drop its entry (and the routing it may hold), unless its id()
+    already serves a newer tensor."""
+    for k, entry in list(_CHECKED_IDS.items()):
+        if entry[0] is ref:
+            del _CHECKED_IDS[k]
+
+
+def checked_once(t: torch.Tensor, what: tuple, check) -> dict:
+    """Run `check()` (which validates `t`'s values for `what`) once per tensor, version and `what`;
+    returns `tensor_cache(t)`. Under torch.compile the check runs at trace time only."""
+    if not isinstance(t, torch.Tensor) or torch.compiler.is_compiling():
+        check()
+        return {}
+    cache = tensor_cache(t)
+    passed = cache.setdefault("checked", set())
+    if what not in passed:
+        check()
+        passed.add(what)
+    return cache
+
+
+def host_list(t: torch.Tensor) -> tuple:
+    """t's values on the host as a tuple, read once per tensor (and version): a device tensor that
+    rarely changes (a layer's task_cluster) costs one host sync in its lifetime, not one per call."""
+    if t.device.type == "cpu" or torch.compiler.is_compiling():
+        return tuple(t.tolist())
+    cache = tensor_cache(t)
+    if "host" not in cache:
+        cache["host"] = tuple(t.tolist())
+    return cache["host"]

@@ -29,20 +29,21 @@ gates), so no pass over y scales it. dgates is summed run by run, so a NaN in on
 rows reaches no other task. Matmuls run in x's dtype (fp32 accumulation inside the BLAS for
 fp16 / bf16); results are deterministic run to run.
 
-Eager calls go through the autograd Function `_TorchCGCLoRA` (a plain Python call without
-autograd); under torch.compile the same two functions run as the custom ops
-`cgc_kernels::torch_fwd` / `cgc_kernels::torch_bwd`, opaque to the compiler, so the graph has
-fixed shapes whatever the batch's task mix (data-dependent row counts stay inside the op).
+This file is the math: `forward_call` and `backward_call` on a RowPlan (`plan_for`). autograd.py
+wraps them in an autograd Function (eager) and in custom ops (torch.compile).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import torch_dense
-from .routing import TaskRouting
+from .routing import TaskRouting, host_list, tensor_cache, to_device
+from .validation import CGCShapes
 
 # Runs shorter than this on average (with more runs than tasks) are gathered into task order:
 # below it, per-run GEMMs cost more in call overhead than one gather of the rows.
@@ -79,9 +80,10 @@ def _runs(host_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     M = host_ids.numel()
     if M == 0:
         return []
-    bounds = torch.nonzero(host_ids[1:] != host_ids[:-1]).flatten().add_(1).tolist()
+    values = host_ids.numpy()  # host values: numpy reads them without a dispatched (syncing) op
+    bounds = (np.flatnonzero(values[1:] != values[:-1]) + 1).tolist()
     starts, ends = [0, *bounds], [*bounds, M]
-    ids = host_ids.tolist()  # once per routing (plans are cached on it)
+    ids = values.tolist()  # once per routing (plans are cached on it)
     return [(ids[a], a, b) for a, b in zip(starts, ends, strict=True) if ids[a] >= 0]
 
 
@@ -103,7 +105,7 @@ def plan_rows(ids: torch.Tensor, host_ids: torch.Tensor | None = None, host_clus
         host, host_order = torch.sort(host, stable=True)
         host_inverse = torch.empty_like(host_order)
         host_inverse[host_order] = torch.arange(M)
-        order, inverse = host_order.to(ids.device), host_inverse.to(ids.device)
+        order, inverse = to_device(host_order, ids.device), to_device(host_inverse, ids.device)
         ids = ids[order]
         runs = _runs(host)
     covered = sum(b - a for _, a, b in runs) == M
@@ -219,17 +221,11 @@ def _fold(d_cat: torch.Tensor, split: int, dim: int, task_cluster: list[int] | N
 
 # ---- whole calls: plan, permute, dropout -------------------------------------------------------
 
-def _sizes(gates, shared_a, task_a):
-    E = gates.shape[1]
-    r = (shared_a.shape[1] + task_a.shape[1]) // E
-    return shared_a.shape[1] // r, task_a.shape[1] // r, r
-
-
 def _dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
 
 
-def use_dense(plan: RowPlan, x: torch.Tensor, C: int, T: int, S: int, K: int, r: int) -> bool:
+def use_dense(plan: RowPlan, x: torch.Tensor, shp: CGCShapes) -> bool:
     """Whether this call takes the dense layout (torch_dense.py): forced by the plan, else on the
     CPU for a training-sized batch (at least DENSE_MIN_ROWS rows) whose rows interleave (more runs
     than tasks: sequences in the caller's order), every row with a task, while all experts stacked
@@ -237,6 +233,7 @@ def use_dense(plan: RowPlan, x: torch.Tensor, C: int, T: int, S: int, K: int, r:
     (one run each) and small decode batches keep the per-run layout, which is as fast or faster."""
     if plan.dense is not None:
         return plan.dense and plan.covered
+    C, T, S, K = shp.C, shp.T, shp.S, shp.K
     return (x.device.type == "cpu" and plan.covered and len(plan.caller_runs) > T
             and plan.caller_ids.shape[0] >= DENSE_MIN_ROWS and C * S + T * K <= DENSE_RANK_RATIO * (S + K))
 
@@ -261,19 +258,34 @@ def _members(plan: RowPlan, C: int, T: int, per_token: bool, device):
     return (row_task[:, :, None] & task_cluster[None]).any(1), row_task
 
 
-def _dense_forward(h, mask, plan: RowPlan, gates, a_all, b_all, scaling, per_token, C, T, S, r, base, out):
-    cluster_member, task_member = _members(plan, C, T, per_token, h.device)
-    table = torch_dense.gate_table(gates, cluster_member, task_member, S, r, scaling, h.dtype)
+class SavedForward(NamedTuple):
+    """What forward_call keeps for backward_call. Per-run layout: z [M, (S+K) r], the gates per task
+    (g_task [T, (S+K) r]) or per row (g_rows), each task's stacked experts (a [T, (S+K) r, d_in],
+    b [T, d_out, (S+K) r]). Dense layout (dense=True): z [M, R], each row's gate row g_rows [M, R],
+    all experts as one LoRA (a [R, d_in], b [d_out, R])."""
+
+    h: torch.Tensor  # drop(x) [M, d_in], in plan order
+    mask: torch.Tensor | None  # the dropout keep-mask [M, d_in] (caller order), None without dropout
+    z: torch.Tensor
+    g_task: torch.Tensor | None
+    g_rows: torch.Tensor | None
+    a: torch.Tensor
+    b: torch.Tensor
+    dense: bool
+
+
+def _dense_forward(h, mask, plan: RowPlan, shp: CGCShapes, gates, a_all, b_all, scaling, per_token, base, out):
+    cluster_member, task_member = _members(plan, shp.C, shp.T, per_token, h.device)
+    table = torch_dense.gate_table(gates, cluster_member, task_member, shp.S, shp.r, scaling, h.dtype)
     g = table if per_token else torch_dense.gate_rows(plan.caller_ids, plan.caller_runs, table)
     direct = _same_dtype(h, base, out)
     y, z = torch_dense.forward(h, g, a_all, b_all, base=base if direct else None, out=out if direct else None)
-    return (y if direct else _add_to(y, base, out)), (h, mask, z, g, None, a_all, b_all, True)
+    return (y if direct else add_to(y, base, out)), SavedForward(h, mask, z, None, g, a_all, b_all, True)
 
 
-def _dense_backward(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, needs):
-    h, mask, z, g, _, a_all, b_all, _ = saved
-    S, K, r = _sizes(gates, shared_a, task_a)
-    C, T = shared_a.shape[0], task_a.shape[0]
+def _dense_backward(dy, plan: RowPlan, shp: CGCShapes, saved: SavedForward, gates, scaling, per_token, needs):
+    h, z, g, a_all, b_all = saved.h, saved.z, saved.g_rows, saved.a, saved.b
+    C, T, S, K, r = shp.C, shp.T, shp.S, shp.K, shp.r
     need_x, need_g, need_a, need_b = needs
     dh, dg_rows, da_all, db_all = torch_dense.backward(dy.to(h.dtype).contiguous(), h, g, z, a_all, b_all,
                                                        need_x, need_g, need_a, need_b)
@@ -292,7 +304,7 @@ def _same_dtype(h: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | 
     return (out is None or out.dtype == h.dtype) and (base is None or base.dtype == h.dtype)
 
 
-def _add_to(delta: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+def add_to(delta: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
     """out += delta (returned), base + delta, or delta alone, each in base's / out's dtype."""
     if out is not None:
         return out.add_(delta.to(out.dtype))
@@ -303,46 +315,43 @@ def _finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def forward_call(x, plan: RowPlan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token, dropout_p,
-                 mask=None, base=None, out=None):
+def forward_call(x, plan: RowPlan, shp: CGCShapes, gates, shared_a, shared_b, task_a, task_b, scaling,
+                 per_token, dropout_p, mask=None, base=None, out=None) -> tuple[torch.Tensor, SavedForward]:
     """(y [M, d_out] in caller order, saved): y = base + delta, the delta alone, or `out` += delta
-    (returned); saved = (h, mask, z, g_task, g_rows, a_cat, b_cat, dense) for backward_call."""
-    S, K, r = _sizes(gates, shared_a, task_a)
-    C, T = shared_a.shape[0], task_a.shape[0]
+    (returned); saved for backward_call."""
     if dropout_p > 0 and mask is None:
         mask = _dropout_mask(x, dropout_p)
     h = x if mask is None else x * mask / (1.0 - dropout_p)
-    if use_dense(plan, x, C, T, S, K, r):
+    if use_dense(plan, x, shp):
         a_all, b_all = torch_dense.stack_all_experts(shared_a, shared_b, task_a, task_b)
         if _finite(a_all, b_all):  # else 0 * inf would reach every row: the per-run layout
-            return _dense_forward(h, mask, plan, gates, a_all, b_all, scaling, per_token, C, T, S, r, base, out)
+            return _dense_forward(h, mask, plan, shp, gates, a_all, b_all, scaling, per_token, base, out)
     a_cat, b_cat = stacked_experts(shared_a, shared_b, task_a, task_b, plan.clusters)
     if plan.order is not None:
         h = h[plan.order]
     direct = plan.order is None and _same_dtype(h, base, out)
-    y, z, g_task, g_rows = forward_rows(h, plan, gates, a_cat, b_cat, scaling, per_token, r,
+    y, z, g_task, g_rows = forward_rows(h, plan, gates, a_cat, b_cat, scaling, per_token, shp.r,
                                         base=base if direct else None, out=out if direct else None)
     if not direct:  # gathered rows (or a base / out of another dtype): the delta, put back, then added
-        y = _add_to(y[plan.inverse] if plan.order is not None else y, base, out)
-    return y, (h, mask, z, g_task, g_rows, a_cat, b_cat, False)
+        y = add_to(y[plan.inverse] if plan.order is not None else y, base, out)
+    return y, SavedForward(h, mask, z, g_task, g_rows, a_cat, b_cat, False)
 
 
-def backward_call(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, per_token, dropout_p, needs):
+def backward_call(dy, plan: RowPlan, shp: CGCShapes, saved: SavedForward, gates, scaling, per_token, dropout_p,
+                  needs):
     """The six gradients of forward_call (x, gates, shared_a, shared_b, task_a, task_b) in caller
-    order, None where not needed; base's gradient is dy itself."""
-    if saved[-1]:
-        dh, dg, dsa, dsb, dta, dtb = _dense_backward(dy, plan, saved, gates, shared_a, task_a, scaling,
-                                                     per_token, needs)
-        mask = saved[1]
+    order, None where not needed; base's gradient is dy itself. needs = [x, gates, A (both sides),
+    B (both sides)]."""
+    mask = saved.mask
+    if saved.dense:
+        dh, dg, dsa, dsb, dta, dtb = _dense_backward(dy, plan, shp, saved, gates, scaling, per_token, needs)
     else:
-        h, mask, z, g_task, g_rows, a_cat, b_cat, _ = saved
-        S, K, r = _sizes(gates, shared_a, task_a)
-        dy = dy.to(h.dtype)
+        dy = dy.to(saved.h.dtype)
         if plan.order is not None:
             dy = dy[plan.order]
         dh, dg, dsa, dsb, dta, dtb = backward_rows(
-            dy.contiguous(), h, plan, gates, a_cat, b_cat, z, g_task, g_rows, scaling, per_token, S, r,
-            plan.clusters, shared_a.shape[0], *needs)
+            dy.contiguous(), saved.h, plan, gates, saved.a, saved.b, saved.z, saved.g_task, saved.g_rows,
+            scaling, per_token, shp.S, shp.r, plan.clusters, shp.C, *needs)
         if plan.order is not None:
             dh = dh[plan.inverse] if dh is not None else None
             dg = dg[plan.inverse] if dg is not None and per_token else dg
@@ -351,138 +360,14 @@ def backward_call(dy, plan: RowPlan, saved, gates, shared_a, task_a, scaling, pe
     return dh, dg, dsa, dsb, dta, dtb
 
 
-class _TorchCGCLoRA(torch.autograd.Function):
-    """Eager autograd for the backend: forward_call (base + delta when a base is given), and
-    backward_call as its hand-written backward."""
-
-    @staticmethod
-    def forward(ctx, x, gates, shared_a, shared_b, task_a, task_b, base, plan, scaling, per_token, dropout_p):
-        y, (*saved, dense) = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling,
-                                          per_token, dropout_p, base=base)
-        ctx.plan, ctx.scaling, ctx.per_token, ctx.dropout_p, ctx.dense = plan, scaling, per_token, dropout_p, dense
-        ctx.has = [t is not None for t in saved]
-        ctx.save_for_backward(gates, shared_a, task_a, *[t for t in saved if t is not None])
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        gates, shared_a, task_a, *rest = ctx.saved_tensors
-        it = iter(rest)
-        saved = [next(it) if has else None for has in ctx.has] + [ctx.dense]
-        n_x, n_g, n_sa, n_sb, n_ta, n_tb, n_base = ctx.needs_input_grad[:7]
-        needs = (n_x, n_g, n_sa or n_ta, n_sb or n_tb)
-        dx, dg, dsa, dsb, dta, dtb = backward_call(dy, ctx.plan, saved, gates, shared_a, task_a, ctx.scaling,
-                                                   ctx.per_token, ctx.dropout_p, needs)
-        pick = lambda g, need: g if need else None
-        return (pick(dx, n_x), pick(dg, n_g), pick(dsa, n_sa), pick(dsb, n_sb), pick(dta, n_ta),
-                pick(dtb, n_tb), dy if n_base else None, None, None, None, None)
-
-
-# ---- custom ops: the same functions, opaque to torch.compile ----------------------------------
-
-Tensor = torch.Tensor
-
-
-def _op_plan(ids: Tensor, task_cluster: Tensor | None) -> RowPlan:
-    return plan_rows(ids, None, None if task_cluster is None else task_cluster.tolist())
-
-
-@torch.library.custom_op("cgc_kernels::torch_fwd", mutates_args=())
-def _torch_fwd(x: Tensor, ids: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor, task_a: Tensor,
-               task_b: Tensor, task_cluster: Tensor | None, scaling: float, per_token_gates: bool,
-               dropout_p: float) -> tuple[Tensor, Tensor]:
-    """(y [M, d_out], keep-mask [M, d_in] bool, empty without dropout)."""
-    plan = _op_plan(ids, task_cluster)
-    y, (_, mask, *_) = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling,
-                                    per_token_gates, dropout_p)
-    return y, mask if mask is not None else x.new_empty(0, dtype=torch.bool)
-
-
-@_torch_fwd.register_fake
-def _(x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, scaling, per_token_gates, dropout_p):
-    mask = x.new_empty(x.shape, dtype=torch.bool) if dropout_p > 0 else x.new_empty(0, dtype=torch.bool)
-    return x.new_empty(x.shape[0], task_b.shape[1]), mask
-
-
-@torch.library.custom_op("cgc_kernels::torch_bwd", mutates_args=())
-def _torch_bwd(dy: Tensor, x: Tensor, ids: Tensor, gates: Tensor, shared_a: Tensor, shared_b: Tensor,
-               task_a: Tensor, task_b: Tensor, task_cluster: Tensor | None, mask: Tensor, scaling: float,
-               per_token_gates: bool, dropout_p: float, needs: list[bool]) -> list[Tensor]:
-    """[dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b]; an unneeded one is an empty tensor.
-    The forward is recomputed from x and the mask (the compiled graph saves only its inputs)."""
-    plan = _op_plan(ids, task_cluster)
-    _, saved = forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token_gates,
-                            dropout_p, mask=mask if dropout_p > 0 else None)
-    grads = backward_call(dy, plan, saved, gates, shared_a, task_a, scaling, per_token_gates, dropout_p, needs)
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-@_torch_bwd.register_fake
-def _(dy, x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, mask, scaling, per_token_gates,
-      dropout_p, needs):
-    need_x, need_g, need_a, need_b = needs
-    like = lambda t, need: torch.empty_like(t) if need else x.new_empty(0)
-    return [like(x, need_x), like(gates, need_g), like(shared_a, need_a), like(shared_b, need_b),
-            like(task_a, need_a), like(task_b, need_b)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, scaling, per_token, dropout_p = inputs
-    ctx.save_for_backward(x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, output[1])
-    ctx.scaling, ctx.per_token, ctx.dropout_p = scaling, per_token, dropout_p
-
-
-def _backward(ctx, dy, _dmask):
-    x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, mask = ctx.saved_tensors
-    n_x, _, n_g, n_sa, n_sb, n_ta, n_tb = ctx.needs_input_grad[:7]
-    needs = [n_x, n_g, n_sa or n_ta, n_sb or n_tb]
-    rest = (None,) * 4  # task_cluster, scaling, per_token_gates, dropout_p
-    if not any(needs):
-        return (None,) * 7 + rest
-    dx, dg, dsa, dsb, dta, dtb = torch.ops.cgc_kernels.torch_bwd(
-        dy, x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster, mask, ctx.scaling, ctx.per_token,
-        ctx.dropout_p, needs)
-    pick = lambda g, need: g if need else None
-    return (pick(dx, n_x), None, pick(dg, n_g), pick(dsa, n_sa), pick(dsb, n_sb), pick(dta, n_ta),
-            pick(dtb, n_tb), *rest)
-
-
-_torch_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---- entry point ---------------------------------------------------------------------------------
-
-def cgc_lora_torch(x, task_ids: torch.Tensor | TaskRouting, gates, shared_a, shared_b, task_a, task_b,
-                   scaling: float, *, task_cluster: torch.Tensor | None, per_token_gates: bool,
-                   dropout_p: float, base: torch.Tensor | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """The delta [M, d_out] for checked arguments (dispatch.py validates); base + delta with
-    `base` (differentiable in base), or `out` += delta in place (returns out). A TaskRouting
-    carries the row plan across layers (built by the first, reused by the rest) and, from CGCModel,
-    the ids on the host, so no layer copies ids from a device."""
+def plan_for(task_ids: torch.Tensor | TaskRouting, ids: torch.Tensor, task_cluster: torch.Tensor | None) -> RowPlan:
+    """The RowPlan of a call: one per routing, or per plain id tensor (kept in its cache), so the
+    layers of one forward share it; a routing from CGCModel carries the ids on the host, so no id
+    is copied from a device."""
     routing = task_ids if isinstance(task_ids, TaskRouting) else None
-    ids = (routing.task_ids if routing is not None else task_ids).to(torch.int64)
-    if torch.compiler.is_compiling():
-        y, _ = torch.ops.cgc_kernels.torch_fwd(x, ids, gates, shared_a, shared_b, task_a, task_b, task_cluster,
-                                               float(scaling), bool(per_token_gates), float(dropout_p))
-        if out is not None:
-            return out.add_(y.to(out.dtype))
-        return y if base is None else base + y.to(base.dtype)
-    host_cluster = None if task_cluster is None else tuple(task_cluster.tolist())
-    if routing is None:
-        plan = plan_rows(ids, None, host_cluster)
-    else:
-        key = ("torch_backend.plan", host_cluster)
-        plan = routing.cache.get(key)
-        if plan is None:
-            plan = routing.cache[key] = plan_rows(ids, routing.host_task_ids, host_cluster)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gates, shared_a, shared_b, task_a, task_b, base) if t is not None)
-    if not needs_grad:
-        return forward_call(x, plan, gates, shared_a, shared_b, task_a, task_b, scaling, per_token_gates,
-                            dropout_p, base=base, out=out)[0]
-    if out is not None:  # in place under autograd: the delta through the Function, then added
-        return out.add_(_TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, None, plan,
-                                            float(scaling), bool(per_token_gates), float(dropout_p)).to(out.dtype))
-    return _TorchCGCLoRA.apply(x, gates, shared_a, shared_b, task_a, task_b, base, plan, float(scaling),
-                               bool(per_token_gates), float(dropout_p))
+    host_cluster = None if task_cluster is None else host_list(task_cluster)
+    cache = routing.cache if routing is not None else tensor_cache(task_ids)
+    key = ("torch_backend.plan", host_cluster)
+    if key not in cache:
+        cache[key] = plan_rows(ids, routing.host_task_ids if routing is not None else None, host_cluster)
+    return cache[key]

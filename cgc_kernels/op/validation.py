@@ -1,15 +1,16 @@
 """Argument checks shared by every backend of `cgc_lora`: bad input fails here, before any kernel.
 
-`check_cgc_lora_args` returns the problem's sizes (`CGCShapes`) so callers never re-derive them.
+`check_call` (`check_cgc_lora_args`) returns the problem's sizes (`CGCShapes`) so callers never re-derive them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .routing import TaskRouting, check_task_ids
+from .routing import TaskRouting, check_task_ids, checked_once
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -32,6 +33,23 @@ class CGCShapes:
         return self.S + self.K
 
 
+def shapes_of(x: torch.Tensor, gates: torch.Tensor, shared_a: torch.Tensor, task_a: torch.Tensor,
+              task_b: torch.Tensor) -> CGCShapes:
+    """The sizes of a call whose arguments are already checked (the one place S, K and r are
+    derived from the stacked ranks: check_cgc_lora_args returns this, custom ops that get only
+    tensors call it)."""
+    C, Sr, d_in = shared_a.shape
+    T, Kr = task_a.shape[0], task_a.shape[1]
+    r = (Sr + Kr) // gates.shape[1]
+    return CGCShapes(M=x.shape[0], d_in=d_in, d_out=task_b.shape[1], T=T, C=C, S=Sr // r, K=Kr // r, r=r)
+
+
+def _check_clusters(task_cluster: torch.Tensor, C: int) -> None:
+    lo, hi = (int(v) for v in torch.aminmax(task_cluster))
+    if lo < 0 or hi >= C:
+        raise ValueError(f"task_cluster values must lie in [0, {C}) (clusters in shared_a)")
+
+
 def _tensor(name: str, t, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,26 +58,37 @@ def _tensor(name: str, t, ndim: int) -> torch.Tensor:
     return t
 
 
-def check_cgc_lora_args(
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    out: torch.Tensor | None = None,
-) -> CGCShapes:
+class CGCCall(NamedTuple):
+    """The arguments of one `cgc_lora` call, named (dispatch.py passes them as one bundle)."""
+
+    x: torch.Tensor
+    task_ids: torch.Tensor | TaskRouting
+    gates: torch.Tensor
+    shared_a: torch.Tensor
+    shared_b: torch.Tensor
+    task_a: torch.Tensor
+    task_b: torch.Tensor
+    scaling: float
+    task_cluster: torch.Tensor | None = None
+    per_token_gates: bool = False
+    dropout_p: float = 0.0
+    out: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+
+
+def check_cgc_lora_args(*args, **kwargs) -> CGCShapes:
+    """check_call(CGCCall(*args, **kwargs)): the op's arguments as `cgc_lora` takes them."""
+    return check_call(CGCCall(*args, **kwargs))
+
+
+def check_call(call: CGCCall) -> CGCShapes:
     """Validate a `cgc_lora` call (shapes, dtypes, devices, task ids) and return its sizes.
 
     Raises ValueError naming the offending argument. Task ids are range-checked unless a
-    `TaskRouting` (already checked) is passed.
+    `TaskRouting` (already checked) is passed. `base` is checked by the caller (dispatch.py).
     """
+    x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, task_cluster, per_token_gates, dropout_p, \
+        out, _ = call
     _tensor("x", x, 2)
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
@@ -110,7 +139,6 @@ def check_cgc_lora_args(
             f"gates has {E} columns but shared rank {Sr} and task rank {Kr} do not split into "
             f"S + K = {E} experts of one rank"
         )
-    S, K = Sr // r, Kr // r
 
     ids = task_ids.task_ids if isinstance(task_ids, TaskRouting) else task_ids
     named = [("task_ids", ids), ("gates", gates), ("shared_a", shared_a), ("shared_b", shared_b),
@@ -133,8 +161,8 @@ def check_cgc_lora_args(
             raise ValueError(f"routing covers {task_ids.num_rows} tokens but x has {M} rows")
         if task_ids.num_tasks != T:
             raise ValueError(f"routing was built for {task_ids.num_tasks} tasks but task_a has {T}")
-    else:
-        check_task_ids(task_ids, T, num_rows=M)
+    else:  # once per id tensor, not once per layer that receives it
+        checked_once(task_ids, ("task_ids", T, M), lambda: check_task_ids(task_ids, T, num_rows=M))
 
     if task_cluster is None:
         if C != 1:
@@ -145,14 +173,13 @@ def check_cgc_lora_args(
             raise ValueError(f"task_cluster must be an integer tensor, got {task_cluster.dtype}")
         if task_cluster.shape[0] != T:
             raise ValueError(f"task_cluster must be [T] = [{T}], got {tuple(task_cluster.shape)}")
-        # A routing's owner built task_cluster itself; re-checking would sync the host per layer.
-        checked = isinstance(task_ids, TaskRouting)
-        if not checked and (int(task_cluster.min()) < 0 or int(task_cluster.max()) >= C):
-            raise ValueError(f"task_cluster values must lie in [0, {C}) (clusters in shared_a)")
+        # A routing's owner built task_cluster itself; other callers' is checked once per tensor.
+        if not isinstance(task_ids, TaskRouting):
+            checked_once(task_cluster, ("task_cluster", C), lambda: _check_clusters(task_cluster, C))
 
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
         raise ValueError(f"scaling must be a Python float, got {type(scaling).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
 
-    return CGCShapes(M=M, d_in=d_in, d_out=d_out, T=T, C=C, S=S, K=K, r=r)
+    return shapes_of(x, gates, shared_a, task_a, task_b)
