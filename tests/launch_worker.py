@@ -1,16 +1,18 @@
-"""The `cgc-lora train` command and a CGCTrainer script in one process, for tests/test_distributed_launch.py.
+"""The `cgc-lora train` command, a CGCTrainer script and a CGCSFTTrainer (TRL) script in one
+process, for tests/test_distributed_launch.py.
 
     accelerate launch --config_file ddp.yaml tests/launch_shim.py tests/launch_worker.py \
         --data rows.jsonl --out DIR --batch-size 4 --report report.json
 
 Run under a launcher (each rank runs this), or imported by the test for the single-process runs
-at twice the batch. It writes DIR/cmd (the command's output) and DIR/trainer (CGCTrainer's
-save_model after 2 steps), and rank 0 writes a JSON report: the world size the Trainer saw, and
-under FSDP2 which modules were sharded on their own and whether the adapter was sharded.
+at twice the batch. It writes DIR/cmd (the command's output), DIR/trainer and DIR/sft (CGCTrainer's
+and CGCSFTTrainer's save_model after 2 steps), and rank 0 writes a JSON report: the world size the
+Trainers saw, and under FSDP2 which modules were sharded on their own and whether the adapter
+was sharded.
 
-The CGCTrainer script is what a user writes: a seeded CGCModel over a float64 base (float64
-experts, float32 gates: FSDP2 must put the gates in groups of their own, or it refuses the mixed
-dtypes), trained and saved with no distributed code.
+The CGCTrainer and CGCSFTTrainer scripts are what a user writes: a seeded CGCModel over a float64
+base (float64 experts, float32 gates: FSDP2 must put the gates in groups of their own, or it
+refuses the mixed dtypes), trained and saved with no distributed code.
 """
 
 from __future__ import annotations

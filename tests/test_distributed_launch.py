@@ -1,9 +1,9 @@
-"""The `cgc-lora train` command and CGCTrainer the way users scale out: 2 CPU processes (gloo) under
-`accelerate launch` (DDP and FSDP2 configs, written here with `use_cpu: true`; DeepSpeed ZeRO-2 and
-ZeRO-3 where deepspeed is installed) and `torchrun`.
+"""The `cgc-lora train` command, CGCTrainer and TRL's SFTTrainer (CGCSFTTrainer) the way users
+scale out: 2 CPU processes (gloo) under `accelerate launch` (DDP and FSDP2 configs, written here
+with `use_cpu: true`; DeepSpeed ZeRO-2 and ZeRO-3 where deepspeed is installed) and `torchrun`.
 
-Each launch runs tests/launch_worker.py (the command, then a CGCTrainer script with no distributed
-code) or the command itself, through tests/launch_shim.py, which records which rank saves an
+Each launch runs tests/launch_worker.py (the command, then a CGCTrainer script and a CGCSFTTrainer
+script with no distributed code) or the command itself, through tests/launch_shim.py, which records which rank saves an
 adapter or commits an output folder, and lets accelerate's FSDP config run on CPU processes (see
 there). Checked against the same runs in this one process at twice the per-device batch:
 
@@ -41,7 +41,8 @@ SCRIPTS = {"trainer": train_cgctrainer, "sft": train_sft}  # the user scripts th
 BATCH = 4  # per process; the single-process runs take 2 x BATCH
 # Two AdamW steps: the all-reduce sums gradients in another order than one process does, and Adam
 # divides each gradient by its own running size, so a rounding difference in a near-zero gradient
-# grows to ~1e-9 of a float64 weight (measured up to 3.7e-9); float32 runs: up to 5.7e-7. Without
+# grows to ~1e-9 of a float64 weight (measured up to 3.7e-9; CGCSFTTrainer: 6.1e-8, TRL scores the
+# labels in float32 whatever the model's dtype); float32 runs: up to 5.7e-7. Without
 # the same initial experts on every launch the adapters differed by 0.35.
 TOLERANCE = {torch.float64: dict(atol=5e-8, rtol=1e-6), torch.float32: TOLERANCES[torch.float32]}
 
