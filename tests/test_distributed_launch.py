@@ -1,9 +1,9 @@
-"""The `cgc-lora train` command and CGCTrainer the way users scale out: 2 CPU processes (gloo) under
-`accelerate launch` (DDP and FSDP2 configs, written here with `use_cpu: true`; DeepSpeed ZeRO-2 and
-ZeRO-3 where deepspeed is installed) and `torchrun`.
+"""The `cgc-lora train` command, CGCTrainer and TRL's SFTTrainer (CGCSFTTrainer) the way users
+scale out: 2 CPU processes (gloo) under `accelerate launch` (DDP and FSDP2 configs, written here
+with `use_cpu: true`; DeepSpeed ZeRO-2 and ZeRO-3 where deepspeed is installed) and `torchrun`.
 
-Each launch runs tests/launch_worker.py (the command, then a CGCTrainer script with no distributed
-code) or the command itself, through tests/launch_shim.py, which records which rank saves an
+Each launch runs tests/launch_worker.py (the command, then a CGCTrainer script and a CGCSFTTrainer
+script with no distributed code) or the command itself, through tests/launch_shim.py, which records which rank saves an
 adapter or commits an output folder, and lets accelerate's FSDP config run on CPU processes (see
 there). Checked against the same runs in this one process at twice the per-device batch:
 
@@ -31,16 +31,18 @@ import torch.distributed as dist
 from cgc_kernels.cli import main
 from cgc_kernels.data import demo_tasks
 from tests.cases import TOLERANCES
-from tests.launch_worker import command_argv, train_cgctrainer
+from tests.launch_worker import STEPS, command_argv, train_cgctrainer, train_sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIM = os.path.join(ROOT, "tests", "launch_shim.py")
 WORKER = os.path.join(ROOT, "tests", "launch_worker.py")
 TIMEOUT_S = 400
+SCRIPTS = {"trainer": train_cgctrainer, "sft": train_sft}  # the user scripts the worker runs after the command
 BATCH = 4  # per process; the single-process runs take 2 x BATCH
 # Two AdamW steps: the all-reduce sums gradients in another order than one process does, and Adam
 # divides each gradient by its own running size, so a rounding difference in a near-zero gradient
-# grows to ~1e-9 of a float64 weight (measured up to 3.7e-9); float32 runs: up to 5.7e-7. Without
+# grows to ~1e-9 of a float64 weight (measured up to 3.7e-9; CGCSFTTrainer: 6.1e-8, TRL scores the
+# labels in float32 whatever the model's dtype); float32 runs: up to 5.7e-7. Without
 # the same initial experts on every launch the adapters differed by 0.35.
 TOLERANCE = {torch.float64: dict(atol=5e-8, rtol=1e-6), torch.float32: TOLERANCES[torch.float32]}
 
@@ -149,9 +151,9 @@ def runs(tmp_path_factory):
     data.write_text("".join(line for t in sorted(by_task)[:2] for line in by_task[t][:8]))
     single = tmp / "single"
     assert main(command_argv(str(data), str(single / "cmd"), 2 * BATCH)) == 0
-    train_cgctrainer(str(data), str(single / "trainer"), 2 * BATCH)
-    if DEEPSPEED:
-        train_cgctrainer(str(data), str(single / "trainer_float32"), 2 * BATCH, "float32")
+    for dtype in ("float64", "float32") if DEEPSPEED else ("float64",):
+        for part, train in SCRIPTS.items():
+            train(str(data), str(single / f"{part}_{dtype}"), 2 * BATCH, dtype)
     out = {"tmp": tmp, "data": data, "single": single}
     for engine in ENGINES:
         report = tmp / f"{engine}.json"
@@ -170,15 +172,17 @@ def test_two_processes_train_the_single_process_adapter_with_one_writer(runs, en
     assert run["report"]["command_rc"] == 0 and run["report"]["world_size"] == 2, run["report"]
     assert run["report"]["fsdp"] == (engine == "fsdp2")
     assert run["report"]["deepspeed"] == engine.startswith("zero")
-    reference = {"cmd": "cmd", "trainer": "trainer" if trainer_dtype(engine) == "float64" else "trainer_float32"}
-    for part in ("cmd", "trainer"):
-        diff = largest_difference(tmp / engine / part, runs["single"] / reference[part])
+    assert run["report"]["sft_world_size"] == 2 and run["report"]["sft_fsdp"] == (engine == "fsdp2"), run["report"]
+    reference = {"cmd": "cmd", **{part: f"{part}_{trainer_dtype(engine)}" for part in SCRIPTS}}
+    for part, want in reference.items():
+        diff = largest_difference(tmp / engine / part, runs["single"] / want)
         print(f"{engine} {part}: largest difference from the single-process adapter {diff:.3g}")
     ranks = writer_ranks(run["writes"], tmp / engine / "cmd")
     assert ranks == {"save": {"0"}, "commit": {"0"}}, run["writes"]
     assert sum(line.endswith(os.sep + "cmd") and " commit " in line for line in run["writes"]) == 1
-    trainer_saves = {line.split()[0] for line in run["writes"] if f"{os.sep}trainer" in line}
-    assert trainer_saves == {"0"}, run["writes"]  # CGCTrainer: checkpoints and save_model
+    for part in SCRIPTS:  # CGCTrainer, CGCSFTTrainer: checkpoints and save_model
+        saves = [line.split()[0] for line in run["writes"] if f"{os.sep}{engine}{os.sep}{part}" in line]
+        assert set(saves) == {"0"} and len(saves) == 1 + STEPS, run["writes"]
     # the per-rank files transformers writes went into the one staging folder, now the output
     assert sorted(os.listdir(tmp / engine / "cmd" / "checkpoints" / "checkpoint-1")).count("rng_state_1.pth") == 1
 
