@@ -109,7 +109,7 @@ def test_report_writes_png_and_csv_matching_gate_weights(tmp_path, capsys):
         assert f"{split[t]['shared']:6.3f}" in line and f"{split[t]['specific']:8.3f}" in line
 
 
-def test_inspect_command(tmp_path, capsys):
+def test_cmd_inspect(tmp_path, capsys):
     cgc = make_cgc()
     adapter, report = tmp_path / "adapter", tmp_path / "report"
     cgc.save_pretrained(adapter)

@@ -16,9 +16,9 @@ from .common import log, model_spec
 from .output import check_output, staged_output
 
 
-def add_cluster_command(sub) -> None:
-    """`cgc-lora cluster`: measure task affinity on a model and write a clusters file."""
-    p = sub.add_parser("cluster", help="group the tasks of a data file into N clusters (task affinity)")
+def register(subparsers) -> None:
+    """`cgc-lora cluster`: its parser, run by cmd_cluster (task affinity, then a clusters file)."""
+    p = subparsers.add_parser("cluster", help="group the tasks of a data file into N clusters (task affinity)")
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")

@@ -19,20 +19,6 @@ def log(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def positive_ratio(text: str) -> float:
-    """argparse type of --gate-lr-ratio: a finite number >= 0."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 # ---- shared steps ------------------------------------------------------------------------------
 def model_spec(args) -> str | None:
     if getattr(args, "tiny", False):

@@ -27,9 +27,10 @@ from .common import log, model_spec
 from .output import check_output, staged_output
 
 
-def add_compare_command(sub) -> None:
-    """`cgc-lora compare`: shared LoRA vs per-task LoRA vs MOELoRA vs CGC-LoRA at equal parameters."""
-    p = sub.add_parser("compare", help="shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at equal trainable "
+def register(subparsers) -> None:
+    """`cgc-lora compare`: its parser, run by cmd_compare (shared vs per-task LoRA vs MOELoRA vs
+    CGC-LoRA at equal parameters)."""
+    p = subparsers.add_parser("compare", help="shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at equal trainable "
                                        "parameters: held-out scores, seesaw, table and plot")
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")

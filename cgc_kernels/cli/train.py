@@ -9,8 +9,59 @@ import os
 
 from ..data.reader import UserError
 from ..multitask.models import TINY_MODEL
+from .arguments import (
+    add_cgc_args,
+    add_model_args,
+    add_overwrite,
+    max_length,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from .common import base_dtype, cgc_config_from_args, dtype_name, log, model_spec, save_trained, wrap
 from .output import staged_output
+
+
+def register(subparsers) -> None:
+    """`cgc-lora train`: its parser, run by cmd_train."""
+    p = subparsers.add_parser("train", help="fine-tune CGC-LoRA on a JSONL file of {task, prompt, response} rows")
+    add_model_args(p, default_help="the demo's SmolLM2-135M-Instruct")
+    p.add_argument("--data", required=True, help="training rows, JSONL {task, prompt, response}")
+    p.add_argument("--eval-data", help="held-out rows: exact-match accuracy per task before and after "
+                                       "(default: no evaluation)")
+    p.add_argument("--out", required=True, help="output directory (adapter, tokenizer, checkpoints/)")
+    add_overwrite(p)
+    p.add_argument("--clusters", help="JSON file {task: cluster}: one shared-expert group per cluster, 1+N "
+                                      "(default: one cluster of every task)")
+    add_cgc_args(p)
+    g = p.add_argument_group("CGC-LoRA, more")
+    g.add_argument("--dropout", type=probability, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--gate", choices=("task", "token"), default="task",
+                   help="task: one softmax per task (mergeable); token: per token (cannot be exported)")
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
+                   help="a gate per adapted layer, or one for the whole model")
+    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
+                   help="task gate logits from a learned task embedding of this size (default: free logits)")
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
+                   help="uniform: every task starts from an even mixture; random: MOELoRA's random "
+                        "task-embedding gate (needs --gate-embedding-dim)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=positive_int, help="optimizer steps (default: --epochs over the data)")
+    t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data, when --steps is not given")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="rows per device step")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps")
+    t.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=6, help="linear warm-up steps")
+    t.add_argument("--max-length", type=max_length, default=256,
+                   help="tokens per row, prompt + response (a long prompt keeps its end)")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a CUDA device with bfloat16)")
+    t.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
+    t.add_argument("--save-steps", type=positive_int, default=500, help="checkpoint every N steps (the last 2 kept)")
+    t.add_argument("--resume", help="resume from a checkpoint directory of an earlier run (default: a fresh start)")
+    t.add_argument("--seed", type=non_negative_int, default=0, help="seed of the adapter's init and the data order")
+    t.add_argument("--system", help="system prompt for the chat template (default: none)")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
