@@ -73,6 +73,14 @@ def probability(text: str) -> float:
     return value
 
 
+def top_p(text: str) -> float:
+    """A nucleus-sampling mass: in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 # Room for a chat-templated prompt and a response of at least a token: the command also checks,
 # once the tokenizer is loaded, that the template itself leaves room (train.py).
 MIN_MAX_LENGTH = 8

@@ -1,4 +1,8 @@
-"""`cgc-lora generate`: answer JSONL {task, prompt} rows with a trained adapter, batched across tasks."""
+"""`cgc-lora generate`: answer JSONL {task, prompt} rows with a trained adapter, batched across tasks.
+
+With --output, each batch's answers are appended to the file as soon as they exist, one JSON line
+per input row in the input's order: an interrupted run keeps what it wrote, and `--resume` answers
+only the rows after the last complete line (checking that those lines answer the same rows)."""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import json
 import os
 import sys
 
+from ..data.reader import UserError
 from ..multitask.models import DTYPES
-from .arguments import WEIGHT_DTYPES, add_overwrite, positive_int
+from .arguments import WEIGHT_DTYPES, add_overwrite, non_negative_float, non_negative_int, positive_int, top_p
 from .common import dtype_name, load_trained, log, read_meta
-from .output import check_output, staged_output
+from .output import check_output
 
 
 def register(subparsers) -> None:
@@ -17,9 +22,17 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="answer JSONL {task, prompt} rows, batched across tasks")
     p.add_argument("dir", help="a directory written by `cgc-lora train` (or the demo's adapter/)")
     p.add_argument("--input", required=True, help="rows, JSONL {task, prompt}")
-    p.add_argument("--output", help="JSONL file to write (default: stdout)")
+    p.add_argument("--output", help="JSONL file to write, a line appended per row as each batch finishes "
+                                    "(default: stdout)")
     add_overwrite(p)
-    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="greedy tokens per answer, at most")
+    p.add_argument("--resume", action="store_true",
+                   help="--output already holds the answers to the first rows (an interrupted run): answer "
+                        "the rest and append them")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="new tokens per answer, at most")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="sampling temperature; 0: greedy (the default, deterministic)")
+    p.add_argument("--top-p", type=top_p, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling (with --temperature > 0)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="rows per generate call, tasks mixed")
     p.add_argument("--model", help="the base model, if not the one recorded in DIR (default: DIR's recorded base)")
     p.add_argument("--dtype", choices=("trained", *WEIGHT_DTYPES), default="trained",
@@ -29,29 +42,94 @@ def register(subparsers) -> None:
 
 
 def cmd_generate(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
     from ..data.reader import check_tasks, read_jsonl
     from ..multitask.recipe import generate_answers
 
     rows = read_jsonl(args.input, need_response=False)
     meta = read_meta(args.dir)
     check_tasks(rows, meta["tasks"], args.input)
-    if args.output:  # refuse a bad --output before the model loads
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
-                     option="--output")
+    done = _check_destination(args, rows)  # before the model loads
+    if done == len(rows):
+        log(f"all {len(rows)} rows of {args.input} are already answered in {args.output}")
+        return 0
     dtype = None if args.dtype == "trained" else DTYPES[args.dtype]
     cgc, tokenizer = load_trained(args.dir, meta, args.model, dtype=dtype)
     # stderr: without --output, stdout carries the answers alone
     print(f"base model in {dtype_name(cgc.dtype)} ({'as trained' if dtype is None else '--dtype'})",
           file=sys.stderr, flush=True)
-    answers = generate_answers(cgc, tokenizer, rows, list(cgc.tasks), system=meta.get("system"),
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    lines = [json.dumps(dict(r, output=a), ensure_ascii=False) for r, a in zip(rows, answers, strict=True)]
+    torch.manual_seed(args.seed)
+    sink = open(args.output, "a" if done else "w", encoding="utf-8") if args.output else sys.stdout
+    bar = tqdm(total=len(rows), initial=done, desc="generating", unit="row", file=sys.stderr)
+    written = done
+    try:
+        for s in range(done, len(rows), args.batch_size):
+            chunk = rows[s:s + args.batch_size]
+            answers = generate_answers(cgc, tokenizer, chunk, list(cgc.tasks), system=meta.get("system"),
+                                       max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
+                                       temperature=args.temperature, top_p=args.top_p)
+            sink.write("".join(json.dumps(dict(r, output=a), ensure_ascii=False) + "\n"
+                               for r, a in zip(chunk, answers, strict=True)))
+            sink.flush()
+            written += len(chunk)
+            bar.update(len(chunk))
+    except KeyboardInterrupt:
+        bar.close()
+        if args.output:
+            print(f"cgc-lora: {written} of {len(rows)} answers are in {args.output}; add --resume to the same "
+                  f"command to answer the rest", file=sys.stderr, flush=True)
+        raise
+    finally:
+        bar.close()
+        if sink is not sys.stdout:
+            sink.close()
     if args.output:
-        with staged_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
-                           option="--output") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        log(f"{len(lines)} answers written to {os.path.abspath(args.output)}")
-    else:
-        for line in lines:
-            print(line)
+        log(f"{len(rows)} answers in {os.path.abspath(args.output)}"
+            + (f" ({len(rows) - done} new)" if done else ""))
     return 0
+
+
+def _check_destination(args, rows: list[dict]) -> int:
+    """How many rows --output already answers (0 unless --resume); UserError for an output that
+    must not be written."""
+    if not args.output:
+        if args.resume:
+            raise UserError("--resume needs --output (the file an interrupted run wrote)")
+        return 0
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if not (args.resume and os.path.isfile(args.output)):
+        check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
+                     option="--output")
+        return 0
+    check_output(args.output, overwrite=True, inputs=[args.input, args.dir], kind="file", option="--output")
+    return _answered(args.output, rows, args.input)
+
+
+def _answered(path: str, rows: list[dict], input_path: str) -> int:
+    """The number of complete answer lines at the start of `path`, each checked against the input
+    row it answers; a last line cut off mid-write is removed from the file."""
+    keep, count = 0, 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the run stopped while writing it
+            try:
+                line = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{path}:{count + 1}: not a JSON line; --resume needs a file generate wrote") from None
+            if count >= len(rows):
+                raise UserError(f"{path} holds more lines than {input_path} has rows; is it another input's output?")
+            row = rows[count]
+            if not isinstance(line, dict) or "output" not in line or any(line.get(k) != row[k]
+                                                                         for k in ("task", "prompt")):
+                raise UserError(f"{path}:{count + 1} does not answer row {count + 1} of {input_path}; "
+                                f"is it another input's output?")
+            keep += len(raw)
+            count += 1
+    if keep != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return count
