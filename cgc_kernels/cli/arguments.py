@@ -116,7 +116,9 @@ def target_modules(text: str) -> str:
 
 
 def split_targets(text: str) -> str | list[str]:
-    """What CGCLoRAConfig.target_modules takes: a regex string or a list of names."""
+    """What CGCLoRAConfig.target_modules takes: a regex string, "all-linear", or a list of names."""
+    if text.strip() == "all-linear":
+        return "all-linear"
     return text[3:] if text.startswith("re:") else [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -178,7 +180,8 @@ def add_cgc_args(p) -> None:
     g.add_argument("--rank", type=positive_int, default=8, help="rank of one expert")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling = alpha / rank")
     g.add_argument("--target-modules", type=target_modules, default=DEFAULT_TARGETS,
-                   help="comma-separated module names, or re:REGEX")
+                   help="comma-separated module names, all-linear (every linear layer but the output head), "
+                        "or re:REGEX")
     g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
                    help="the gates' learning rate over the experts' (their own optimizer group, like "
                         "LoRA+ for B; 0 freezes the gates)")

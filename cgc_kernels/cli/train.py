@@ -58,7 +58,14 @@ def register(subparsers) -> None:
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast (a CUDA device with bfloat16)")
     t.add_argument("--logging-steps", type=positive_int, default=10, help="log the loss every N steps")
     t.add_argument("--save-steps", type=positive_int, default=500, help="checkpoint every N steps (the last 2 kept)")
-    t.add_argument("--resume", help="resume from a checkpoint directory of an earlier run (default: a fresh start)")
+    t.add_argument("--resume", help="resume from the latest checkpoint of an earlier run: its --out folder, its "
+                                    "checkpoints/ folder, an OUT.interrupted-* folder, or one checkpoint-N "
+                                    "(default: a fresh start)")
+    t.add_argument("--eval-steps", type=positive_int, default=None,
+                   help="with --eval-data: the loss of each task's held-out rows every N steps (default: none)")
+    t.add_argument("--report-to", default="none",
+                   help="where transformers sends the logs: none, all, or comma-separated integrations "
+                        "(tensorboard, wandb, mlflow, ...; each needs its package)")
     t.add_argument("--seed", type=non_negative_int, default=0, help="seed of the adapter's init and the data order")
     t.add_argument("--system", help="system prompt for the chat template (default: none)")
     p.set_defaults(func=cmd_train)
@@ -78,22 +85,26 @@ def cmd_train(args) -> int:
     if args.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         raise UserError("--bf16 (autocast) needs a CUDA device with bfloat16; on this machine use --dtype bfloat16 "
                         "(the base in bfloat16, the adapters in float32)")
-    if args.resume and not os.path.isdir(args.resume):
-        raise UserError(f"--resume {args.resume}: no such checkpoint directory")
+    if args.eval_steps and not args.eval_data:
+        raise UserError("--eval-steps needs --eval-data (the held-out rows whose loss it logs)")
+    resume = latest_checkpoint(args.resume) if args.resume else None
     rows = read_jsonl(args.data)
     tasks = tasks_of(rows)
     eval_rows = None
     if args.eval_data:
-        eval_rows = interleave(read_jsonl(args.eval_data))
-        check_tasks(eval_rows, tasks, args.eval_data)
+        eval_rows = read_jsonl(args.eval_data)
+        check_tasks(eval_rows, tasks, args.eval_data)  # before interleaving: the row number is the file's
+        eval_rows = interleave(eval_rows)
     config = cgc_config_from_args(args, tasks)
+    if resume:
+        _check_resume(resume, config, args)
     inputs = [args.data, args.eval_data, args.clusters, args.resume, spec if spec != TINY_MODEL else None]
     with staged_output(args.out, overwrite=args.overwrite, inputs=inputs, keep_on_failure="checkpoints") as staging:
         out = os.path.abspath(args.out)
         dtype, dtype_reason = base_dtype(args, spec)
         log(f"base model in {dtype_name(dtype)} ({dtype_reason})")
         base, tokenizer = load_base(spec, dtype)
-        _check_max_length(tokenizer, args)
+        _check_max_length(tokenizer, args, base.config)
         cgc = wrap(base, config)
         adapters_to_float32(cgc)
         tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
@@ -102,10 +113,12 @@ def cmd_train(args) -> int:
         before = None
         if eval_rows:
             before, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out before")
-        trainer = _make_trainer(cgc, tokenizer, rows, tasks, args, os.path.join(staging, "checkpoints"))
+        trainer = _make_trainer(cgc, tokenizer, rows, tasks, args, os.path.join(staging, "checkpoints"), eval_rows)
         start = gate_snapshot(cgc)
+        if resume:
+            log(f"resuming from {resume}")
         try:
-            trainer.train(resume_from_checkpoint=args.resume or None)
+            trainer.train(resume_from_checkpoint=resume)
         except ResumeError as e:
             raise UserError(str(e)) from None
         if trainer.state.global_step == 0:
@@ -123,9 +136,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _check_max_length(tokenizer, args) -> None:
-    """UserError if --max-length leaves no room for a response once the chat template is applied."""
+def _check_max_length(tokenizer, args, model_config) -> None:
+    """UserError if --max-length exceeds the model's context, or leaves no room for a response once
+    the chat template is applied."""
     from ..multitask.recipe import prompt_text
+
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context and args.max_length > context:
+        raise UserError(f"--max-length {args.max_length} exceeds the model's context of {context} tokens "
+                        f"(max_position_embeddings)")
 
     template = len(tokenizer(prompt_text(tokenizer, "", args.system), add_special_tokens=False).input_ids)
     if args.max_length < template + 2:
@@ -133,7 +152,7 @@ def _check_max_length(tokenizer, args) -> None:
                         f"takes {template} tokens; use at least {template + 2}")
 
 
-def _make_trainer(cgc, tokenizer, rows, tasks, args, checkpoints: str):
+def _make_trainer(cgc, tokenizer, rows, tasks, args, checkpoints: str, eval_rows=None):
     import torch
     from transformers import TrainingArguments
 
@@ -142,20 +161,97 @@ def _make_trainer(cgc, tokenizer, rows, tasks, args, checkpoints: str):
     from ..multitask.recipe import encode_for_trainer
 
     dataset = encode_for_trainer(tokenizer, rows, tasks, args.system, args.max_length)
+    eval_sets, evaluation = None, {}
+    if args.eval_steps:  # one set per task: the Trainer logs eval_<task>_loss for each
+        eval_sets = {t: encode_for_trainer(tokenizer, [r for r in eval_rows if r["task"] == t], tasks, args.system,
+                                           args.max_length) for t in tasks if any(r["task"] == t for r in eval_rows)}
+        evaluation = dict(eval_strategy="steps", eval_steps=args.eval_steps,
+                          per_device_eval_batch_size=args.batch_size)
     targs = _training_arguments(
         TrainingArguments, output_dir=checkpoints, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=0.0,
         max_steps=args.steps or -1, num_train_epochs=args.epochs,
         lr_scheduler_type="cosine", warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_total_limit=2, save_only_model=False, bf16=args.bf16, seed=args.seed,
-        report_to=[], remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
-        dataloader_pin_memory=torch.cuda.is_available(),
+        report_to=_report_to(args.report_to), remove_unused_columns=False, dataloader_num_workers=0,
+        disable_tqdm=False, dataloader_pin_memory=torch.cuda.is_available(), **evaluation,
     )
-    return CGCTrainer(
-        model=cgc, args=targs, train_dataset=dataset,
-        data_collator=CGCDataCollator(tokenizer.pad_token_id, tasks=tasks, response_only=True),
-        gate_lr_ratio=args.gate_lr_ratio,
-    )
+    try:
+        return CGCTrainer(
+            model=cgc, args=targs, train_dataset=dataset, eval_dataset=eval_sets,
+            data_collator=CGCDataCollator(tokenizer.pad_token_id, tasks=tasks, response_only=True),
+            gate_lr_ratio=args.gate_lr_ratio,
+        )
+    except (RuntimeError, ImportError) as e:  # an integration of --report-to whose package is missing
+        raise UserError(f"--report-to {args.report_to}: {str(e).splitlines()[0]}") from None
+
+
+def _report_to(text: str) -> list[str] | str:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    return "all" if names == ["all"] else names
+
+
+# The settings an adapter's tensors depend on, as the options that set them.
+_RESUME_SETTINGS = {"rank": "--rank", "num_shared_experts": "--shared-experts", "num_task_experts": "--task-experts",
+                    "target_modules": "--target-modules", "gate": "--gate", "gate_scope": "--gate-scope",
+                    "gate_embedding_dim": "--gate-embedding-dim", "clusters": "--clusters", "tasks": "--data's tasks"}
+
+
+def latest_checkpoint(path: str) -> str:
+    """The checkpoint to resume from: `path` itself if it is one (checkpoint-N), else the newest
+    checkpoint-N in it, in its checkpoints/, or (an OUT.interrupted-* folder) its checkpoints/."""
+    import re
+
+    if not os.path.isdir(path):
+        raise UserError(f"--resume {path}: no such directory")
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    found = []
+    for folder in (path, os.path.join(path, "checkpoints")):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                m = re.fullmatch(r"checkpoint-(\d+)", name)
+                if m and os.path.isfile(os.path.join(folder, name, "trainer_state.json")):
+                    found.append((int(m.group(1)), os.path.join(folder, name)))
+    if not found:
+        raise UserError(f"--resume {path}: no checkpoint-N folder in it or in its checkpoints/ (give a run's --out, "
+                        f"its checkpoints/, an OUT.interrupted-* folder, or a checkpoint-N)")
+    return max(found)[1]
+
+
+def _check_resume(checkpoint: str, config, args) -> None:
+    """UserError naming the option if the checkpoint was trained with other settings, or if
+    --steps would not train past it."""
+    import json
+
+    from ..adapter.config import CONFIG_NAME
+
+    try:
+        with open(os.path.join(checkpoint, CONFIG_NAME), encoding="utf-8") as f:
+            saved = json.load(f)
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            step = int(json.load(f).get("global_step", 0))
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"--resume {checkpoint}: not a CGC-LoRA checkpoint (no readable {CONFIG_NAME} / "
+                        f"trainer_state.json)") from None
+    ours = config.to_dict()
+    for key, option in _RESUME_SETTINGS.items():
+        if key in saved and saved[key] != ours.get(key):
+            raise UserError(f"--resume {checkpoint} was trained with {option} {_shown(saved[key])}, this run has "
+                            f"{_shown(ours.get(key))}; pass the checkpoint's settings")
+    if args.steps is not None and args.steps <= step:
+        raise UserError(f"--resume {checkpoint} is at step {step}: --steps {args.steps} trains nothing more; "
+                        f"give --steps above {step}")
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def _training_arguments(cls, **kwargs):
