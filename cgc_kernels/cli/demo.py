@@ -132,7 +132,8 @@ def _demo(args, spec, staging: str, train_rows, eval_rows, tasks, t0) -> None:
         log(gate_movement(start, cgc).format())
 
     adapter_dir = os.path.join(staging, "adapter")
-    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype, dtype_reason)
+    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype, dtype_reason,
+                 plain_base=os.path.join("..", "base"))
     # Exports from the base in its stored dtype, as `cgc-lora export` writes them.
     exporter = cgc
     if dtype != stored:

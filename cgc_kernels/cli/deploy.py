@@ -70,7 +70,7 @@ def cmd_export(args) -> int:
     meta = read_meta(args.dir)
     check_task(args.task, meta)
     check_exportable(args.dir)
-    spec = recorded_base(meta, args.model)
+    spec = recorded_base(meta, args.model, args.dir)
     check_output(args.out, overwrite=args.overwrite, inputs=[args.dir, _path_input(spec)])
     if not args.merged and not is_plain_model_dir(spec):
         what = "a GGUF file" if spec is None or str(spec).endswith(".gguf") else f"{spec!r}"
@@ -94,7 +94,7 @@ def cmd_export_base(args) -> int:
     if args.dir:
         if args.model or args.tiny:
             raise UserError("give DIR (its recorded base) or --model / --tiny, not both")
-        spec = recorded_base(read_meta(args.dir), None)
+        spec = recorded_base(read_meta(args.dir), None, args.dir)
     else:
         spec = model_spec(args)
     with staged_output(args.out, overwrite=args.overwrite, inputs=[args.dir, _path_input(spec)]) as staging:

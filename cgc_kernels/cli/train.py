@@ -1,7 +1,9 @@
 """`cgc-lora train`: CGC-LoRA on a JSONL file with transformers.Trainer (adapter-only checkpoints).
 
 Everything, checkpoints included, is written into a temporary sibling of --out that replaces it at
-the end (output.py): a failed or interrupted run leaves no checkpoints and the old --out whole."""
+the end (output.py): a failed or interrupted run leaves the old --out whole and its checkpoints in
+OUT.interrupted-*/ (--resume takes that folder). A GGUF base is dequantized once and written into
+OUT/base/ as plain weights, which generate, export and export-base then load in seconds."""
 
 from __future__ import annotations
 
@@ -19,7 +21,18 @@ from .arguments import (
     positive_int,
     probability,
 )
-from .common import base_dtype, cgc_config_from_args, dtype_name, log, model_spec, save_trained, wrap
+from .common import (
+    PLAIN_BASE,
+    base_dtype,
+    cgc_config_from_args,
+    dtype_name,
+    log,
+    model_spec,
+    needs_plain_copy,
+    save_trained,
+    wrap,
+    write_plain_base,
+)
 from .output import staged_output
 
 
@@ -78,7 +91,7 @@ def cmd_train(args) -> int:
     from ..adapter.targets import summarize_targets
     from ..adapter.trainer import ResumeError
     from ..data.reader import check_tasks, read_jsonl, tasks_of
-    from ..multitask.models import adapters_to_float32, load_base
+    from ..multitask.models import adapters_to_float32, load_base, stored_dtype
     from ..multitask.recipe import accuracy_table, evaluate, interleave
 
     spec = model_spec(args)
@@ -103,8 +116,15 @@ def cmd_train(args) -> int:
         out = os.path.abspath(args.out)
         dtype, dtype_reason = base_dtype(args, spec)
         log(f"base model in {dtype_name(dtype)} ({dtype_reason})")
-        base, tokenizer = load_base(spec, dtype)
-        _check_max_length(tokenizer, args, base.config)
+        plain = PLAIN_BASE if needs_plain_copy(spec) else None
+        if plain:  # dequantized once, written as plain weights that later commands load in seconds
+            base, tokenizer = load_base(spec, stored_dtype(spec))
+            _check_max_length(tokenizer, args, base.config)
+            write_plain_base(base, tokenizer, os.path.join(staging, plain))
+            base = base.to(dtype)
+        else:
+            base, tokenizer = load_base(spec, dtype)
+            _check_max_length(tokenizer, args, base.config)
         cgc = wrap(base, config)
         adapters_to_float32(cgc)
         tasks = list(cgc.tasks)  # global task order (grouped by cluster): what task ids index
@@ -127,7 +147,7 @@ def cmd_train(args) -> int:
         if start is not None:
             log("gate movement (what training changed in the task gates)")
             log(gate_movement(start, cgc).format())
-        save_trained(cgc, tokenizer, staging, spec, base, args.system, dtype, dtype_reason)
+        save_trained(cgc, tokenizer, staging, spec, base, args.system, dtype, dtype_reason, plain_base=plain)
         if eval_rows:
             after, _ = evaluate(cgc, tokenizer, eval_rows, tasks, system=args.system, desc="held-out after")
             counts = {t: sum(r["task"] == t for r in eval_rows) for t in after}
