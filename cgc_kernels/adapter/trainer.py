@@ -32,7 +32,7 @@ from transformers import Trainer
 
 from .collator import CGCDataCollator
 from .model import CGCModel
-from .param_groups import parameter_groups
+from .param_groups import DEFAULT_GATE_LR_RATIO, parameter_groups
 from .save_load import read_checkpoint
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer's name for the same file
@@ -47,7 +47,7 @@ class CGCTrainer(Trainer):
     docstring); every Trainer argument works as documented by transformers."""
 
     def __init__(self, model: CGCModel | None = None, args=None, data_collator=None, *,
-                 gate_lr_ratio: float = 1.0, **kwargs):
+                 gate_lr_ratio: float = DEFAULT_GATE_LR_RATIO, **kwargs):
         if not isinstance(model, CGCModel):
             raise ValueError(f"CGCTrainer trains a CGCModel, got {type(model).__name__}")
         if data_collator is None:

@@ -16,6 +16,8 @@ import argparse
 import math
 import re
 
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO
+
 DEFAULT_TARGETS = "q_proj,v_proj,o_proj,down_proj"
 
 
@@ -182,6 +184,6 @@ def add_cgc_args(p) -> None:
     g.add_argument("--target-modules", type=target_modules, default=DEFAULT_TARGETS,
                    help="comma-separated module names, all-linear (every linear layer but the output head), "
                         "or re:REGEX")
-    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
+    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts' (their own optimizer group, like "
                         "LoRA+ for B; 0 freezes the gates)")

@@ -7,6 +7,7 @@ import os
 import time
 
 from ..adapter.config import CGCLoRAConfig
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO
 from ..data import demo_tasks, suite_tasks
 from ..data.reader import UserError, read_jsonl, tasks_of
 from ..multitask.clustering import read_clusters
@@ -60,7 +61,7 @@ def register(subparsers) -> None:
     p.add_argument("--system", help="system prompt (default: the demo's, with the demo data; else none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=12, help="greedy tokens per answer, at most")
     g = p.add_argument_group("gates (the same for every method)")
-    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
+    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts'")
     g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
                    help="a gate per adapted layer, or one for the whole model")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter.param_groups import parameter_groups
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO, parameter_groups
 from ..data.reader import tasks_of
 
 IGNORE_INDEX = -100
@@ -89,7 +89,7 @@ class TrainSettings:
     warmup_steps: int = 6
     max_length: int = 96
     seed: int = 0
-    gate_lr_ratio: float = 1.0
+    gate_lr_ratio: float = DEFAULT_GATE_LR_RATIO
 
 
 def mixed_batches(n_rows: int, batch_size: int, steps: int, seed: int):
