@@ -55,10 +55,12 @@ def cmd_cluster(args) -> int:
     for path, option in zip(outputs, ("--clusters-out", "--affinity-out"), strict=False):
         check_output(path, overwrite=args.overwrite, inputs=inputs, kind="file", option=option)
     model, tokenizer = load_base(spec)
+    log(f"measuring task affinity: {args.warmup_steps} warm-up steps of a shared LoRA, then {args.batches} "
+        f"batches of {args.batch_size} rows per task ({len(tasks)} tasks)")
     try:
         aff = task_affinity(model, tokenizer, rows, warmup_steps=args.warmup_steps, batches=args.batches,
                             batch_size=args.batch_size, rank=args.rank, lr=args.lr, seed=args.seed,
-                            system=args.system)
+                            system=args.system, progress=True)
         clusters = cluster_tasks(aff.matrix, aff.tasks, args.num_clusters, method=args.linkage)
     except ValueError as e:
         raise UserError(str(e)) from None

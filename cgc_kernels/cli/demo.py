@@ -159,9 +159,17 @@ def _demo(args, spec, staging: str, train_rows, eval_rows, tasks, t0) -> None:
 
     log("")
     log(f"outputs in {out}/")
-    log("  adapter/          the CGC-LoRA adapter (cgc-lora generate / export read it)")
-    log("  base/             the base model as a plain transformers folder (vLLM, PEFT)")
-    log(f"  peft/<task>/      one standard PEFT LoRA adapter per task on base/ ({', '.join(tasks)})")
-    log(f"  merged-{merged_task}/     a plain transformers model with the {merged_task!r} task merged in")
-    log("  results.json      accuracies, losses and the sample answers")
+    for line in output_listing(tasks, merged_task):
+        log(line)
     log(f"done in {format_seconds(time.perf_counter() - t0)}; docs/deploy.md serves them with vLLM and PEFT")
+
+
+def output_listing(tasks: list[str], merged_task: str) -> list[str]:
+    """The demo's outputs, one line each, the descriptions in one column."""
+    entries = [("adapter/", "the CGC-LoRA adapter (cgc-lora generate / export read it)"),
+               ("base/", "the base model as a plain transformers folder (vLLM, PEFT)"),
+               ("peft/<task>/", f"one standard PEFT LoRA adapter per task on base/ ({', '.join(tasks)})"),
+               (f"merged-{merged_task}/", f"a plain transformers model with the {merged_task!r} task merged in"),
+               ("results.json", "accuracies, losses and the sample answers")]
+    width = max(len(name) for name, _ in entries) + 2
+    return [f"  {name:<{width}}{what}" for name, what in entries]
