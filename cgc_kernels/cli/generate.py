@@ -61,6 +61,8 @@ def cmd_generate(args) -> int:
     print(f"base model in {dtype_name(cgc.dtype)} ({'as trained' if dtype is None else '--dtype'})",
           file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     sink = open(args.output, "a" if done else "w", encoding="utf-8") if args.output else sys.stdout
     bar = tqdm(total=len(rows), initial=done, desc="generating", unit="row", file=sys.stderr)
     written = done
