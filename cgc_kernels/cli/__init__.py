@@ -1,21 +1,23 @@
 """The `cgc-lora` command: 1+N multi-task fine-tuning of a causal LM with CGC-LoRA.
 
     cgc-lora demo                                   # SmolLM2-135M, four tasks, a few minutes on a CPU
-    cgc-lora train --model M --data train.jsonl --out DIR [--clusters clusters.json] [options]
+    cgc-lora train --model M --data train.jsonl --out DIR [--clusters clusters.json] [--resume DIR] [options]
     cgc-lora export DIR --task NAME --out OUT [--peft | --merged]   # PEFT rank padded for vLLM
     cgc-lora export-base [DIR] --out BASE           # the base as a plain transformers folder (vLLM, PEFT)
-    cgc-lora generate DIR --input prompts.jsonl    # rows {"task", "prompt"}, batched across tasks
+    cgc-lora generate DIR --input prompts.jsonl [--output answers.jsonl [--resume]]   # batched across tasks
     cgc-lora inspect DIR [--out GATES]             # gate weights per task and layer
     cgc-lora cluster --data F --num-clusters N      # task affinity -> clusters.json for train --clusters
     cgc-lora compare                                # shared / per-task LoRA, MOELoRA, CGC-LoRA, equal budget
     cgc-lora bench                                  # the op on this device: reference, expert loop, fused
 
-A trained directory holds the CGC-LoRA adapter (CGCModel.save_pretrained), the tokenizer, and
-cgc_cli.json: which base model it was trained on, its tasks and its system prompt.
+A trained directory holds the CGC-LoRA adapter (CGCModel.save_pretrained), the tokenizer,
+cgc_cli.json (which base model it was trained on, its tasks and its system prompt) and, for a GGUF
+base, base/: that model dequantized once, as plain weights the later commands load.
 A user's mistake (a missing file, an unknown task, a bad JSONL line, a bad number, the wrong base
 model, an output that already exists) ends the command with one line on stderr and exit status 2;
 `--debug` shows the traceback instead. No command replaces an existing output without
-`--overwrite`, and each writes into a temporary sibling renamed into place at the end (output.py).
+`--overwrite`; each but generate writes into a temporary sibling renamed into place at the end
+(output.py), and generate appends each batch's answers to its --output as they come.
 """
 
 from __future__ import annotations
