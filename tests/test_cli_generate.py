@@ -66,6 +66,9 @@ def test_interrupted_generate_keeps_its_answers_and_resume_completes_them(run, m
     assert res.read_text().splitlines() == want  # complete, no row twice, the same greedy answers
     calls.clear()
     assert main(_argv(d, out, res, "--resume")) == 0 and calls == []  # nothing left to answer
+    # --resume FILE alone names the file too.
+    assert main(["generate", str(out), "--input", str(d / "prompts.jsonl"), "--resume", str(res)]) == 0
+    assert calls == [] and res.read_text().splitlines() == want
 
 
 def test_resume_refuses_another_inputs_output(run, capsys):
@@ -75,7 +78,9 @@ def test_resume_refuses_another_inputs_output(run, capsys):
     assert main(_argv(d, out, other, "--resume")) == 2
     assert "does not answer row 1" in capsys.readouterr().err
     assert main(["generate", str(out), "--input", str(d / "prompts.jsonl"), "--resume"]) == 2
-    assert "--resume needs --output" in capsys.readouterr().err
+    assert "--resume needs the file an interrupted run wrote" in capsys.readouterr().err
+    assert main(_argv(d, out, other, "--resume", str(d / "elsewhere.jsonl"))) == 2
+    assert "name different files" in capsys.readouterr().err
 
 
 def test_sampling_options_reach_generate(run, monkeypatch):

@@ -25,9 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--output", help="JSONL file to write, a line appended per row as each batch finishes "
                                     "(default: stdout)")
     add_overwrite(p)
-    p.add_argument("--resume", action="store_true",
-                   help="--output already holds the answers to the first rows (an interrupted run): answer "
-                        "the rest and append them")
+    p.add_argument("--resume", nargs="?", const="", metavar="FILE",
+                   help="FILE (default: --output) holds the answers to the first rows, from an interrupted run: "
+                        "answer the rest and append them to it")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="new tokens per answer, at most")
     p.add_argument("--temperature", type=non_negative_float, default=0.0,
                    help="sampling temperature; 0: greedy (the default, deterministic)")
@@ -96,13 +96,17 @@ def cmd_generate(args) -> int:
 def _check_destination(args, rows: list[dict]) -> int:
     """How many rows --output already answers (0 unless --resume); UserError for an output that
     must not be written."""
+    if args.resume:
+        if args.output and os.path.abspath(args.resume) != os.path.abspath(args.output):
+            raise UserError("--resume FILE and --output name different files; give one of them")
+        args.output = args.output or args.resume
+    if args.resume is not None and not args.output:
+        raise UserError("--resume needs the file an interrupted run wrote: --resume FILE or --output FILE")
     if not args.output:
-        if args.resume:
-            raise UserError("--resume needs --output (the file an interrupted run wrote)")
         return 0
-    if args.resume and args.overwrite:
+    if args.resume is not None and args.overwrite:
         raise UserError("--resume and --overwrite exclude each other")
-    if not (args.resume and os.path.isfile(args.output)):
+    if not (args.resume is not None and os.path.isfile(args.output)):
         check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
                      option="--output")
         return 0

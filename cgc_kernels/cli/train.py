@@ -225,7 +225,7 @@ def latest_checkpoint(path: str) -> str:
     import re
 
     if not os.path.isdir(path):
-        raise UserError(f"--resume {path}: no such directory")
+        raise UserError(f"--resume {path}: no such checkpoint directory")
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
         return path
     found = []
@@ -258,9 +258,12 @@ def _check_resume(checkpoint: str, config, args) -> None:
                         f"trainer_state.json)") from None
     ours = config.to_dict()
     for key, option in _RESUME_SETTINGS.items():
-        if key in saved and saved[key] != ours.get(key):
+        mine = ours.get(key)
+        if key == "tasks" and isinstance(saved.get(key), list) and isinstance(mine, list):
+            saved[key], mine = sorted(saved[key]), sorted(mine)  # a model orders its tasks by cluster
+        if key in saved and saved[key] != mine:
             raise UserError(f"--resume {checkpoint} was trained with {option} {_shown(saved[key])}, this run has "
-                            f"{_shown(ours.get(key))}; pass the checkpoint's settings")
+                            f"{_shown(mine)}; pass the checkpoint's settings")
     if args.steps is not None and args.steps <= step:
         raise UserError(f"--resume {checkpoint} is at step {step}: --steps {args.steps} trains nothing more; "
                         f"give --steps above {step}")
