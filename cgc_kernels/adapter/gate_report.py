@@ -276,8 +276,12 @@ def plot_gate_heatmap(table: GateTable, path: str | os.PathLike) -> None:
     for s in starts[1:]:
         ax.axvline(s - 0.5, color="white", linewidth=0.6)
     every = max(1, len(starts) // 16)
-    ticks = [(s + (starts[k + 1] if k + 1 < len(starts) else L)) / 2 - 0.5 for k, s in enumerate(starts)]
-    ax.set_xticks(ticks[::every], [blocks[s] for s in starts][::every], fontsize=8)
+    if L <= 48:  # few enough to name each module: block.projection
+        ax.set_xticks(range(L), [f"{b}.{n.rsplit('.', 1)[-1]}" for b, n in zip(blocks, table.layers, strict=True)],
+                      fontsize=7, rotation=90)
+    else:
+        ticks = [(s + (starts[k + 1] if k + 1 < len(starts) else L)) / 2 - 0.5 for k, s in enumerate(starts)]
+        ax.set_xticks(ticks[::every], [blocks[s] for s in starts][::every], fontsize=8)
     ax.set_xlabel(f"block (forward order; {L} adapted module{'s' * (L != 1)}, one column each)", fontsize=9)
     fig.colorbar(image, ax=ax, pad=0.01, label="on shared", fraction=0.04)
     per_block = [[float(share[t, [i for i in range(L) if blocks[i] == b]].mean()) for b in order] for t in range(T)]
