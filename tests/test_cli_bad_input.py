@@ -179,3 +179,20 @@ def test_console_script_help_lists_every_command():
     assert proc.returncode == 0
     for command in ("demo", "train", "export", "export-base", "generate", "inspect", "cluster", "compare", "bench"):
         assert command in proc.stdout
+
+
+def test_every_subcommand_registers_the_same_way():
+    """Each subcommand's module adds its parser with register(subparsers), and every handler is
+    that module's cmd_* function."""
+    from cgc_kernels import cli
+
+    names = {}
+    for module in cli.COMMANDS:
+        action = argparse.ArgumentParser().add_subparsers()
+        module.register(action)
+        assert action.choices, module.__name__
+        for name, sub in action.choices.items():
+            func = sub.get_default("func")
+            assert func.__name__.startswith("cmd_") and func.__module__ == module.__name__, (name, func)
+            names[name] = func
+    assert set(names) == set(_subparsers(build_parser()))

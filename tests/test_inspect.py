@@ -109,7 +109,7 @@ def test_report_writes_png_and_csv_matching_gate_weights(tmp_path, capsys):
         assert f"{split[t]['shared']:6.3f}" in line and f"{split[t]['specific']:8.3f}" in line
 
 
-def test_inspect_command(tmp_path, capsys):
+def test_cmd_inspect(tmp_path, capsys):
     cgc = make_cgc()
     adapter, report = tmp_path / "adapter", tmp_path / "report"
     cgc.save_pretrained(adapter)
@@ -132,3 +132,29 @@ def test_token_gates_have_no_table(tmp_path):
     cgc.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="token"):
         gate_table_from_dir(tmp_path)
+
+
+def test_layers_in_forward_order_and_a_screen_sized_picture(tmp_path):
+    """The table's modules in the order the forward runs them (the model's own module order:
+    attention q, k, v, o before the MLP, block 2 before block 10), from the model and from a
+    saved directory; the picture fits a screen."""
+    from PIL import Image
+
+    from cgc_kernels.adapter.gate_report import plot_gate_heatmap
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=12,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    cgc = CGCModel(base, CGCLoRAConfig(tasks=["a", "b"], rank=2, target_modules="all-linear"))
+    adapted = set(cgc.adapted_layers())
+    forward = [n for n, _ in base.named_modules() if n in adapted]
+    assert forward[:7] == [f"model.layers.0.{m}" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                            "mlp.down_proj")]
+    assert cgc.gate_table().layers == forward
+    cgc.save_pretrained(tmp_path / "a")
+    table = gate_table_from_dir(tmp_path / "a")
+    assert table.layers == forward
+    plot_gate_heatmap(table, tmp_path / "g.png")  # uniform gates: the autoscaled strip must not fail
+    width, height = Image.open(tmp_path / "g.png").size
+    assert width <= 1300 and height <= 800

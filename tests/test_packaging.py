@@ -41,3 +41,30 @@ def test_runtime_dependencies_and_metadata():
     with open(os.path.join(ROOT, "LICENSE")) as f:
         text = f.read()
     assert project["license"] == "Apache-2.0" and "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+def test_accelerate_required_triton_an_extra():
+    """accelerate loads GGUF bases and runs transformers.Trainer: a plain install needs it. Triton
+    is an extra: torch's CUDA builds bring their own, and the CPU path does not use it."""
+    project = _project()
+    names = {re.split(r"[<>=; \[]", r)[0] for r in project["dependencies"]}
+    assert "accelerate" in names and "triton" not in names
+    extras = project["optional-dependencies"]
+    assert any(r.startswith("triton") for r in extras["triton"])
+    assert any(r.startswith("triton") for r in extras["dev"])
+
+
+def test_triton_backend_without_triton_names_the_extra(monkeypatch):
+    import torch
+
+    from cgc_kernels.op import dispatch
+
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
+    M, d, T, S, K, r = 8, 16, 2, 1, 1, 4
+    x = torch.randn(M, d)
+    args = (x, torch.arange(M) % T, torch.full((T, S + K), 0.5), torch.randn(1, S * r, d), torch.randn(1, d, S * r),
+            torch.randn(T, K * r, d), torch.randn(T, d, K * r), 2.0)
+    with pytest.raises(ValueError, match=r"pip install 'cgc_kernels\[triton\]'"):
+        dispatch.cgc_lora(*args, backend="triton")
+    assert dispatch.resolve_backend(x, None) == "torch"
+    assert dispatch.cgc_lora(*args, backend="torch").shape == (M, d)  # the CPU path needs no Triton

@@ -30,9 +30,24 @@ from .gates import TaskGate
 MODEL_WIDE = "(model)"
 
 
-def _natural_key(name: str) -> list:
-    """Sort key with numbers compared as numbers: layers.2 before layers.10."""
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+# Within a block, the order its forward runs the projections: attention, then the MLP.
+_FORWARD = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value", "o_proj", "out_proj",
+            "dense", "gate_proj", "up_proj", "c_fc", "fc1", "w1", "w3", "down_proj", "c_proj", "fc2", "w2")
+
+
+def _block_of(name: str) -> str:
+    """The block index in a module path (model.layers.12.mlp.down_proj -> "12"), or "-"."""
+    m = re.search(r"\.(\d+)(?:\.|$)", "." + name)
+    return m.group(1) if m else "-"
+
+
+def _forward_key(name: str) -> tuple:
+    """Sort key of adapted modules in forward order: by block number, attention before MLP, then
+    the projections' order within each (q, k, v, o; gate, up, down), other names alphabetically."""
+    block = _block_of(name)
+    tail = name.rsplit(".", 1)[-1]
+    return (int(block) if block != "-" else 1 << 30, 0 if re.search(r"attn|attention", name) else 1,
+            _FORWARD.index(tail) if tail in _FORWARD else len(_FORWARD), name)
 
 
 @dataclass
@@ -42,7 +57,7 @@ class GateTable:
     Attributes:
         tasks: [T] global task names.
         clusters: [T] cluster name of each task.
-        layers: [L] adapted module paths (natural order), or ["(model)"] for a model-wide gate.
+        layers: [L] adapted module paths in forward order, or ["(model)"] for a model-wide gate.
         experts: [S+K] column names: "shared0".."shared{S-1}" (the task's cluster's), then
             "task0".."task{K-1}" (the task's own).
         num_shared: S.
@@ -118,7 +133,7 @@ def gate_table(cgc) -> GateTable:
     config = cgc.cgc_config
     _check_task_gate(config)
     layers = cgc.adapted_layers()
-    names = sorted(layers, key=_natural_key)
+    names = sorted(layers, key=_forward_key)
     with torch.no_grad():
         if config.gate_scope == "model":
             names, weights = [MODEL_WIDE], layers[names[0]].task_gates().detach().float().cpu()[:, None]
@@ -152,7 +167,7 @@ def gate_table_from_dir(directory: str | os.PathLike) -> GateTable:
             params.setdefault((m["layer"] or MODEL_WIDE, m["cluster"]), {})[m["param"]] = value
     clusters = config.cluster_names
     tasks_of = {c: [t for t in config.tasks if (config.clusters or {}).get(t, c) == c] for c in clusters}
-    layers = sorted({layer for layer, _ in params}, key=_natural_key)
+    layers = sorted({layer for layer, _ in params}, key=_forward_key)
     if not layers:
         raise ValueError(f"{path} holds no gate weights (is it a CGC-LoRA adapter?)")
     per_layer = []
@@ -235,49 +250,54 @@ def shared_specific_split(cgc_or_table) -> dict[str, dict[str, float]]:
     return table.split()
 
 
-def _short_layer_names(layers: list[str]) -> list[str]:
-    """Layer paths without their common dotted prefix ("model.layers.")."""
-    if len(layers) < 2:
-        return list(layers)
-    prefix = os.path.commonprefix(layers)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    return [name[len(prefix):] for name in layers]
-
-
 def plot_gate_heatmap(table: GateTable, path: str | os.PathLike) -> None:
-    """Write a PNG: one panel per task, rows = layers, columns = experts (shared first), colour =
-    gate weight in [0, 1]; the panel title gives the task's mean shared share."""
+    """Write a PNG sized for a screen: per task, the gate weight on the shared experts by adapted
+    module in forward order. Top: a heat strip (a row per task, a column per module, blocks
+    separated by thin lines), its colour scale stretched over the values present so that small
+    differences show. Bottom: a line per task of each block's mean. Both labelled by block."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    T, L, E = table.weights.shape
-    labels = _short_layer_names(table.layers)
-    label_w = max(len(s) for s in labels) * 0.07
-    fig_w = min(4 + label_w + T * (0.5 + 0.45 * E), 40)
-    fig_h = min(1.6 + 0.28 * L, 40)
-    fig, axes = plt.subplots(1, T, figsize=(fig_w, fig_h), squeeze=False, sharey=True)
-    split = table.split()
-    annotate = L * E <= 120
-    image = None
-    for i, ax in enumerate(axes[0]):
-        w = table.weights[i].numpy()
-        image = ax.imshow(w, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        t = table.tasks[i]
-        ax.set_title(f"{t} ({table.clusters[i]})\nshared {split[t]['shared']:.2f}", fontsize=9)
-        ax.set_xticks(range(E), table.experts, rotation=90, fontsize=7)
-        ax.set_yticks(range(L), labels, fontsize=7)
-        if table.num_shared and table.num_shared < E:
-            ax.axvline(table.num_shared - 0.5, color="white", linewidth=1.5)  # shared | task-specific
-        if annotate:
-            for (r, c), v in ((rc, w[rc]) for rc in ((r, c) for r in range(L) for c in range(E))):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if v > 0.6 else "white")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="gate weight")
-    # Above the two-line panel titles (bbox_inches="tight" keeps it in the file).
-    fig.suptitle("CGC-LoRA expert mixture per task and layer", fontsize=10, y=1.0 + 0.45 / fig_h)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    share = table.shared_share().numpy()
+    T, L = share.shape
+    blocks = [_block_of(name) for name in table.layers]
+    order = list(dict.fromkeys(blocks))  # blocks in forward order
+    lo, hi = float(share.min()), float(share.max())
+    if hi - lo < 1e-3:  # all equal: a visible scale around the value
+        lo, hi = lo - 5e-4, hi + 5e-4
+    strip_h = 0.6 + 0.3 * T
+    fig, (ax, ax_line) = plt.subplots(2, 1, figsize=(12, strip_h + 3.6),
+                                      gridspec_kw={"height_ratios": [strip_h, 3.0]})
+    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+    ax.set_yticks(range(T), table.tasks, fontsize=9)
+    starts = [i for i in range(L) if i == 0 or blocks[i] != blocks[i - 1]]
+    for s in starts[1:]:
+        ax.axvline(s - 0.5, color="white", linewidth=0.6)
+    every = max(1, len(starts) // 16)
+    if L <= 48:  # few enough to name each module: block.projection
+        ax.set_xticks(range(L), [f"{b}.{n.rsplit('.', 1)[-1]}" for b, n in zip(blocks, table.layers, strict=True)],
+                      fontsize=7, rotation=90)
+    else:
+        ticks = [(s + (starts[k + 1] if k + 1 < len(starts) else L)) / 2 - 0.5 for k, s in enumerate(starts)]
+        ax.set_xticks(ticks[::every], [blocks[s] for s in starts][::every], fontsize=8)
+    ax.set_xlabel(f"block (forward order; {L} adapted module{'s' * (L != 1)}, one column each)", fontsize=9)
+    fig.colorbar(image, ax=ax, pad=0.01, label="on shared", fraction=0.04)
+    per_block = [[float(share[t, [i for i in range(L) if blocks[i] == b]].mean()) for b in order] for t in range(T)]
+    x = range(len(order))
+    for t in range(T):
+        ax_line.plot(x, per_block[t], marker="o", markersize=3, linewidth=1.2, label=table.tasks[t])
+    ax_line.set_xticks(list(x)[::every], order[::every], fontsize=8)
+    ax_line.set_xlabel("block (forward order)", fontsize=9)
+    ax_line.set_ylabel("weight on shared experts\n(mean over the block)", fontsize=9)
+    ax_line.grid(alpha=0.3)
+    ax_line.legend(fontsize=8, ncol=min(T, 6), loc="best")
+    fig.suptitle(f"CGC-LoRA gates: weight on the {table.num_shared} shared expert(s) vs each task's "
+                 f"{len(table.experts) - table.num_shared} own, per task and layer (scale {lo:.2f}..{hi:.2f})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

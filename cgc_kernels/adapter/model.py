@@ -29,6 +29,7 @@ integration is trainer.py.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import OrderedDict
 from dataclasses import replace
 
@@ -47,6 +48,17 @@ from .save_load import SaveLoadMixin
 from .targets import resolve_target_modules
 from .task_ids import LayerRouting, TaskIdsMixin, TaskRequest, check_input_rank
 from .trl_support import TRLMixin
+
+
+class _QuietPipelineCheck(logging.Filter):
+    """transformers.pipeline checks the model's class name against the classes it knows and, for a
+    CGCModel, logs that whole list (~5 KB) as an error; the pipeline runs all the same."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("The model 'CGCModel' is not supported")
+
+
+logging.getLogger("transformers.pipelines.base").addFilter(_QuietPipelineCheck())
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 

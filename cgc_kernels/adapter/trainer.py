@@ -46,7 +46,7 @@ from transformers import Trainer
 
 from .collator import CGCDataCollator
 from .model import CGCModel
-from .param_groups import parameter_groups
+from .param_groups import DEFAULT_GATE_LR_RATIO, parameter_groups
 from .save_load import read_checkpoint
 from .sharding import GATE_CLASSES, broadcast_adapter, whole_adapter
 
@@ -66,7 +66,7 @@ class CGCTrainerMixin:
     the Trainer class: `class T(CGCTrainerMixin, Trainer)`."""
 
     def __init__(self, model: CGCModel | None = None, args=None, data_collator=None, *,
-                 gate_lr_ratio: float = 1.0, **kwargs):
+                 gate_lr_ratio: float = DEFAULT_GATE_LR_RATIO, **kwargs):
         name = type(self).__name__
         if not isinstance(model, CGCModel):
             raise ValueError(f"{name} trains a CGCModel, got {type(model).__name__}")

@@ -17,6 +17,8 @@ import argparse
 import math
 import re
 
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO
+
 DEFAULT_TARGETS = "q_proj,v_proj,o_proj,down_proj"
 
 
@@ -74,6 +76,14 @@ def probability(text: str) -> float:
     return value
 
 
+def top_p(text: str) -> float:
+    """A nucleus-sampling mass: in (0, 1]."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
 # Room for a chat-templated prompt and a response of at least a token: the command also checks,
 # once the tokenizer is loaded, that the template itself leaves room (train.py).
 MIN_MAX_LENGTH = 8
@@ -109,7 +119,9 @@ def target_modules(text: str) -> str:
 
 
 def split_targets(text: str) -> str | list[str]:
-    """What CGCLoRAConfig.target_modules takes: a regex string or a list of names."""
+    """What CGCLoRAConfig.target_modules takes: a regex string, "all-linear", or a list of names."""
+    if text.strip() == "all-linear":
+        return "all-linear"
     return text[3:] if text.startswith("re:") else [t.strip() for t in text.split(",") if t.strip()]
 
 
@@ -171,8 +183,9 @@ def add_cgc_args(p) -> None:
     g.add_argument("--rank", type=positive_int, default=8, help="rank of one expert")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling = alpha / rank")
     g.add_argument("--target-modules", type=target_modules, default=DEFAULT_TARGETS,
-                   help="comma-separated module names, or re:REGEX")
-    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
+                   help="comma-separated module names, all-linear (every linear layer but the output head), "
+                        "or re:REGEX")
+    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts' (their own optimizer group, like "
                         "LoRA+ for B; 0 freezes the gates)")
 

@@ -22,6 +22,13 @@ from ..op import reference
 from ..op.dispatch import cgc_lora
 
 
+def register(subparsers) -> None:
+    """`cgc-lora bench`: its parser, run by cmd_bench."""
+    p = subparsers.add_parser("bench", help="the op on this device: reference vs an expert loop vs fused (CUDA)")
+    p.add_argument("--full", action="store_true", help="larger shapes")
+    p.set_defaults(func=cmd_bench)
+
+
 def expert_loop(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling):
     """x [M, d_in] -> [M, d_out]: a Python loop over tasks and over each expert's rank block."""
     T = task_a.shape[0]

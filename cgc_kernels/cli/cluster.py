@@ -25,9 +25,9 @@ from .common import log, model_spec
 from .output import check_output, staged_output
 
 
-def add_cluster_command(sub) -> None:
-    """`cgc-lora cluster`: measure task affinity on a model and write a clusters file."""
-    p = sub.add_parser("cluster", help="group the tasks of a data file into N clusters (task affinity)")
+def register(subparsers) -> None:
+    """`cgc-lora cluster`: its parser, run by cmd_cluster (task affinity, then a clusters file)."""
+    p = subparsers.add_parser("cluster", help="group the tasks of a data file into N clusters (task affinity)")
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")
     p.add_argument("--tiny", action="store_true", help="a tiny random Llama (for trying the command quickly)")
@@ -66,10 +66,12 @@ def cmd_cluster(args) -> int:
     for path, option in zip(outputs, ("--clusters-out", "--affinity-out"), strict=False):
         check_output(path, overwrite=args.overwrite, inputs=inputs, kind="file", option=option)
     model, tokenizer = load_base(spec)
+    log(f"measuring task affinity: {args.warmup_steps} warm-up steps of a shared LoRA, then {args.batches} "
+        f"batches of {args.batch_size} rows per task ({len(tasks)} tasks)")
     try:
         aff = task_affinity(model, tokenizer, rows, warmup_steps=args.warmup_steps, batches=args.batches,
                             batch_size=args.batch_size, rank=args.rank, lr=args.lr, seed=args.seed,
-                            system=args.system)
+                            system=args.system, progress=True)
         clusters = cluster_tasks(aff.matrix, aff.tasks, args.num_clusters, method=args.linkage)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -23,20 +24,6 @@ def log(msg: str = "") -> None:
         print(msg, flush=True)
 
 
-def positive_ratio(text: str) -> float:
-    """argparse type of --gate-lr-ratio: a finite number >= 0."""
-    import argparse
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 # ---- shared steps ------------------------------------------------------------------------------
 def model_spec(args) -> str | None:
     if getattr(args, "tiny", False):
@@ -44,6 +31,9 @@ def model_spec(args) -> str | None:
             raise UserError("--tiny and --model exclude each other")
         return TINY_MODEL
     spec = getattr(args, "model", None)
+    if spec and not os.path.exists(spec) and re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        raise UserError(f"no such model: {spec} (--model takes local paths only: download a Hub model first, "
+                        f"e.g. `hf download {spec} --local-dir DIR`, and pass --model DIR)")
     return os.path.abspath(spec) if spec else None
 
 
@@ -90,10 +80,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str | None, dtype: torch.dtype,
-                 dtype_reason: str, fingerprint: dict | None = None) -> None:
+                 dtype_reason: str, fingerprint: dict | None = None, plain_base: str | None = None) -> None:
     """The adapter, the tokenizer and cgc_cli.json (the base model, its fingerprint, the tasks, the
-    system prompt, and the dtype the base ran in with why it was chosen). `fingerprint`: the
-    base's, taken before FSDP sharded it (default: taken from `base` now)."""
+    system prompt, the dtype the base ran in with why it was chosen, and `plain_base`: the path,
+    relative to `out`, of the base written as a plain transformers folder, which later commands
+    load instead of dequantizing a GGUF file again). `fingerprint`: the base's, taken before FSDP
+    sharded it (default: taken from `base` now)."""
     from ..multitask.models import model_fingerprint, quiet_transformers
 
     with quiet_transformers():
@@ -101,6 +93,8 @@ def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str |
         tokenizer.save_pretrained(out)
     meta = {"base_model": spec, "fingerprint": fingerprint or model_fingerprint(base), "tasks": list(cgc.tasks),
             "system": system, "dtype": dtype_name(dtype), "dtype_reason": dtype_reason}
+    if plain_base:
+        meta["plain_base"] = plain_base
     with open(os.path.join(out, META_NAME), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
@@ -129,10 +123,24 @@ def check_task(task: str, meta: dict) -> None:
         raise UserError(f"unknown task {task!r}; the adapter's tasks: {', '.join(meta['tasks'])}")
 
 
-def recorded_base(meta: dict, model_override: str | None) -> str | None:
-    """The base model spec to load: --model if given, else the one the run recorded."""
+# The folder, inside a run's --out, that holds its base as plain weights when the base is a GGUF file.
+PLAIN_BASE = "base"
+
+
+def needs_plain_copy(spec: str | None) -> bool:
+    """True for a base that takes long to load (a GGUF file, dequantized on every load; None is the
+    demo's GGUF): `train` writes it once as a plain folder that later commands load in seconds."""
+    return spec is None or (spec != TINY_MODEL and str(spec).endswith(".gguf"))
+
+
+def recorded_base(meta: dict, model_override: str | None, directory: str | None = None) -> str | None:
+    """The base model spec to load: --model if given, else the plain copy the run wrote (if it is
+    still in `directory`), else the one the run recorded."""
     if model_override:
         return TINY_MODEL if model_override == TINY_MODEL else os.path.abspath(model_override)
+    plain = meta.get("plain_base")
+    if plain and directory and is_plain_model_dir(os.path.join(os.path.abspath(directory), plain)):
+        return os.path.normpath(os.path.join(os.path.abspath(directory), plain))
     return meta.get("base_model")
 
 
@@ -164,7 +172,7 @@ def load_trained(directory: str, meta: dict, model_override: str | None, dtype: 
     from ..adapter.model import CGCModel
     from ..multitask.models import DTYPES, describe, load_base, model_fingerprint
 
-    spec = recorded_base(meta, model_override)
+    spec = recorded_base(meta, model_override, directory)
     own_tokenizer = spec != TINY_MODEL and os.path.isfile(os.path.join(directory, "tokenizer_config.json"))
     if dtype is None:
         dtype = DTYPES.get(meta.get("dtype"), torch.float32)

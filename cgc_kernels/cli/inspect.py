@@ -9,17 +9,21 @@ import argparse
 import os
 
 from ..data.reader import UserError
+from .arguments import add_overwrite
 from .common import log
 from .output import staged_output
 
 
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `cgc-lora inspect` (for a subcommand parser)."""
-    parser.add_argument("dir", help="a directory written by CGCModel.save_pretrained (or `cgc-lora train`)")
-    parser.add_argument("--out", help="output directory for gates.csv and gates.png (default: print the table only)")
+def register(subparsers) -> None:
+    """`cgc-lora inspect`: its parser, run by cmd_inspect."""
+    p = subparsers.add_parser("inspect", help="gate weights per task and layer: shared vs task-specific, heatmap PNG")
+    p.add_argument("dir", help="a directory written by CGCModel.save_pretrained (or `cgc-lora train`)")
+    p.add_argument("--out", help="output directory for gates.csv and gates.png (default: print the table only)")
+    add_overwrite(p)
+    p.set_defaults(func=cmd_inspect)
 
 
-def inspect_command(args: argparse.Namespace) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     """Run `cgc-lora inspect` on parsed arguments; a bad directory is a UserError (one line)."""
     from ..adapter.gate_report import gate_table_from_dir, plot_gate_heatmap
 

@@ -65,6 +65,12 @@ def check_output(path: str, *, overwrite: bool, inputs: Iterable[str | None] = (
     if not overwrite and _non_empty(final):
         what = "a file" if os.path.isfile(final) else ("a directory" if os.path.isdir(final) else "something")
         raise UserError(f"{option} {path} already exists ({what}, not empty); pass --overwrite to replace it")
+    # An empty entry of the other kind is still something the user made: not replaced unasked.
+    other = os.path.isdir(final) if kind == "file" else (os.path.lexists(final) and not os.path.isdir(final))
+    if not overwrite and other:
+        what = "a directory" if kind == "file" else "a file"
+        raise UserError(f"{option} {path} already exists ({what}, empty) where a {kind} is to be written; "
+                        f"pass --overwrite to replace it")
     return final
 
 

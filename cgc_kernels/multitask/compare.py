@@ -30,6 +30,7 @@ import torch
 from ..adapter.config import CGCLoRAConfig
 from ..adapter.gate_report import gate_movement, gate_snapshot
 from ..adapter.model import CGCModel
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO
 from ..data.reader import tasks_of
 from .recipe import TrainSettings, evaluate, interleave, train_loop
 
@@ -260,9 +261,9 @@ def compare_methods(base, tokenizer, train_rows: list[dict], eval_rows: list[dic
                     methods: list[Method] | None = None, task_rank: int = 8, alpha_per_rank: float = 2.0,
                     target_modules=None, steps: int = 40, batch_size: int = 16, lr: float = 2e-3,
                     warmup_steps: int = 6, max_length: int = 96, seeds=(0,), system: str | None = None,
-                    max_new_tokens: int = 12, log=None, model_name: str = "", gate_lr_ratio: float = 1.0,
-                    gate_scope: str = "layer", gate_embedding_dim: int | None = None,
-                    gate_init: str = "uniform") -> Comparison:
+                    max_new_tokens: int = 12, log=None, model_name: str = "",
+                    gate_lr_ratio: float = DEFAULT_GATE_LR_RATIO, gate_scope: str = "layer",
+                    gate_embedding_dim: int | None = None, gate_init: str = "uniform") -> Comparison:
     """Train and evaluate each method on `base` (modified in place for each run, restored after).
 
     Args:

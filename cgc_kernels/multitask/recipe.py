@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapter.param_groups import parameter_groups
+from ..adapter.param_groups import DEFAULT_GATE_LR_RATIO, parameter_groups
 from ..data.encode import (
     encode_prompt_response,
     encode_row,
@@ -82,7 +82,7 @@ class TrainSettings:
     warmup_steps: int = 6
     max_length: int = 96
     seed: int = 0
-    gate_lr_ratio: float = 1.0
+    gate_lr_ratio: float = DEFAULT_GATE_LR_RATIO
 
 
 def mixed_batches(n_rows: int, batch_size: int, steps: int, seed: int):
@@ -149,16 +149,18 @@ def train_loop(cgc, tokenizer, rows: list[dict], tasks: list[str], settings: Tra
 @torch.no_grad()
 def generate_answers(cgc, tokenizer, rows: list[dict], tasks: list[str], *, system: str | None = None,
                      max_new_tokens: int = 32, batch_size: int = 32, progress: bool = False,
-                     desc: str = "generating") -> list[str]:
-    """Greedy answers to each row's prompt; each batch mixes tasks (rows in the given order)."""
+                     desc: str = "generating", temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+    """Answers to each row's prompt, greedy unless temperature > 0 (then sampled, nucleus top_p);
+    each batch mixes tasks (rows in the given order). The progress bar counts rows."""
     from tqdm.auto import tqdm
 
     eos = tokenizer.eos_token_id
     prompts = [tokenizer(row_prompt_text(tokenizer, r, system), add_special_tokens=False).input_ids
                for r in rows]
     answers = []
-    starts = range(0, len(rows), batch_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    bar = tqdm(total=len(rows), desc=desc, disable=not progress, unit="row")
+    for s in range(0, len(rows), batch_size):
         # Each batch's rows grouped by task for the model (slices, not gathers, in every layer);
         # the answers come back in the caller's order.
         chunk_rows = list(range(s, min(s + batch_size, len(rows))))
@@ -166,18 +168,20 @@ def generate_answers(cgc, tokenizer, rows: list[dict], tasks: list[str], *, syst
         ids, mask, _ = left_pad([prompts[i] for i in grouped], tokenizer.pad_token_id)
         tids = torch.tensor([tasks.index(rows[i]["task"]) for i in grouped])
         out = cgc.generate(input_ids=ids, attention_mask=mask, task_ids=tids, max_new_tokens=max_new_tokens,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **sampling)
         decoded = {}
         for i, row in zip(grouped, out[:, ids.shape[1]:].tolist(), strict=True):
             if eos in row:
                 row = row[: row.index(eos)]
             decoded[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
         answers += [decoded[i] for i in chunk_rows]
+        bar.update(len(chunk_rows))
+    bar.close()
     return answers
 
 
 def evaluate(cgc, tokenizer, rows: list[dict], tasks: list[str], *, system: str | None = None,
-             max_new_tokens: int = 12, batch_size: int = 100, progress: bool = True,
+             max_new_tokens: int = 12, batch_size: int = 32, progress: bool = True,
              desc: str = "evaluating") -> tuple[dict[str, float], list[str]]:
     """({task: exact-match accuracy of the greedy answer}, answers)."""
     answers = generate_answers(cgc, tokenizer, rows, tasks, system=system, max_new_tokens=max_new_tokens,

@@ -19,6 +19,7 @@ routing on another device than x (layers split over devices) is copied there onc
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
@@ -28,13 +29,15 @@ from .triton import common
 from .validation import CGCCall, CGCShapes, check_call
 
 BACKENDS = ("torch", "triton", "reference")
+# Not a requirement of the package: torch's CUDA builds bring it; pip's [triton] extra on CPU.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
     """The backend a call on `x` runs: the one asked for, or the device's default."""
     if backend is None:
-        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES else "torch"
+        return "triton" if x.is_cuda and x.dtype in TRITON_DTYPES and HAS_TRITON else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     return backend
@@ -140,6 +143,9 @@ def _check_call(chosen: str, call: CGCCall) -> CGCShapes:
         _check_base(call)
     shp = check_call(call)
     if chosen == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the triton package: pip install 'cgc_kernels[triton]' "
+                             "(torch's CUDA builds bring it), or use backend='torch'")
         if x.dtype not in TRITON_DTYPES:
             raise ValueError(f"x must be float16, bfloat16 or float32 for the Triton backend, got {x.dtype}")
         if not x.is_cuda and not common.INTERPRET:
