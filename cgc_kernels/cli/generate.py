@@ -1,4 +1,5 @@
-"""`cgc-lora generate`: answer {task, prompt} rows (any format `train` reads) with a trained adapter, batched across tasks.
+"""`cgc-lora generate`: answer {task, prompt} rows (any format `train` reads) with a trained
+adapter, batched across tasks.
 
 With --output, each batch's answers are appended to the file as soon as they exist, one JSON line
 per input row in the input's order: an interrupted run keeps what it wrote, and `--resume` answers
