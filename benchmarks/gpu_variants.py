@@ -148,6 +148,36 @@ def _record_smoke(sink_file: str) -> None:
             f.write(json.dumps(v) + "\n")
 
 
+def _record_bench(sink_file: str) -> None:
+    """The fused op's launches in the benchmark subset at the "gpu" size (op and layer levels), host
+    side only: the checks' float64 references at those sizes would take CPU minutes."""
+    import torch
+
+    from benchmarks import gpu_check, harness
+
+    _gpu_operands()
+    fused = harness.PROVIDERS["fused"]
+    sink: list = []
+    with recording(sink):
+        for case in harness.cases("gpu"):
+            if gpu_check.BENCH_CASE not in case.name:
+                continue
+            for level in fused.levels:
+                if level.startswith("model"):
+                    continue
+                p = harness.build_problem(case, torch.device("cpu"), harness.dtype_for("gpu"))
+                runner = harness.make_runner("fused", level, p)
+                training = level != "infer"
+                x = p.x.clone().requires_grad_(training)
+                with torch.set_grad_enabled(training), contextlib.suppress(Exception):
+                    y = runner.fn(x)
+                    if training:
+                        y.backward(p.dy)
+    with open(sink_file, "a") as f:
+        for v in sink:
+            f.write(json.dumps(v) + "\n")
+
+
 def record(out: Path = MANIFEST) -> dict:
     from benchmarks import gpu_check
 
@@ -160,9 +190,7 @@ def record(out: Path = MANIFEST) -> dict:
         "smoke": [sys.executable, "-m", "benchmarks.gpu_variants", "_record-smoke", str(sink)],
         "suites": [sys.executable, "-m", "pytest", "-p", "benchmarks.gpu_variants", *gpu_check.kernel_suites(),
                    "-q", "-p", "no:cacheprovider", "-o", "addopts="],
-        "bench": [sys.executable, "-m", "pytest", "-p", "benchmarks.gpu_variants", *gpu_check.BENCH_FILES,
-                  "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-k", gpu_check.BENCH_SELECTION,
-                  "--bench-size=gpu", "--bench-rounds", "1", "--benchmark-disable"],
+        "bench": [sys.executable, "-m", "benchmarks.gpu_variants", "_record-bench", str(sink)],
     }
     for name, cmd in runs.items():
         before = sum(1 for _ in open(sink)) if sink.exists() else 0
@@ -260,15 +288,15 @@ def main(argv=None) -> int:
     c.add_argument("--dry-run", action="store_true",
                    help="resolve every variant's kernel and arguments in the pool, compile nothing (no GPU)")
     sub.add_parser("record", help=f"rewrite {MANIFEST.relative_to(ROOT)} from a recorded CPU run")
-    s = sub.add_parser("_record-smoke")
-    s.add_argument("sink")
+    for hidden in ("_record-smoke", "_record-bench"):
+        sub.add_parser(hidden).add_argument("sink")
     a = ap.parse_args(argv)
     if a.cmd == "record":
         data = record()
         print(f"{len(data['variants'])} variants from {data['launches_recorded']} launches")
         return 0
-    if a.cmd == "_record-smoke":
-        _record_smoke(a.sink)
+    if a.cmd in ("_record-smoke", "_record-bench"):
+        (_record_smoke if a.cmd == "_record-smoke" else _record_bench)(a.sink)
         return 0
     variants = json.loads(Path(a.manifest).read_text())["variants"]
     res = compile_all(variants, max(1, a.workers), a.dry_run)

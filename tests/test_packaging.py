@@ -1,5 +1,6 @@
 """The package metadata tells the truth: each dependency's floor (and Python's) is the oldest
-version the test command runs (in .venv, .venv-gpu-twin or .venv-triton36), the plotting library the commands use is a runtime dependency, the license is there."""
+version the test command runs (in .venv, .venv-gpu-twin or .venv-triton36), the plotting library the
+commands use is a runtime dependency, the license is there."""
 
 import glob
 import os
@@ -30,7 +31,8 @@ def _release(v: str) -> tuple[int, ...]:
 
 # The environments scripts/setup builds and scripts/test runs the tests in. .venv-triton36 has its
 # own triton and numpy and borrows everything else from .venv-gpu-twin (a .pth file).
-ENVS = {".venv": [".venv"], ".venv-gpu-twin": [".venv-gpu-twin"], ".venv-triton36": [".venv-triton36", ".venv-gpu-twin"]}
+ENVS = {".venv": [".venv"], ".venv-gpu-twin": [".venv-gpu-twin"],
+        ".venv-triton36": [".venv-triton36", ".venv-gpu-twin"]}
 
 
 def _site_packages(venv: str) -> list[str]:
