@@ -179,10 +179,11 @@ def _record_bench(sink_file: str) -> None:
 
 
 def record(out: Path = MANIFEST) -> dict:
+    import tempfile
+
     from benchmarks import gpu_check
 
-    sink = out.with_suffix(".jsonl.tmp")
-    sink.unlink(missing_ok=True)
+    sink = Path(tempfile.mkdtemp(prefix="cgc-variants-")) / "launches.jsonl"
     env = dict(os.environ, TRITON_INTERPRET="1", CGC_KERNELS_GPU_CONFIGS="1", **{RECORD_ENV: str(sink)},
                PYTHONPATH=str(ROOT), CGC_FUZZ_EXAMPLES=os.environ.get("CGC_FUZZ_EXAMPLES", "40"))
     sources = {}
@@ -243,7 +244,8 @@ def compile_variant(v: dict, dry: bool) -> tuple[str, float, str]:
     try:
         fn = _resolve(v)
         args = _arguments(v)
-        missing = set(inspect.signature(getattr(fn, "fn", fn)).parameters) - set(args)
+        params = inspect.signature(getattr(fn, "fn", fn)).parameters
+        missing = {n for n, p in params.items() if p.default is inspect.Parameter.empty} - set(args)
         if missing:
             raise TypeError(f"the kernel's arguments changed (now also {sorted(missing)}): re-record")
         if not dry:
