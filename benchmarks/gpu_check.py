@@ -361,9 +361,14 @@ def _driver_version() -> str:
 
 def interpreter_usable() -> bool:
     """Triton 3.6's interpreter fails with numpy >= 2.4 (the GPU image's pair): the root conftest's rule."""
-    import conftest
+    saved = dict(os.environ)
+    try:
+        import conftest  # the root one; importing it also sets TRITON_INTERPRET: undone below
 
-    return conftest.interpreter_unusable_reason() is None
+        return conftest.interpreter_unusable_reason() is None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def package_outputs(out: Path) -> dict:

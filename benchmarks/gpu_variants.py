@@ -149,36 +149,35 @@ def _record_smoke(sink_file: str) -> None:
 
 
 def _record_bench(sink_file: str) -> None:
-    """The fused op's launches in the benchmark subset at the "gpu" size (op and layer levels), host
-    side only: the checks' float64 references at those sizes would take CPU minutes."""
+    """The fused ops' launches in the benchmark subset at the "gpu" size (op and layer levels; the
+    model rows are not recorded and compile on first use), host side only: the checks' float64
+    references at those sizes would take CPU minutes."""
     import torch
 
     from benchmarks import gpu_check, harness
 
     _gpu_operands()
-    fused = harness.PROVIDERS["fused"]
     sink: list = []
     with recording(sink):
         for case in harness.cases("gpu"):
             if gpu_check.BENCH_CASE not in case.name:
                 continue
-            for level in fused.levels:
-                if level.startswith("model"):
-                    continue
-                p = harness.build_problem(case, torch.device("cpu"), harness.dtype_for("gpu"))
-                runner = harness.make_runner("fused", level, p)
-                training = level != "infer"
-                x = p.x.clone().requires_grad_(training)
-                with torch.set_grad_enabled(training), contextlib.suppress(Exception):
-                    y = runner.fn(x)
-                    if training:
-                        y.backward(p.dy)
+            for provider in ("fused", "fused_v1"):  # "-k fused" selects both
+                for level in harness.PROVIDERS[provider].levels:
+                    p = harness.build_problem(case, torch.device("cpu"), harness.dtype_for("gpu"))
+                    training = level != "infer"
+                    with torch.set_grad_enabled(training), contextlib.suppress(Exception):
+                        runner = harness.make_runner(provider, level, p)
+                        y = runner.fn(p.x.clone().requires_grad_(training))
+                        if training:
+                            y.backward(p.dy)
     with open(sink_file, "a") as f:
         for v in sink:
             f.write(json.dumps(v) + "\n")
 
 
-def record(out: Path = MANIFEST) -> dict:
+def record(out: Path = MANIFEST, only: list[str] | None = None) -> dict:
+    """Run the sources (all, or `only` these, keeping the others' variants from `out`); write `out`."""
     import tempfile
 
     from benchmarks import gpu_check
@@ -193,14 +192,26 @@ def record(out: Path = MANIFEST) -> dict:
                    "-q", "-p", "no:cacheprovider", "-o", "addopts="],
         "bench": [sys.executable, "-m", "benchmarks.gpu_variants", "_record-bench", str(sink)],
     }
+    kept = []
+    if only:
+        old = json.loads(out.read_text())
+        sources = {k: v for k, v in old["launches_recorded"].items() if k not in only}
+        kept = [v for v in old["variants"] if v.get("source") not in only]
+        runs = {k: v for k, v in runs.items() if k in only}
     for name, cmd in runs.items():
         before = sum(1 for _ in open(sink)) if sink.exists() else 0
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
         sources[name] = (sum(1 for _ in open(sink)) if sink.exists() else 0) - before
     launches = [json.loads(line) for line in open(sink)] if sink.exists() else []
     sink.unlink(missing_ok=True)
+    bounds, at = [], 0
+    for name in runs:  # which source each launch came from (the order they ran in)
+        bounds.append((name, at, at + sources[name]))
+        at += sources[name]
+    for i, v in enumerate(launches):
+        v["source"] = next(name for name, lo, hi in bounds if lo <= i < hi)
     unique = {}
-    for v in launches:
+    for v in kept + launches:
         unique.setdefault(variant_key(v), v)
     import triton
 
@@ -289,12 +300,13 @@ def main(argv=None) -> int:
     c.add_argument("--json", default=None, help="write the summary here")
     c.add_argument("--dry-run", action="store_true",
                    help="resolve every variant's kernel and arguments in the pool, compile nothing (no GPU)")
-    sub.add_parser("record", help=f"rewrite {MANIFEST.relative_to(ROOT)} from a recorded CPU run")
+    r = sub.add_parser("record", help=f"rewrite {MANIFEST.relative_to(ROOT)} from a recorded CPU run")
+    r.add_argument("--only", default=None, help="comma-separated sources to rerun: smoke,suites,bench")
     for hidden in ("_record-smoke", "_record-bench"):
         sub.add_parser(hidden).add_argument("sink")
     a = ap.parse_args(argv)
     if a.cmd == "record":
-        data = record()
+        data = record(only=a.only.split(",") if a.only else None)
         print(f"{len(data['variants'])} variants from {data['launches_recorded']} launches")
         return 0
     if a.cmd in ("_record-smoke", "_record-bench"):
