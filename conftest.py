@@ -81,5 +81,7 @@ def pytest_collection_modifyitems(config, items):
         reasons = [m.kwargs.get("reason", "") for m in item.iter_markers("skipif")
                    if m.args and m.args[0] is True or m.kwargs.get("condition") is True]
         reasons += [m.kwargs.get("reason", "") or (m.args[0] if m.args else "") for m in item.iter_markers("skip")]
-        if any("TRITON_INTERPRET" in r or "triton" in r.lower() for r in reasons):
-            item.add_marker(pytest.mark.skip(reason=f"kernel test: {UNUSABLE}"), append=False)
+        # the Triton backend's skip, or no device to run the kernels on (an empty device list)
+        if any("triton" in r.lower() or "empty parameter set" in r for r in reasons):
+            # first among the skipif marks: pytest reports the first true one
+            item.add_marker(pytest.mark.skipif(True, reason=f"kernel test: {UNUSABLE}"), append=False)
