@@ -1,28 +1,31 @@
-"""The GPU check: one run on a machine where only torch and triton are preinstalled.
+"""The GPU check: one run on the GPU machines' image, offline, from the checkout.
 
-    python3 benchmarks/gpu_check.py [--out DIR] [--dry-run]     (benchmarks/gpu_check.sh calls this)
+    python3 benchmarks/gpu_check.py [--out DIR] [--wheels DIR] [--dry-run]   (gpu_check.sh calls this)
 
-Steps, in order, each in a subprocess with its own time limit and log file in DIR; a failed or
-timed-out step is recorded and the run goes on:
+The image has torch, Triton, transformers, numpy and the test packages, and no package index: nothing
+is installed. The project runs from the checkout (PYTHONPATH); a wheel it lacks may travel in the
+working tree as `--wheels DIR` (installed with --no-index into a folder put on PYTHONPATH). Steps, in
+order, each in its own process group with a time limit (on timeout the whole group is killed) and a
+log; a failed or timed-out step is recorded and the run goes on:
 
-    install  the package and its test/benchmark dependencies, WITH their dependencies, under a
-             constraints file pinning the preinstalled torch, triton and numpy (never replaced)
-    a smoke  the op on CUDA against the reference: forward and every gradient, bf16 and fp32
-    b tests  every kernel suite on CUDA (kernels, dropout, compile, determinism, fuzz, bad input,
-             CUDA graphs); interpreter-only cases run only under TRITON_INTERPRET=1
-    c bench  a benchmark subset, fused op first: op fwd/bwd/full, the layer training step, model
-             decode tokens/s; results JSON, markdown report, achieved GB/s vs measured copy GB/s
-    d csrc   the CUDA C++ reference's tests, when nvcc is present (else one line why)
-    e graph  a CGCModel decode-shaped step captured in a CUDA graph: replay equals eager, and a
-             captured dropout draws a new mask on each replay
+    pre    preflight, one line each: imports (and versions), gcc and Python.h for Triton's
+           launchers, one tiny Triton launch, free GPU memory
+    warm   compile every kernel variant the steps below launch (benchmarks/gpu_variants.json)
+           into Triton's cache, over all cores; prints the count and the seconds
+    a      smoke: the op on CUDA against the reference, forward and every gradient, bf16 and fp32
+    b      every kernel suite on CUDA (tests/test_kernels_grid.py included; the fuzz test capped)
+    c      a benchmark subset, fused op first: results JSON, markdown report, GB/s vs copy GB/s
+    d      the CUDA C++ reference's tests, when nvcc is present (else one line why)
+    e      a CGCModel decode step captured in a CUDA graph: replay equals eager
 
-The summary table (per step: planned and measured seconds, status, key numbers) is printed last
-and written to DIR/summary.md and DIR/summary.json.
+What comes back (at most 8 files, 16 MiB each): summary.md, summary.json, smoke.json, compile.json,
+the results JSON with its report (.md, .png), and logs.tar.gz (every step's log, the junit XML,
+pytest-benchmark's JSON). The summary table is printed last.
 
---dry-run runs the very same steps on CPU: Triton's interpreter, the "ci" benchmark size, a
-one-test selection of the kernel suites, the C++ tests collected only, and `pip install --dry-run`
-(resolves, installs nothing); a test in the suite runs it, so every commit proves the plumbing
-(order, limits, outputs, summary).
+--dry-run rehearses the same steps on CPU (the test suite runs it in the GPU image's twin, offline):
+preflight, the compile step's bookkeeping (every variant resolved in the pool, none compiled), the
+time boxes and the output limits. The kernels run in Triton's interpreter where it can run; where it
+cannot (Triton 3.6 with numpy >= 2.4, the image's pair) through stubs that launch nothing.
 """
 
 from __future__ import annotations
@@ -32,36 +35,54 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
 
-KERNEL_SUITES = ["tests/test_kernels.py", "tests/test_kernels_dropout.py", "tests/test_compile.py",
-                 "tests/test_determinism.py", "tests/test_fuzz.py", "tests/test_bad_input.py",
-                 "tests/test_cuda_graph.py"]
+KERNEL_SUITES = ["tests/test_kernels.py", "tests/test_kernels_grid.py", "tests/test_kernels_dropout.py",
+                 "tests/test_compile.py", "tests/test_determinism.py", "tests/test_fuzz.py",
+                 "tests/test_bad_input.py", "tests/test_cuda_graph.py"]
+# Examples per backend of the fuzz test on the GPU: every new shape is a kernel variant to compile.
+FUZZ_EXAMPLES = 40
 # One fast test per run in the dry run: the plumbing, not the kernels, is what it proves.
 DRY_KERNEL_SELECTION = "test_forward_matches_naive_oracle or test_dropout_mask_properties"
 # The benchmark subset: one mid-sized expert shape at T=4 (both token counts, both layer shapes),
 # the fused op first (test_op.py before the layer and model suites; providers in PROVIDERS order).
 BENCH_FILES = ["benchmarks/test_op.py", "benchmarks/test_layer.py", "benchmarks/test_model.py"]
+BENCH_CASE = "T4-S2K1r8-uniform"
 BENCH_SELECTION = ("(T4-S2K1r8-uniform and (fused or peft_lora or bare_linear)) "
                    "or generate-T4-fused or generate-T4-peft_mixed or generate-T4-bare_model "
                    "or train-T4-fused or train-T4-peft_lora")
-TEST_DEPS = ["pytest>=8", "hypothesis>=6", "pytest-xdist>=3", "ninja>=1.11"]
-PINNED = ["torch", "triton", "numpy"]  # preinstalled: the constraints file keeps them as they are
+# Without kernels (the stubbed rehearsal): the providers that need none, for the results plumbing.
+STUB_BENCH_SELECTION = "T4-S2K1r8-uniform and (peft_lora or bare_linear)"
+# What the steps import (module: what needs it); the first group is required.
+REQUIRED = ["torch", "triton", "numpy", "transformers", "safetensors", "pytest", "hypothesis", "pytest_benchmark",
+            "matplotlib", "scipy", "tqdm"]
+OPTIONAL = {"xdist": "step b runs in one process", "peft": "the peft_* benchmark rows skip",
+            "accelerate": "transformers.Trainer tests skip"}
+MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20  # what comes back from the device machine's $OUT
+TOTAL_LIMIT_S = 8 * 60
+
+
+def kernel_suites() -> list[str]:
+    return list(KERNEL_SUITES)
 
 
 @dataclass
 class Step:
     key: str
     title: str
-    planned_s: int  # expected on one H200 (the plan; total <= 7 minutes)
-    limit_s: int  # hard time limit
+    planned_s: int  # expected on one H100/H200
+    limit_s: int  # hard time limit (they sum to 8 minutes at most)
     status: str = "not run"  # pass | fail | timeout | skip
     took_s: float = 0.0
     detail: str = ""
@@ -69,13 +90,15 @@ class Step:
 
 
 def plan(dry: bool) -> list[Step]:
-    # Planned seconds on the GPU machine; limits sum to 7 minutes. The dry run allows more per
-    # step (a loaded 2-core CPU, the interpreter).
+    # The compile step takes the JIT out of the others: ~440 variants at 1-2.2 s (sm_90) plus
+    # ~0.5 s of launcher each, over 16 cores, ~70-90 s. The dry run allows more per step (a loaded
+    # 2-core CPU).
     steps = [
-        Step("install", "install (constrained to the preinstalled torch/triton)", 45, 60),
-        Step("a", "smoke: op vs reference, fwd + every grad, bf16/fp32", 15, 30),
-        Step("b", "kernel test suites on the device", 100, 120),
-        Step("c", "benchmark subset (fused first), JSON + report + GB/s", 150, 160),
+        Step("pre", "preflight: imports, gcc + Python.h, one Triton launch, free memory", 10, 30),
+        Step("warm", "compile every kernel variant into Triton's cache, all cores", 90, 120),
+        Step("a", "smoke: op vs reference, fwd + every grad, bf16/fp32", 10, 25),
+        Step("b", "kernel test suites on the device (fuzz capped)", 100, 125),
+        Step("c", "benchmark subset (fused first), JSON + report + GB/s", 120, 130),
         Step("d", "CUDA C++ reference tests (nvcc)", 30, 35),
         Step("e", "CUDA graph: CGCModel decode step, replay == eager", 10, 15),
     ]
@@ -86,16 +109,27 @@ def plan(dry: bool) -> list[Step]:
 
 
 def _run(step: Step, cmd: list[str], out: Path, env: dict) -> int | None:
-    """Run `cmd` under the step's limit, output to out/<key>.log; returns the exit code (None: timeout)."""
-    log = out / f"{step.key}.log"
+    """Run `cmd` in its own process group under the step's limit, output to logs/<key>.log; returns
+    the exit code (None: timed out, and the whole group, pytest's workers included, was killed)."""
+    log = out / "logs" / f"{step.key}.log"
     print(f"== {step.key}: {step.title}  (limit {step.limit_s} s)\n   $ {' '.join(cmd)}", flush=True)
     t0 = time.monotonic()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=step.limit_s).returncode
+            rc = proc.wait(timeout=step.limit_s)
         except subprocess.TimeoutExpired:
             rc = None
+        finally:
+            # the group: on timeout everything still running; otherwise stray children (workers)
+            with_group = rc is None
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            if with_group:
+                f.write(f"\n[gpu_check: limit {step.limit_s} s reached: killed the process group]\n")
     step.took_s = time.monotonic() - t0
     tail = log.read_text(errors="replace").strip().splitlines()[-6:]
     for line in tail:
@@ -106,37 +140,93 @@ def _run(step: Step, cmd: list[str], out: Path, env: dict) -> int | None:
     return rc
 
 
-def write_constraints(out: Path) -> Path:
-    """Pins of the preinstalled torch, triton, numpy (and torch's nvidia-* wheels) as installed."""
-    lines = []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name in PINNED or name.startswith("nvidia-"):
-            lines.append(f"{name}=={dist.version}")
-    path = out / "constraints.txt"
-    path.write_text("\n".join(sorted(set(lines))) + "\n")
-    return path
+PREFLIGHT = r"""
+import importlib, os, shutil, sys, sysconfig, time
+required, optional, dry = sys.argv[1].split(","), sys.argv[2].split(","), sys.argv[3] == "1"
+bad = 0
+def line(ok, what, msg):
+    global bad
+    bad += ok == "FAIL"
+    print(f"{ok:<4} {what:<10} {msg}", flush=True)
+for name in required + optional:
+    try:
+        m = importlib.import_module(name)
+        line("ok", name, getattr(m, "__version__", "") + "  " + os.path.dirname(m.__file__ or ""))
+    except Exception as e:
+        line("FAIL" if name in required else "skip", name, f"{type(e).__name__}: {e}"[:150])
+import cgc_kernels
+line("ok", "checkout", os.path.dirname(os.path.dirname(cgc_kernels.__file__)) + " (PYTHONPATH, not installed)")
+cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+line("ok" if cc else "FAIL", "compiler", cc or "no gcc/cc/clang: Triton cannot build its launchers")
+h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+have = os.path.exists(h)
+line("ok" if have else "FAIL", "Python.h", h if have else f"missing ({h}): Triton's launchers need it")
+import torch
+interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if dry and not interp:
+    line("ok", "triton", "launch not tried (dry run with the interpreter unusable: kernels stubbed)")
+else:
+    import triton, triton.language as tl
+    @triton.jit
+    def _add_one(x_ptr, n, BLOCK: tl.constexpr):
+        o = tl.arange(0, BLOCK)
+        tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) + 1, mask=o < n)
+    t0 = time.monotonic()
+    try:
+        x = torch.zeros(10, device="cpu" if dry else "cuda")
+        _add_one[(1,)](x, 10, BLOCK=16)
+        ok = bool((x == 1).all())
+        took = time.monotonic() - t0
+        how = "in the interpreter" if interp else "compiled and ran"
+        line("ok" if ok else "FAIL", "triton", f"a tiny kernel {how} in {took:.1f} s" + ("" if ok else ": wrong"))
+    except Exception as e:
+        line("FAIL", "triton", f"{type(e).__name__}: {e}"[:200])
+if dry:
+    line("ok", "memory", "no device (dry run)")
+else:
+    free, total = torch.cuda.mem_get_info()
+    line("ok", "memory", f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name()}")
+sys.exit(1 if bad else 0)
+"""
 
 
-def step_install(step: Step, out: Path, env: dict, dry: bool) -> None:
-    cons = write_constraints(out)
-    cmd = [PY, "-m", "pip", "install", "-q", "-c", str(cons), "-e", ".[bench]", *TEST_DEPS]
-    if dry:
-        # Resolve against the same constraints, install nothing; the project itself is installed
-        # already (and building its metadata would need the index).
-        cmd = [PY, "-m", "pip", "install", "--dry-run", "--no-index", "-q", "-c", str(cons),
-               "pytest", "hypothesis", "transformers", "peft", "pytest-benchmark", "matplotlib", "safetensors"]
+def step_pre(step: Step, out: Path, env: dict, dry: bool, wheels: str | None = None) -> None:
+    if wheels:  # the only install: wheels carried in the working tree, no index
+        site = Path(tempfile.mkdtemp(prefix="cgc-wheels-"))
+        found = sorted(str(p) for p in Path(wheels).glob("*.whl"))
+        if found:
+            res = subprocess.run([PY, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site),
+                                  *found], capture_output=True, text=True, timeout=120)
+            print(f"   wheels: {len(found)} from {wheels} -> {site} ({'ok' if res.returncode == 0 else 'FAILED'})")
+            env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + str(site)
+    # A file, not `python -c`: @triton.jit reads its kernel's source.
+    script = Path(tempfile.mkdtemp(prefix="cgc-preflight-")) / "preflight.py"
+    script.write_text(PREFLIGHT)
+    _run(step, [PY, str(script), ",".join(REQUIRED), ",".join(OPTIONAL), "1" if dry else "0"], out, env)
+    lines = (out / "logs" / "pre.log").read_text(errors="replace").splitlines()
+    step.numbers = {"failed": sum(ln.startswith("FAIL") for ln in lines),
+                    "optional missing": [ln.split()[1] for ln in lines if ln.startswith("skip")]}
+    step.detail = next((ln for ln in lines if ln.startswith("FAIL")), "every check ok")[:120]
+
+
+def step_warm(step: Step, out: Path, env: dict, dry: bool, workers: int) -> None:
+    cmd = [PY, "-m", "benchmarks.gpu_variants", "compile", "--workers", str(workers), "--json",
+           str(out / "compile.json")] + (["--dry-run"] if dry else [])
     _run(step, cmd, out, env)
-    step.numbers["pinned"] = cons.read_text().split()[:3]
+    if (out / "compile.json").exists():
+        res = json.loads((out / "compile.json").read_text())
+        step.numbers = {k: res[k] for k in ("variants", "kernels", "workers", "seconds", "errors")}
+        step.detail = f"{res['variants']} variants in {res['seconds']} s over {res['workers']} processes"
 
 
-def step_smoke(step: Step, out: Path, env: dict, dry: bool) -> None:
+def step_smoke(step: Step, out: Path, env: dict, dry: bool, stub: bool) -> None:
     cmd = [PY, "-m", "benchmarks.gpu_smoke", "--json", str(out / "smoke.json")] + (["--dry-run"] if dry else [])
-    _run(step, cmd, out, env)
+    _run(step, cmd + (["--stub"] if stub else []), out, env)
     if (out / "smoke.json").exists():
         res = json.loads((out / "smoke.json").read_text())
-        step.numbers = {f"{r['dtype']} max err/tol": round(r["worst_ratio"], 3) for r in res["rows"]}
-        step.detail = f"device {res['device']}, M={res['M']} d={res['d']}"
+        step.numbers = {f"{r['dtype']} max err/tol": (round(r["worst_ratio"], 3) if r["worst_ratio"] is not None
+                                                       else "stub") for r in res["rows"]}
+        step.detail = f"device {res['device']}, M={res['M']} d={res['d']}" + (", kernels stubbed" if stub else "")
 
 
 def _pytest_summary(log: Path) -> str:
@@ -155,24 +245,25 @@ def _xdist(env: dict) -> list[str]:
 
 def step_tests(step: Step, out: Path, env: dict, dry: bool) -> None:
     cmd = [PY, "-m", "pytest", *KERNEL_SUITES, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "--junitxml", str(out / "tests.xml")]
+           "--junitxml", str(out / "logs" / "tests.xml")]
     cmd += ["-k", DRY_KERNEL_SELECTION] if dry else _xdist(env)
     _run(step, cmd, out, env)
-    step.detail = _pytest_summary(out / f"{step.key}.log") or step.detail
+    step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
 
 
-def step_bench(step: Step, out: Path, env: dict, dry: bool) -> None:
+def step_bench(step: Step, out: Path, env: dict, dry: bool, stub: bool) -> None:
     size = "ci" if dry else "gpu"
     results = out / f"cgc-results-{size}.json"
     cmd = [PY, "-m", "pytest", *BENCH_FILES, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "-k", BENCH_SELECTION, f"--bench-size={size}", "--bench-rounds", "1" if dry else "10",
-           "--bench-out", str(results), "--benchmark-json", str(out / f"pytest-benchmark-{size}.json"),
+           "-k", STUB_BENCH_SELECTION if stub else BENCH_SELECTION, f"--bench-size={size}",
+           "--bench-rounds", "1" if dry else "10",
+           "--bench-out", str(results), "--benchmark-json", str(out / "logs" / f"pytest-benchmark-{size}.json"),
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
     _run(step, cmd, out, env)
-    summary = _pytest_summary(out / f"{step.key}.log")
+    summary = _pytest_summary(out / "logs" / f"{step.key}.log")
     if not results.exists():
         step.status = "fail" if step.status == "pass" else step.status
-        step.detail = "no results JSON (see c.log)"
+        step.detail = "no results JSON (see logs/c.log)"
         return
     report = subprocess.run([PY, "-m", "benchmarks.report", str(results), "--md", str(out / f"{size}.md"),
                              "--png", str(out / f"{size}.png")], cwd=ROOT, env=env, capture_output=True,
@@ -235,25 +326,21 @@ def step_csrc(step: Step, out: Path, env: dict, dry: bool) -> None:
     # The dry run only collects them: building the extension takes minutes on a loaded CPU.
     _run(step, [PY, "-m", "pytest", "tests/test_csrc_ref.py", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
          + (["--collect-only"] if dry else []), out, env)
-    step.detail = _pytest_summary(out / f"{step.key}.log") or step.detail
+    step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
 
 
 def step_graph(step: Step, out: Path, env: dict, dry: bool) -> None:
     _run(step, [PY, "-m", "pytest", "tests/test_cuda_graph.py", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                 "-rs"], out, env)
-    step.detail = _pytest_summary(out / f"{step.key}.log") or step.detail
+    step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
     if step.status == "pass" and "skipped" in step.detail and "passed" not in step.detail:
         step.status = "skip"
 
 
-STEPS = {"install": step_install, "a": step_smoke, "b": step_tests, "c": step_bench, "d": step_csrc,
-         "e": step_graph}
-
-
 def summary_table(steps: list[Step], header: dict) -> str:
     lines = [f"GPU check ({header['mode']}): {header['device']}; torch {header['torch']}, "
-             f"triton {header['triton']}; total {header['total_s']:.0f} s (planned "
-             f"{sum(s.planned_s for s in steps)} s)", "",
+             f"triton {header['triton']}, python {header['python']}; total {header['total_s']:.0f} s (planned "
+             f"{sum(s.planned_s for s in steps)} s, limits {header['limit_total_s']} s)", "",
              "| step | what | planned s | limit s | took s | status | result |",
              "|---|---|---|---|---|---|---|"]
     for s in steps:
@@ -272,18 +359,53 @@ def _driver_version() -> str:
         return "unknown"
 
 
+def interpreter_usable() -> bool:
+    """Triton 3.6's interpreter fails with numpy >= 2.4 (the GPU image's pair): the root conftest's rule."""
+    saved = dict(os.environ)
+    try:
+        import conftest  # the root one; importing it also sets TRITON_INTERPRET: undone below
+
+        return conftest.interpreter_unusable_reason() is None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def package_outputs(out: Path) -> dict:
+    """Logs into logs.tar.gz; then check what comes back from the device: at most 8 files, 16 MiB each."""
+    logs = out / "logs"
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    shutil.rmtree(logs)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    big = [p.name for p in files if p.stat().st_size > MAX_FILE_BYTES]
+    return dict(files=[str(p.relative_to(out)) for p in files], count=len(files), over_16_mib=big,
+                fits=len(files) <= MAX_FILES and not big)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "out" / "gpu"),
-                    help="folder for logs, results and the summary (default $OUT, else out/gpu)")
-    ap.add_argument("--dry-run", action="store_true", help="the same steps on CPU, in seconds")
+                    help="folder for the results and the summary (default $OUT, else out/gpu)")
+    ap.add_argument("--wheels", default=None, help="a folder of wheels to install (no index) if the image lacks one")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    ap.add_argument("--dry-run", action="store_true", help="rehearse the same steps on CPU, offline")
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():  # a rerun into the same folder: only this run's files come back
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    (out / "logs").mkdir()
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    # The root conftest defaults TRITON_INTERPRET to 1 (CPU CI); on the GPU the kernels run compiled.
-    env["TRITON_INTERPRET"] = "1" if a.dry_run else "0"
+    # Offline: nothing is fetched, by pip or by the hub.
+    env.update(PIP_NO_INDEX="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # One Triton cache for every step: the compile step fills it, the others read it.
+    env.setdefault("TRITON_CACHE_DIR", str(Path(tempfile.gettempdir()) / "cgc-triton-cache"))
+    env["CGC_FUZZ_EXAMPLES"] = str(FUZZ_EXAMPLES)
+    # On the GPU the kernels run compiled; the rehearsal uses the interpreter where it can run, else stubs.
+    stub = a.dry_run and not interpreter_usable()
+    env["TRITON_INTERPRET"] = "1" if a.dry_run and not stub else "0"
     env["CGC_BENCH_SIZE"] = "ci" if a.dry_run else "gpu"
 
     import torch
@@ -295,26 +417,41 @@ def main(argv=None) -> int:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         triton_version = "none"
-    print(f"gpu_check: {'DRY RUN on CPU' if a.dry_run else 'GPU run'}; {device}; torch {torch.__version__}, "
-          f"triton {triton_version}, python {sys.version.split()[0]}; output {out}", flush=True)
+    mode = "GPU run" if not a.dry_run else "DRY RUN on CPU" + (" (kernels stubbed)" if stub else " (interpreter)")
+    print(f"gpu_check: {mode}; {device}; torch {torch.__version__}, triton {triton_version}, "
+          f"python {sys.version.split()[0]}; output {out}", flush=True)
     if not a.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device; use --dry-run on CPU", file=sys.stderr)
         return 2
 
     steps = plan(a.dry_run)
+    calls = {"pre": lambda s: step_pre(s, out, env, a.dry_run, a.wheels),
+             "warm": lambda s: step_warm(s, out, env, a.dry_run, a.workers),
+             "a": lambda s: step_smoke(s, out, env, a.dry_run, stub),
+             "b": lambda s: step_tests(s, out, env, a.dry_run),
+             "c": lambda s: step_bench(s, out, env, a.dry_run, stub),
+             "d": lambda s: step_csrc(s, out, env, a.dry_run),
+             "e": lambda s: step_graph(s, out, env, a.dry_run)}
     t0 = time.monotonic()
     for s in steps:
         try:
-            STEPS[s.key](s, out, env, a.dry_run)
+            calls[s.key](s)
         except Exception as e:  # a broken step must not stop the others
             s.status, s.detail = "fail", f"driver error: {type(e).__name__}: {e}"[:150]
-    header = dict(mode="dry run" if a.dry_run else "GPU", device=device, torch=torch.__version__,
-                  triton=triton_version, total_s=time.monotonic() - t0)
+    header = dict(mode="dry run" + (", kernels stubbed" if stub else "") if a.dry_run else "GPU", device=device,
+                  torch=torch.__version__, triton=triton_version, python=sys.version.split()[0],
+                  total_s=time.monotonic() - t0, limit_total_s=sum(s.limit_s for s in steps))
     table = summary_table(steps, header)
     (out / "summary.md").write_text(table + "\n")
     (out / "summary.json").write_text(json.dumps(dict(header, steps=[asdict(s) for s in steps]), indent=1))
+    returned = package_outputs(out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["returned"] = returned
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nreturned: {returned['count']} files ({', '.join(returned['files'])})"
+          + ("" if returned["fits"] else f"; OVER THE LIMIT of {MAX_FILES} files / 16 MiB each"))
     print("\n" + table, flush=True)
-    return 1 if any(s.status in ("fail", "timeout") for s in steps) else 0
+    return 1 if any(s.status in ("fail", "timeout") for s in steps) or not returned["fits"] else 0
 
 
 if __name__ == "__main__":

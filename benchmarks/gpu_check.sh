@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (planned ~6 minutes on one H200, 7 at most): installs the package
-# into the machine's own torch/triton (never replacing them), then the smoke test, the kernel suites
-# on CUDA, a benchmark subset with its report, the CUDA C++ reference and a CUDA-graph check, each
-# time-boxed, with a summary table last. All of it lives in benchmarks/gpu_check.py.
+# The one script a GPU session runs, offline on the GPU machines' image (nothing installed; the
+# checkout on PYTHONPATH): preflight, every kernel variant compiled in parallel, the smoke test, the
+# kernel suites on CUDA, a benchmark subset with its report, the CUDA C++ reference and a CUDA-graph
+# check, each in its own time box (8 minutes in all), the summary table last. What comes back: at
+# most 8 files in DIR. All of it lives in benchmarks/gpu_check.py.
 #
-#   benchmarks/gpu_check.sh [--out DIR]      # default $OUT, else out/gpu
-#   benchmarks/gpu_check.sh --dry-run        # the same steps on CPU in seconds (the test suite runs this)
+#   benchmarks/gpu_check.sh [--out DIR] [--wheels DIR]   # default $OUT, else out/gpu
+#   benchmarks/gpu_check.sh --dry-run                    # the rehearsal on CPU (the test suite runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -17,6 +17,8 @@ time. Dims stay tiny because Triton's interpreter costs milliseconds per program
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -30,6 +32,9 @@ from .oracle import naive_cgc_lora
 
 # Examples per backend: the reference costs ~20 ms an example, the interpreter ~0.2 s (tiny dims).
 MAX_EXAMPLES = {"reference": 150, "torch": 150, "triton": 80}
+# A cap (benchmarks/gpu_check.py sets it: every new shape is a new kernel variant to compile on a GPU).
+if os.environ.get("CGC_FUZZ_EXAMPLES"):
+    MAX_EXAMPLES = {k: min(v, int(os.environ["CGC_FUZZ_EXAMPLES"])) for k, v in MAX_EXAMPLES.items()}
 DTYPES = {
     "reference": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
     "torch": [torch.float64, torch.float32, torch.float16, torch.bfloat16],

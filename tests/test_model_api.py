@@ -16,6 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCModel
+from cgc_kernels.adapter.checkpointing import enable_model_checkpointing
 from cgc_kernels.adapter.targets import summarize_targets
 
 from .models import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
@@ -271,14 +272,14 @@ def test_checkpointing_in_either_order_gives_the_same_gradients(order, reentrant
         base = tiny_base("llama")
         kw = {"use_reentrant": reentrant}
         if checkpointing and order == "on the base before wrapping":  # prepare_model_for_kbit_training's order
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            enable_model_checkpointing(base, kw)
         cgc = CGCModel(base, cfg)
         randomize(cgc)
         cgc.train()
         if checkpointing and order == "through the wrapper":
             cgc.activation_checkpointing_enable(kw)
         if checkpointing and order == "on cgc.model":
-            cgc.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            enable_model_checkpointing(cgc.model, kw)
         assert cgc.is_activation_checkpointing == checkpointing
         calls = []
         first = next(iter(cgc.adapted_layers().values()))
@@ -295,7 +296,7 @@ def test_checkpointing_in_either_order_gives_the_same_gradients(order, reentrant
 
 def test_unload_gives_back_the_plain_checkpoint_functions():
     base = tiny_base("llama")
-    base.activation_checkpointing_enable()
+    enable_model_checkpointing(base)
     layer = base.model.layers[0]
     plain = layer._gradient_checkpointing_func
     cgc = CGCModel(base, CGCLoRAConfig(tasks=TASKS, rank=2, target_modules=["q_proj"]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cgc_kernels import CGCDataCollator
+from cgc_kernels.adapter.checkpointing import checkpointing_training_argument
 
 from .models import TASKS, VOCAB, make
 
@@ -97,7 +98,7 @@ def test_trainer_trains_with_task_ids(remove_unused_columns, tmp_path):
                              learning_rate=1e-2, save_strategy="no", report_to=[], logging_steps=1,
                              remove_unused_columns=remove_unused_columns, use_cpu=True,
                              dataloader_num_workers=0,
-                             activation_checkpointing=not remove_unused_columns)  # via CGCModel's hook
+                             **checkpointing_training_argument(not remove_unused_columns))  # via CGCModel's hook
     trainer = Trainer(model=cgc, args=args, train_dataset=examples, data_collator=collate)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))

@@ -20,6 +20,29 @@ import copy
 _ATTR = "_gradient_checkpointing_func"
 
 
+def enable_model_checkpointing(model, kwargs: dict | None = None, **extra) -> None:
+    """transformers' own checkpointing verb on `model`: `activation_checkpointing_enable` from
+    transformers 5.24 on, `gradient_checkpointing_enable` before (5.17 has only that name)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs, **extra)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **extra)
+    else:
+        raise ValueError(f"{type(model).__name__} has no activation checkpointing to enable")
+
+
+def checkpointing_training_argument(enabled: bool) -> dict:
+    """The TrainingArguments keyword that turns checkpointing on: `activation_checkpointing` from
+    transformers 5.24 on, `gradient_checkpointing` before. `TrainingArguments(**this(True), ...)`."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 class RoutingCarrier:
     """`checkpoint_func(function, *args, **kwargs)` that runs `function` with the CGCModel's routing
     (a task_ids.LayerRouting) of the moment it was called, in the forward and again in the
@@ -75,13 +98,7 @@ class CheckpointingMixin:
         (`{"use_reentrant": True}`) works too: the input embeddings' output is made to require
         grad, as PEFT does, so the reentrant backward reaches the adapters of a frozen base."""
         kw = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
-        enable = getattr(self.model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kw, **kwargs)
-        elif hasattr(self.model, "gradient_checkpointing_enable"):  # transformers before the rename
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw, **kwargs)
-        else:
-            raise ValueError(f"{type(self.model).__name__} has no activation checkpointing to enable")
+        enable_model_checkpointing(self.model, kw, **kwargs)
         # transformers does this itself for models fed input_ids; once is enough (a second call
         # would leave a hook that disable_input_require_grads cannot remove)
         if (kw.get("use_reentrant") and hasattr(self.model, "enable_input_require_grads")
