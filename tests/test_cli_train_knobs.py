@@ -149,4 +149,4 @@ def test_eval_data_error_names_the_files_row(data, tmp_path, capsys):
     rows.append({"task": "poetry", "prompt": "p", "response": "r"})
     bad = _write(tmp_path / "bad.jsonl", rows)
     assert main(["train", *SMALL, "--data", train, "--eval-data", bad, "--out", str(tmp_path / "o")]) == 2
-    assert "row 13 has task 'poetry'" in capsys.readouterr().err
+    assert f"{bad}:13: task 'poetry' is not one of the tasks trained" in capsys.readouterr().err

@@ -64,7 +64,9 @@ def cmd_generate(args) -> int:
     meta = read_meta(args.dir)
     loaded.check_tasks(meta["tasks"])
     rows = loaded.rows
-    done = _check_destination(args, rows)  # before the model loads
+    # Each answer line is the input's own record (every column: ids and the like) plus "output".
+    echoed = [json.loads(json.dumps(r, ensure_ascii=False, default=str)) for r in loaded.records]
+    done = _check_destination(args, echoed)  # before the model loads
     if done == len(rows):
         log(f"all {len(rows)} rows of {args.input} are already answered in {args.output}")
         return 0
@@ -81,12 +83,12 @@ def cmd_generate(args) -> int:
     written = done
     try:
         for s in range(done, len(rows), args.batch_size):
-            chunk = rows[s:s + args.batch_size]
+            chunk, records = rows[s:s + args.batch_size], echoed[s:s + args.batch_size]
             answers = generate_answers(cgc, tokenizer, chunk, list(cgc.tasks), system=meta.get("system"),
                                        max_new_tokens=args.max_new_tokens, batch_size=len(chunk),
                                        temperature=args.temperature, top_p=args.top_p)
             sink.write("".join(json.dumps(dict(r, output=a), ensure_ascii=False) + "\n"
-                               for r, a in zip(chunk, answers, strict=True)))
+                               for r, a in zip(records, answers, strict=True)))
             sink.flush()
             written += len(chunk)
             bar.update(len(chunk))
@@ -129,7 +131,7 @@ def _check_destination(args, rows: list[dict]) -> int:
 
 def _answered(path: str, rows: list[dict], input_path: str) -> int:
     """The number of complete answer lines at the start of `path`, each checked against the input
-    row it answers; a last line cut off mid-write is removed from the file."""
+    record it answers (`rows`: the input's records as JSON gives them back); a last line cut off mid-write is removed from the file."""
     keep, count = 0, 0
     with open(path, "rb") as f:
         for raw in f:
@@ -142,8 +144,8 @@ def _answered(path: str, rows: list[dict], input_path: str) -> int:
             if count >= len(rows):
                 raise UserError(f"{path} holds more lines than {input_path} has rows; is it another input's output?")
             row = rows[count]
-            if not isinstance(line, dict) or "output" not in line or any(line.get(k) != row[k]
-                                                                         for k in ("task", "prompt")):
+            if not isinstance(line, dict) or "output" not in line or {
+                    k: v for k, v in line.items() if k != "output"} != row:
                 raise UserError(f"{path}:{count + 1} does not answer row {count + 1} of {input_path}; "
                                 f"is it another input's output?")
             keep += len(raw)

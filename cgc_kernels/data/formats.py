@@ -42,14 +42,16 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class LoadedRows:
-    """What a file held: its rows as plain dicts (see the module docstring), the format found, and
+    """What a file held: its rows as plain dicts (see the module docstring), the format found,
     `where[i]`, how an error names row i ("F.jsonl:3" for line 3 of a JSON Lines file, else
-    "F.csv: row 3")."""
+    "F.csv: row 3"), and `records`, the file's own records with every column (what `generate`
+    echoes beside each answer)."""
 
     path: str
     rows: list[dict]
     format: str
     where: list[str]
+    records: list[dict]
 
     def check_tasks(self, known: list[str]) -> None:
         """UserError naming the first row whose task is not in `known` (the tasks trained)."""
@@ -84,7 +86,7 @@ def load_rows(path: str, *, task_column: str = "task", task: str | None = None, 
     where = [f"{path}:{lines[i]}" if lines and i < len(lines) else f"{path}: row {i + 1}" for i in range(len(records))]
     rows, fmt = normalize_records(records, path, where, task_column=task_column, task=task,
                                   need_answer=need_answer, columns=_columns(records, path))
-    loaded = LoadedRows(path, rows, fmt, where)
+    loaded = LoadedRows(path, rows, fmt, where, records)
     if known_tasks is not None:
         loaded.check_tasks(known_tasks)
     return loaded
