@@ -311,7 +311,7 @@ PROVIDERS: dict[str, Provider] = {
     for p in [
         Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"),
                  needs_cuda=True),
-        Provider("fused_v1", "the first fused Triton kernels (op/triton/forward.py, backward.py)", ("op",),
+        Provider("fused_v1", "the first fused Triton kernels (benchmarks/fused_v1.py)", ("op",),
                  needs_cuda=True),
         Provider("cuda_ref", "csrc_ref's hand-written CUDA forward (fp32, no tensor cores)", ("op",),
                  needs_cuda=True, modes=("forward",)),

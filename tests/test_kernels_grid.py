@@ -1,4 +1,4 @@
-"""The GPU-filling kernels (forward_grid.py, backward_grid.py) against the reference op.
+"""The GPU-filling kernels (forward.py, backward.py) against the reference op.
 
 Each launcher is called directly with a routing, both forward plans ("fused": one 2-D launch;
 "split": shrink + expand), and compared with `cgc_kernels.reference` in float64 on the same
@@ -14,7 +14,7 @@ import torch
 
 from cgc_kernels import reference
 from cgc_kernels.op.routing import build_routing
-from cgc_kernels.op.triton import backward_grid, common, dropout, forward_grid
+from cgc_kernels.op.triton import backward, common, dropout, forward
 from tests.cases import TOLERANCES, Case, make_inputs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -66,16 +66,16 @@ def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, s
     """(y, grads dict) from the new launchers: y = base + delta, then every gradient from dy."""
     T = args["task_a"].shape[0]
     a = args
-    y, z = forward_grid.cgc_lora_forward_grid(
+    y, z = forward.cgc_lora_forward(
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.block_m,
         a["scaling"], a["per_token_gates"], dropout_p, seed, base=base, plan=plan)
     M, d_in = a["x"].shape
     RS, RK = a["shared_a"].shape[1], a["task_a"].shape[1]
-    rank = (common.rank_pad(RS) if RS else 0) + (common.rank_pad(RK) if RK else 0)
-    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.block_m, chunk=chunk,
+    rank = common.rank_size(RS, RK)
+    bplan = backward.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.block_m, chunk=chunk,
                                         rank=RS + RK, dz_parts=dz_parts)
-    grads = backward_grid.cgc_lora_backward_grid(
+    grads = backward.cgc_lora_backward(
         dy, a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.block_m, z,
         a["scaling"], a["per_token_gates"], dropout_p, seed, True, True, True, True, plan=bplan)
@@ -171,7 +171,7 @@ def test_delta_only_and_in_place(plan, device):
     args, dy, base = _problem(case, torch.float32, device)
     rt = _routing(args, case.T, 16)
     a = args
-    call = lambda **kw: forward_grid.cgc_lora_forward_grid(  # noqa: E731
+    call = lambda **kw: forward.cgc_lora_forward(  # noqa: E731
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.block_m,
         a["scaling"], False, 0.0, 0, plan=plan, **kw)

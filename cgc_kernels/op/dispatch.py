@@ -21,7 +21,7 @@ The Triton path reaches the kernel launchers two ways, with the same launches:
     cgc_kernels::lora_bwd          the gradients, from dy and the saved z (registered as lora_fwd's
                                    backward through `register_autograd`)
 
-The kernels (op/triton/forward_grid.py, backward_grid.py) write every output row themselves:
+The kernels (op/triton/forward.py, backward.py) write every output row themselves:
 with `base=` the functional op returns base + delta in one pass (nothing zero-filled before,
 nothing added after; base's gradient is dy itself). Routing tensors are passed individually (a
 custom op cannot take a dataclass), with the routing's tile size. With `out=` under autograd, the
@@ -72,9 +72,9 @@ def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
     pads = [common.rank_pad(n) for n in (rs, rk) if n > 0]
     if max(pads, default=0) > common.MAX_RANK_PAD:
         return True
-    from .triton import backward_grid
+    from .triton import backward
 
-    return sum(pads) > backward_grid.max_rank_size(dtype)
+    return sum(pads) > backward.max_rank_size(dtype)
 
 
 # ---- launches (shared by the eager path and the custom ops) ------------------------------------
@@ -87,16 +87,16 @@ def _launch_forward(x, gates, shared_a, shared_b, task_a, task_b, task_cluster, 
                     out=None):
     """Functional (out None): (base + delta, or the delta, [M, d_out]; z fp32), every row written
     by the kernels. In place: out += delta, returns (out, None)."""
-    from .triton import forward_grid
+    from .triton import forward
 
     with common.device_guard(x):
         if out is not None:
-            return forward_grid.cgc_lora_forward_grid(
+            return forward.cgc_lora_forward(
                 x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start,
                 tile_end, counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=out, out=out,
                 save_z=False,
             )
-        return forward_grid.cgc_lora_forward_grid(
+        return forward.cgc_lora_forward(
             x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task, tile_start, tile_end,
             counts, tile_rows, scaling, per_token_gates, dropout_p, seed, base=base,
         )
@@ -107,11 +107,11 @@ def _launch_backward(dy, x, gates, shared_a, shared_b, task_a, task_b, task_clus
                      dropout_p, needs):
     """(dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b), None where not needed.
     needs = [x, gates, A (both sides), B (both sides)]."""
-    from .triton import backward_grid
+    from .triton import backward
 
     need_x, need_g, need_a, need_b = needs
     with common.device_guard(x):
-        return backward_grid.cgc_lora_backward_grid(
+        return backward.cgc_lora_backward(
             dy.contiguous(), x, gates, shared_a, shared_b, task_a, task_b, task_cluster, order, tile_task,
             tile_start, tile_end, counts, starts, tile_rows, z, scaling, per_token_gates, dropout_p, seed,
             need_x, need_g, need_a, need_b,
