@@ -14,6 +14,8 @@ version. New kernels are added to `KERNELS` below.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import re
@@ -75,18 +77,24 @@ def _dropout_mask_space(dtype_name: str) -> list[tuple[str, str, int, dict, int,
     return [("dropout_mask", "default", 0, dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
 
 
-def rank_splits(limit: int, full: bool) -> list[tuple[int, int]]:
+MATRICES = ("heavy", "reachable", "full")
+
+
+def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
     """(RS_PAD, RK_PAD) pairs the planner sends to the tier of `limit` (0: that side absent).
 
     Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
-    (previous limit, limit]. `full`: every such pair; otherwise the balanced pair at the limit and
+    (previous limit, limit]. "full": every such pair; "reachable": the balanced pair at the limit and
     the most lopsided ones (one side as large as the tier allows, the other 16 or absent), where the
-    register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not)."""
+    register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
+    the balanced pair alone."""
     pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
     lower = max((lim for lim in TIER_LIMITS if lim < limit), default=0)
     pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]
-    if full:
+    if matrix == "full":
         return pairs
+    if matrix == "heavy":
+        return [(limit // 2, limit // 2)]
     big = max(a for a, _ in pairs)
     picked = {(limit // 2, limit // 2), (big, 16), (16, big), (big, 0)}
     return sorted(p for p in pairs if p in picked)
@@ -95,17 +103,17 @@ def rank_splits(limit: int, full: bool) -> list[tuple[int, int]]:
 TIER_LIMITS = (64, 2 * common.MAX_RANK_PAD)  # every tier table's limits (forward.py, backward.py)
 
 
-def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, full: bool) -> list[tuple[str, dict]]:
+def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, matrix: str) -> list[tuple[str, dict]]:
     """(suffix, constexprs) of the flag and rank variants of one tier of `kernel`: every rank split,
     per-task and per-token gates, dropout on and off, where the tier's code path reads them (the dA
     launch reads no gate, the dB launch and the expand from z parts no x); the other flags at their
     heaviest (every output wanted, clusters, a base). fp16 differs from bf16 only in conversions:
-    outside `full` it compiles each split with every flag on."""
+    outside "full" it compiles each split with every flag on, as "heavy" does for every dtype."""
     args = set(fn.arg_names)
-    splits = rank_splits(limit, full) if "RS_PAD" in args else [(limit // 2, limit // 2)]
+    splits = rank_splits(limit, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
     reads_gates = "PER_TOKEN_GATES" in args and not consts.get("DO_A")
     reads_x = "HAS_DROPOUT" in args and not consts.get("Z_FROM_PARTS") and consts.get("DO_A", True)
-    light = dtype_name == "fp16" and not full
+    light = matrix == "heavy" or dtype_name == "fp16" and matrix != "full"
     gates = ((True,) if light else (False, True)) if reads_gates else (None,)
     drops = ((True,) if light else (False, True)) if reads_x else (None,)
     out = []
@@ -125,14 +133,14 @@ def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, full: 
 
 def _space(config_space, kernel: str):
     """Every compile of one kernel: its tiers from its file's config space, each with its variants."""
-    def space(dtype_name: str, full: bool = False) -> list[tuple[str, dict, int, int]]:
+    def space(dtype_name: str, matrix: str = "heavy") -> list[tuple[str, dict, int, int]]:
         fn = KERNELS[kernel].fn
         prec = "ieee" if dtype_name == "fp32" else "tf32"
         out = []
         for k, cname, limit, consts, warps, stages in config_space(dtype_name):
             if k != kernel:
                 continue
-            for suffix, flags in _variants(kernel, fn, limit, consts, dtype_name, full):
+            for suffix, flags in _variants(kernel, fn, limit, consts, dtype_name, matrix):
                 c = dict(consts, **flags)
                 if "DOT_PRECISION" in fn.arg_names:
                     c["DOT_PRECISION"] = prec
@@ -145,7 +153,7 @@ def _space(config_space, kernel: str):
 class AotKernel:
     """One kernel to compile: its @triton.jit function and every config its launcher can pick.
 
-    space(dtype_name, full) -> [(config name, constexprs, num_warps, num_stages)]: each tier of the
+    space(dtype_name, matrix) -> [(config name, constexprs, num_warps, num_stages)]: each tier of the
     kernel's file (`*_config_space()`) with every rank split and flag it can meet (`_variants`).
     `dtype_free`: the kernel has no float input (one compile per capability, dtype "-").
     `pointer_types`: element types of pointer arguments that are neither the input dtype nor in
@@ -169,13 +177,13 @@ KERNELS: dict[str, AotKernel] = {
     "bwd_weights": AotKernel(backward._bwd_weight_kernel, _space(backward.backward_config_space, "bwd_weights"),
                              dropout_rows="BLOCK_R"),
     "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel, _space(backward.backward_config_space, "bwd_reduce")),
-    "dropout_mask": AotKernel(dropout._keep_mask_kernel, lambda dt, full=False: [
+    "dropout_mask": AotKernel(dropout._keep_mask_kernel, lambda dt, matrix="heavy": [
         (c, consts, w, s) for _, c, _, consts, w, s in _dropout_mask_space(dt)], dtype_free=True,
         pointer_types={"mask_ptr": "*i8"}),
 }
 
 
-def jobs(caps, dtypes, kernels=None, full=False):
+def jobs(caps, dtypes, kernels=None, matrix="heavy"):
     """(kernel name, config name, cap, dtype, constexprs, num_warps, num_stages) for every compile."""
     out = []
     names = kernels or list(KERNELS)
@@ -183,9 +191,19 @@ def jobs(caps, dtypes, kernels=None, full=False):
         for name in names:
             k = KERNELS[name]
             for dt in (["-"] if k.dtype_free else dtypes):
-                for cname, consts, warps, stages in k.space(dt, full):
+                for cname, consts, warps, stages in k.space(dt, matrix):
                     out.append((name, cname, cap, dt, consts, warps, stages))
     return out
+
+
+@functools.cache
+def ptxas_options() -> list[str]:
+    """The register-allocation options the installed Triton passes to ptxas when it compiles a
+    kernel (Triton 3.7 adds --regAllocOptLevel=2, 3.6 nothing): the allocation checked here must
+    be the one a GPU run gets."""
+    from triton.backends.nvidia import compiler
+
+    return ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in inspect.getsource(compiler) else []
 
 
 def compile_one(job):
@@ -205,7 +223,7 @@ def compile_one(job):
         p = os.path.join(d, "k.ptx")
         with open(p, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", p, "-o", os.path.join(d, "k.cubin")],
+        res = subprocess.run([ptxas, "-v", *ptxas_options(), f"--gpu-name={arch}", p, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed for {kname}/{cname}/sm_{cap}/{dt}: {res.stderr[-2000:]}")
@@ -231,10 +249,11 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--kernels", default=None, help=f"comma-separated subset of {','.join(KERNELS)}")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    ap.add_argument("--full", action="store_true", help="every rank split of every tier (rank_splits)")
+    ap.add_argument("--matrix", choices=MATRICES, default="heavy",
+                    help="rank splits and flags per tier (rank_splits, _variants)")
     a = ap.parse_args(argv)
     todo = jobs([int(c) for c in a.caps.split(",")], a.dtypes.split(","),
-                a.kernels.split(",") if a.kernels else None, a.full)
+                a.kernels.split(",") if a.kernels else None, a.matrix)
     with ProcessPoolExecutor(a.workers) as pool:
         for r in pool.map(compile_one, todo):
             print(json.dumps(r), flush=True)

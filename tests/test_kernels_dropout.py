@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
-from cgc_kernels.op.triton.dropout import dropout_keep_mask, new_seed
+from cgc_kernels.op.triton.dropout import GROUPED_MIN_TILE, dropout_keep_mask, keep_mask, new_seed
 from tests.cases import TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 DEVICES = TRITON_DEVICES
@@ -67,6 +69,16 @@ def test_dropout_mask_properties(device):
     assert dropout_keep_mask(7, 64, 65, 0.0, device).all()
 
 
+@triton.jit
+def _small_tile_mask(mask_ptr, seed_ptr, p, M, d_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    keep = keep_mask(tl.load(seed_ptr), rows, k0, d_in, p, BLOCK_K)
+    tl.store(mask_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < d_in))
+
+
 def _philox4x32_10(seed: int, c0: int, c1: int) -> tuple[int, int, int, int]:
     """Philox4x32-10 (Salmon et al. 2011) with counter (c0, c1, 0, 0) and key (seed lo, seed hi),
     written from the paper's constants: the independent check of the kernels' generator."""
@@ -97,6 +109,11 @@ def test_keep_mask_is_one_philox_call_per_8_elements(device):
                     expect[m, k] = ((words[j // 2] >> (16 * (j % 2))) & 0xFFFF) >= threshold
     got = dropout_keep_mask(seed, M, d_in, p, device).cpu()
     assert torch.equal(got, expect)
+    # Tiles under GROUPED_MIN_TILE elements draw per element: the same mask.
+    small = torch.empty(M, d_in, dtype=torch.int8, device=device)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    _small_tile_mask[(triton.cdiv(M, 16), triton.cdiv(d_in, 16))](small, seed_t, p, M, d_in, BLOCK_M=16, BLOCK_K=16)
+    assert 16 * 16 < GROUPED_MIN_TILE and torch.equal(small.bool().cpu(), expect)
     # A function of (row, column) alone: fewer rows give the same leading rows.
     assert torch.equal(dropout_keep_mask(seed, 3, d_in, p, device).cpu(), expect[:3])
 

@@ -239,6 +239,25 @@ def test_gpu_block_configs(case, tile_rows, plan, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_dropout_with_gpu_block_configs(device, monkeypatch):
+    # fp32's GPU tiers have 16 x 16 dropout tiles, which draw the mask per element rather than per
+    # group of 8 (dropout.GROUPED_MIN_TILE): the forward, dx and dA must still use the mask of
+    # dropout_keep_mask (drawn in 64 x 64 tiles).
+    monkeypatch.setattr(common, "GPU_CONFIGS_IN_INTERPRETER", True)
+    case = Case(M=24, d_in=40, d_out=24, T=2, S=1, K=1, r=4, ids="with_unrouted")
+    args, dy, base = _problem(case, torch.float32, device)
+    p, seed = 0.25, 99
+    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan="fused", base=base, chunk=16,
+                        dropout_p=p, seed=seed)
+    assert forward.forward_plan(case.M, case.T, case.d_in, case.d_out, 32, torch.float32, 4, 16).BLOCK_K == 16
+    mask = dropout.dropout_keep_mask(seed, case.M, case.d_in, p, device)
+    y_ref, grads_ref = run_reference(args, dy, base=base, mask=mask, dropout_p=p)
+    check(y, y_ref, torch.float32, "base + delta")
+    for k in DIFF:
+        check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_op_base_is_functional_and_differentiable(backend, device):
     # cgc_lora(..., base=b) returns b + delta as a new tensor (b untouched), and the base's

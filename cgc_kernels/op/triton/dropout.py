@@ -22,7 +22,9 @@ import triton.language as tl
 
 from . import common
 
-LANES = 8  # elements decided by one Philox call (4 words x 2 halves)
+# Tiles of at least this many elements draw one call per group; smaller tiles (where every thread
+# holds under 8 elements) draw per element.
+GROUPED_MIN_TILE = tl.constexpr(1024)
 
 
 @triton.jit
@@ -30,15 +32,27 @@ def keep_mask(seed, rows, k0, d_in, p, BLOCK_K: tl.constexpr):
     """[R, BLOCK_K] bool keep-mask of original rows `rows` [R] (int64) and columns
     [k0, k0 + BLOCK_K) (k0 a multiple of 8); `seed` is the scalar loaded from the seed tensor."""
     G: tl.constexpr = BLOCK_K // 8
-    groups = rows[:, None] * ((d_in + 7) // 8) + (k0 // 8 + tl.arange(0, G))[None, :]  # int64
-    w0, w1, w2, w3 = tl.randint4x(seed, groups)
-    lo = 0xFFFF
-    # tl.join appends the new axis last, so the outermost join picks lane bit 0: after the reshape,
-    # column 8 g + j holds lane j of group g.
-    v = tl.join(tl.join(tl.join(w0 & lo, w2 & lo), tl.join(w1 & lo, w3 & lo)),
-                tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16)))  # [R, G, 2, 2, 2]
-    v = tl.reshape(v, [rows.shape[0], BLOCK_K])
+    per_row = (d_in + 7) // 8
     threshold = tl.cast(p * 65536.0 + 0.5, tl.uint32)
+    if rows.shape[0] * BLOCK_K >= GROUPED_MIN_TILE:
+        # One call per group of 8 columns, its 8 half-words spread over the group's columns.
+        groups = rows[:, None] * per_row + (k0 // 8 + tl.arange(0, G))[None, :]  # int64
+        w0, w1, w2, w3 = tl.randint4x(seed, groups)
+        lo = 0xFFFF
+        # tl.join appends the new axis last, so the outermost join picks lane bit 0: after the
+        # reshape, column 8 g + j holds lane j of group g.
+        v = tl.join(tl.join(tl.join(w0 & lo, w2 & lo), tl.join(w1 & lo, w3 & lo)),
+                    tl.join(tl.join(w0 >> 16, w2 >> 16), tl.join(w1 >> 16, w3 >> 16)))  # [R, G, 2, 2, 2]
+        v = tl.reshape(v, [rows.shape[0], BLOCK_K])
+    else:
+        # A tile smaller than the threads' share of whole groups: every thread would run a call for
+        # its one or two elements anyway, so each element draws its group's words itself (the same
+        # values, without the join and reshape that would cost registers here).
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w0, w1, w2, w3 = tl.randint4x(seed, rows[:, None] * per_row + (kk // 8)[None, :])
+        lane = (kk % 8)[None, :]
+        w = tl.where(lane < 4, tl.where(lane < 2, w0, w1), tl.where(lane < 6, w2, w3))
+        v = tl.where(lane % 2 == 0, w & 0xFFFF, w >> 16)
     return v >= threshold
 
 
