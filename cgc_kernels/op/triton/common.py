@@ -6,7 +6,6 @@ No kernels here. Importing this module does not import Triton.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -114,15 +113,3 @@ def seed_tensor(seed: torch.Tensor | int | None, device: torch.device, unused: t
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
-
-
-@functools.cache
-def triton_version() -> tuple[int, int]:
-    """(major, minor) of the installed Triton (config tables can differ by version), (0, 0) if none."""
-    try:
-        from importlib.metadata import version
-
-        major, minor = version("triton").split(".")[:2]
-        return int(major), int(minor)
-    except Exception:  # not installed, or an unusual version string
-        return (0, 0)
