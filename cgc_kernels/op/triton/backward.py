@@ -369,7 +369,7 @@ PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLO
 def max_rank_size(dtype: torch.dtype) -> int:
     """Largest padded rank (both sides together) the forward and backward configs take for `dtype`."""
     kind = common.tier_kind(dtype)
-    return min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0])
+    return common.version_rank_limit(kind, min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0]))
 
 
 def chunk_rows_for(M: int, T: int) -> int:
@@ -417,6 +417,7 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, in
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for limit, c in BACKWARD_BLOCKS[kind]:
+        limit = common.version_rank_limit(kind, limit)  # compiled at the largest rank it gets
         name = f"r{limit}"
         parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
         for dz_parts in (True, False) if parts_here else (False,):
