@@ -13,11 +13,11 @@ from cgc_kernels.op.triton import common
 
 # (module, kernel attribute) of every launch the op's Triton path makes
 KERNELS = [
-    ("cgc_kernels.op.triton.forward_grid", "_fwd_kernel"),
-    ("cgc_kernels.op.triton.forward_grid", "_shrink_kernel"),
-    ("cgc_kernels.op.triton.backward_grid", "_bwd_rows_kernel"),
-    ("cgc_kernels.op.triton.backward_grid", "_bwd_weight_kernel"),
-    ("cgc_kernels.op.triton.backward_grid", "_bwd_reduce_kernel"),
+    ("cgc_kernels.op.triton.forward", "_fwd_kernel"),
+    ("cgc_kernels.op.triton.forward", "_shrink_kernel"),
+    ("cgc_kernels.op.triton.backward", "_bwd_rows_kernel"),
+    ("cgc_kernels.op.triton.backward", "_bwd_weight_kernel"),
+    ("cgc_kernels.op.triton.backward", "_bwd_reduce_kernel"),
 ]
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cgc_kernels.op.triton import backward_grid, common, forward_grid
+from cgc_kernels.op.triton import backward, common, forward
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,11 @@ def _traffic(s: Shape, tile_rows: int) -> list[dict]:
     counts = task_counts(s)
     Mr = sum(counts)
     used = [t for t in range(s.T) if counts[t]]
-    rank = (common.rank_pad(RS) if RS else 0) + (common.rank_pad(RK) if RK else 0)
+    rank = common.rank_size(RS, RK)
     max_tiles = _cdiv(s.M, tile_rows) + s.T
     dtype = torch.bfloat16 if eb == 2 else torch.float32
-    fplan = forward_grid.forward_plan(s.M, s.T, s.d_in, s.d_out, rank, dtype, max_tiles, tile_rows)
-    bplan = backward_grid.backward_plan(s.M, s.T, s.d_in, s.d_out, rank, dtype, tile_rows)
+    fplan = forward.forward_plan(s.M, s.T, s.d_in, s.d_out, rank, dtype, max_tiles, tile_rows)
+    bplan = backward.backward_plan(s.M, s.T, s.d_in, s.d_out, rank, dtype, tile_rows)
     tiles = _tiles(counts, tile_rows, s.M, s.T)
     # Experts the batch uses: each used task's own, each cluster's shared (one cluster here).
     w_a = (len(used) * RK + s.C * RS) * s.d_in * eb
@@ -103,7 +103,7 @@ def _traffic(s: Shape, tile_rows: int) -> list[dict]:
 
     # ---- forward ----
     fwd_floor = (Mr * s.d_in + 2 * s.M * s.d_out) * eb + w_a + w_b + Mr * R * f4
-    parts = [p for t in tiles for p in _parts(t, fplan.SUB, tile_rows)]
+    parts = [p for t in tiles for p in _parts(t, fplan.sub, tile_rows)]
     mblocks = sum(_cdiv(p, fplan.BLOCK_M) for p in parts)
     n_cols = s.d_out / fplan.n_split
     io = 2 * s.M * s.d_out * eb + Mr * R * f4  # base in, y out (every row), z out
@@ -111,29 +111,29 @@ def _traffic(s: Shape, tile_rows: int) -> list[dict]:
         issued = (fplan.n_split * Mr * s.d_in * eb + fplan.n_split * mblocks * R * s.d_in * eb
                   + fplan.n_split * mblocks * R * n_cols * eb + io)
         hbm = fplan.n_split * Mr * s.d_in * eb + w_a + w_b + io
-        add(f"forward fused {fplan.grids(max_tiles)[0]}", max_tiles * fplan.SUB * fplan.n_split,
+        add(f"forward fused {fplan.grids(max_tiles)[0]}", max_tiles * fplan.sub * fplan.n_split,
             issued, hbm, "forward")
     else:
         k_split = fplan.k_split
         zp = k_split * Mr * R * f4
         issued = Mr * s.d_in * eb + mblocks * R * s.d_in * eb + zp
-        add(f"forward shrink {fplan.grids(max_tiles)[0]}", max_tiles * fplan.SUB * k_split,
+        add(f"forward shrink {fplan.grids(max_tiles)[0]}", max_tiles * fplan.sub * k_split,
             issued, Mr * s.d_in * eb + w_a + zp, "forward")
         issued = fplan.n_split * zp + mblocks * R * s.d_out * eb + io
-        add(f"forward expand {fplan.grids(max_tiles)[1]}", max_tiles * fplan.SUB * fplan.n_split,
+        add(f"forward expand {fplan.grids(max_tiles)[1]}", max_tiles * fplan.sub * fplan.n_split,
             issued, zp + w_b + io, "forward")
 
     # ---- backward ----
     e_bytes = (s.C * RS + s.T * RK) * (s.d_in + s.d_out) * eb  # every expert's dA, dB written
     bwd_floor = (Mr * s.d_out + s.M * s.d_in + Mr * s.d_in) * eb + Mr * R * f4 + w_a + w_b + e_bytes
-    parts = [p for t in tiles for p in _parts(t, bplan.SUB, tile_rows)]
+    parts = [p for t in tiles for p in _parts(t, bplan.sub, tile_rows)]
     mblocks = sum(_cdiv(p, bplan.BLOCK_M) for p in parts)
     g = bplan.grids(s.M, s.T, s.C, s.d_in, s.d_out, max_tiles)
-    chunks = _tiles(counts, bplan.CHUNK, s.M, s.T)
+    chunks = _tiles(counts, bplan.chunk, s.M, s.T)
     n_a, n_b = g["dA"][1], g["dB"][1]
-    multi = [t for t in range(s.T) if counts[t] > bplan.CHUNK]
-    single = [t for t in range(s.T) if 0 < counts[t] <= bplan.CHUNK]
-    n_multi_chunks = sum(_cdiv(counts[t], bplan.CHUNK) for t in multi)
+    multi = [t for t in range(s.T) if counts[t] > bplan.chunk]
+    single = [t for t in range(s.T) if 0 < counts[t] <= bplan.chunk]
+    n_multi_chunks = sum(_cdiv(counts[t], bplan.chunk) for t in multi)
     # fp32 partials of the shared side (every chunk) and of multi-chunk tasks; direct writes else.
     parts_a = (len(chunks) * RS + n_multi_chunks * RK) * s.d_in * f4
     parts_b = (len(chunks) * RS + n_multi_chunks * RK) * s.d_out * f4

@@ -14,6 +14,8 @@ version. New kernels are added to `KERNELS` below.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import os
 import re
@@ -31,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from cgc_kernels.op.triton import backward, backward_grid, dropout, forward, forward_grid, reduce_parts  # noqa: E402
+from cgc_kernels.op.triton import backward, common, dropout, forward, reduce_parts  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
 INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64",
@@ -71,17 +73,79 @@ def signature(fn, dtype: str, constexprs: dict, pointer_types: dict) -> dict:
     return sig
 
 
-def _dropout_mask_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
-    return [("default", dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
+def _dropout_mask_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
+    return [("dropout_mask", "default", 0, dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
 
 
-def _grid_space(config_space, kernel: str):
-    """The configs of one GPU-filling kernel from its file's config space (which lists several
-    kernels). Their tables have one "half" tier for fp16 and bf16: bf16 compiles it, fp16 adds none."""
-    def space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
-        if dtype_name == "fp16":
-            return []
-        return [(c, consts, w, s) for k, c, consts, w, s in config_space(dtype_name) if k == kernel]
+MATRICES = ("heavy", "reachable", "full")
+
+
+def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
+    """(RS_PAD, RK_PAD) pairs the planner sends to the tier of `limit` (0: that side absent).
+
+    Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
+    (previous limit, limit]. "full": every such pair; "reachable": the balanced pair at the limit and
+    the most lopsided ones (one side as large as the tier allows, the other 16 or absent), where the
+    register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
+    the balanced pair alone."""
+    pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
+    lower = max((lim for lim in TIER_LIMITS if lim < limit), default=0)
+    pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]
+    if matrix == "full":
+        return pairs
+    if matrix == "heavy":
+        return [(limit // 2, limit // 2)]
+    big = max(a for a, _ in pairs)
+    picked = {(limit // 2, limit // 2), (big, 16), (16, big), (big, 0)}
+    return sorted(p for p in pairs if p in picked)
+
+
+TIER_LIMITS = (64, 2 * common.MAX_RANK_PAD)  # every tier table's limits (forward.py, backward.py)
+
+
+def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, matrix: str) -> list[tuple[str, dict]]:
+    """(suffix, constexprs) of the flag and rank variants of one tier of `kernel`: every rank split,
+    per-task and per-token gates, dropout on and off, where the tier's code path reads them (the dA
+    launch reads no gate, the dB launch and the expand from z parts no x); the other flags at their
+    heaviest (every output wanted, clusters, a base). fp16 differs from bf16 only in conversions:
+    outside "full" it compiles each split with every flag on, as "heavy" does for every dtype."""
+    args = set(fn.arg_names)
+    splits = rank_splits(limit, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
+    reads_gates = "PER_TOKEN_GATES" in args and not consts.get("DO_A")
+    reads_x = "HAS_DROPOUT" in args and not consts.get("Z_FROM_PARTS") and consts.get("DO_A", True)
+    light = matrix == "heavy" or dtype_name == "fp16" and matrix != "full"
+    gates = ((True,) if light else (False, True)) if reads_gates else (None,)
+    drops = ((True,) if light else (False, True)) if reads_x else (None,)
+    out = []
+    for rs, rk in splits:
+        for per_token in gates:
+            for drop in drops:
+                c = dict(HAS_SHARED=rs > 0, HAS_TASK=rk > 0, RS_PAD=max(rs, 16), RK_PAD=max(rk, 16), R_PAD=limit // 2,
+                         T_PAD=64, E_PAD=16, PER_TOKEN_GATES=bool(per_token), HAS_DROPOUT=bool(drop), HAS_CLUSTER=True,
+                         HAS_BASE=True, IN_PLACE=False, SAVE_Z=True, WANT_DX=True, WANT_DGATE=True, WANT_DZ=True,
+                         WANT_A=True, WANT_B=True, UPCAST=False)
+                c = {k: v for k, v in c.items() if k in args}
+                name = f"{rs}/{rk}" + {None: "", False: " task-g", True: " token-g"}[per_token] + \
+                    {None: "", False: "", True: " drop"}[drop]
+                out.append((name, c))
+    return out
+
+
+def _space(config_space, kernel: str):
+    """Every compile of one kernel: its tiers from its file's config space, each with its variants."""
+    def space(dtype_name: str, matrix: str = "heavy") -> list[tuple[str, dict, int, int]]:
+        fn = KERNELS[kernel].fn
+        prec = "ieee" if dtype_name == "fp32" else "tf32"
+        out = []
+        for k, cname, limit, consts, warps, stages in config_space(dtype_name):
+            if k != kernel:
+                continue
+            for suffix, flags in _variants(kernel, fn, limit, consts, dtype_name, matrix):
+                c = dict(consts, **flags)
+                if "DOT_PRECISION" in fn.arg_names:
+                    c["DOT_PRECISION"] = prec
+                out.append((f"{cname} {suffix}".strip(), c, warps, stages))
+        return out
     return space
 
 
@@ -89,40 +153,37 @@ def _grid_space(config_space, kernel: str):
 class AotKernel:
     """One kernel to compile: its @triton.jit function and every config its launcher can pick.
 
-    space(dtype_name) -> [(config name, constexprs, num_warps, num_stages)], each config at the
-    heaviest flags and largest rank it serves (the `*_config_space()` functions beside the tiers).
+    space(dtype_name, matrix) -> [(config name, constexprs, num_warps, num_stages)]: each tier of the
+    kernel's file (`*_config_space()`) with every rank split and flag it can meet (`_variants`).
     `dtype_free`: the kernel has no float input (one compile per capability, dtype "-").
     `pointer_types`: element types of pointer arguments that are neither the input dtype nor in
     INDEX_PTRS / FP32_PTRS (e.g. {"mask_ptr": "*i8"}).
+    `dropout_rows`: the constexpr naming the rows of its dropout tile (Philox multiplies per element).
     """
 
     fn: object
-    space: Callable[[str], list[tuple[str, dict, int, int]]]
+    space: Callable
     dtype_free: bool = False
     pointer_types: dict = field(default_factory=dict)
+    dropout_rows: str = "BLOCK_M"
 
 
 # Every kernel the op can launch. A new kernel file adds its entry here; the test compiles all of
 # them for sm_80 and sm_90 and asserts none spills.
 KERNELS: dict[str, AotKernel] = {
-    "forward": AotKernel(forward._cgc_lora_fwd_kernel, forward.forward_config_space),
-    "bwd_tile": AotKernel(backward._cgc_lora_bwd_tile_kernel, backward.backward_tile_config_space),
-    "bwd_weight": AotKernel(backward._cgc_lora_bwd_weight_kernel, backward.backward_weight_config_space),
-    "dropout_mask": AotKernel(dropout._keep_mask_kernel, _dropout_mask_space, dtype_free=True,
-                              pointer_types={"mask_ptr": "*i8"}),
-    # The GPU-filling kernels cgc_lora dispatches to (forward_grid.py, backward_grid.py).
-    "fwd_grid": AotKernel(forward_grid._fwd_kernel, _grid_space(forward_grid.forward_config_space, "fwd_grid")),
-    "shrink": AotKernel(forward_grid._shrink_kernel, _grid_space(forward_grid.forward_config_space, "shrink")),
-    "bwd_rows": AotKernel(backward_grid._bwd_rows_kernel,
-                          _grid_space(backward_grid.backward_config_space, "bwd_rows")),
-    "bwd_weights": AotKernel(backward_grid._bwd_weight_kernel,
-                             _grid_space(backward_grid.backward_config_space, "bwd_weights")),
-    "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel,
-                            _grid_space(backward_grid.backward_config_space, "bwd_reduce")),
+    "fwd": AotKernel(forward._fwd_kernel, _space(forward.forward_config_space, "fwd")),
+    "shrink": AotKernel(forward._shrink_kernel, _space(forward.forward_config_space, "shrink")),
+    "bwd_rows": AotKernel(backward._bwd_rows_kernel, _space(backward.backward_config_space, "bwd_rows")),
+    "bwd_weights": AotKernel(backward._bwd_weight_kernel, _space(backward.backward_config_space, "bwd_weights"),
+                             dropout_rows="BLOCK_R"),
+    "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel, _space(backward.backward_config_space, "bwd_reduce")),
+    "dropout_mask": AotKernel(dropout._keep_mask_kernel, lambda dt, matrix="heavy": [
+        (c, consts, w, s) for _, c, _, consts, w, s in _dropout_mask_space(dt)], dtype_free=True,
+        pointer_types={"mask_ptr": "*i8"}),
 }
 
 
-def jobs(caps, dtypes, kernels=None):
+def jobs(caps, dtypes, kernels=None, matrix="heavy"):
     """(kernel name, config name, cap, dtype, constexprs, num_warps, num_stages) for every compile."""
     out = []
     names = kernels or list(KERNELS)
@@ -130,9 +191,19 @@ def jobs(caps, dtypes, kernels=None):
         for name in names:
             k = KERNELS[name]
             for dt in (["-"] if k.dtype_free else dtypes):
-                for cname, consts, warps, stages in k.space(dt):
+                for cname, consts, warps, stages in k.space(dt, matrix):
                     out.append((name, cname, cap, dt, consts, warps, stages))
     return out
+
+
+@functools.cache
+def ptxas_options() -> list[str]:
+    """The register-allocation options the installed Triton passes to ptxas when it compiles a
+    kernel (Triton 3.7 adds --regAllocOptLevel=2, 3.6 nothing): the allocation checked here must
+    be the one a GPU run gets."""
+    from triton.backends.nvidia import compiler
+
+    return ["--regAllocOptLevel=2"] if "--regAllocOptLevel=2" in inspect.getsource(compiler) else []
 
 
 def compile_one(job):
@@ -152,7 +223,7 @@ def compile_one(job):
         p = os.path.join(d, "k.ptx")
         with open(p, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", p, "-o", os.path.join(d, "k.cubin")],
+        res = subprocess.run([ptxas, "-v", *ptxas_options(), f"--gpu-name={arch}", p, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed for {kname}/{cname}/sm_{cap}/{dt}: {res.stderr[-2000:]}")
@@ -160,10 +231,16 @@ def compile_one(job):
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spill_st = int(re.search(r"(\d+) bytes spill stores", info).group(1))
     spill_ld = int(re.search(r"(\d+) bytes spill loads", info).group(1))
+    # Philox multiplies: every round of tl.randint4x is two mul.hi.u32, and nothing else in these
+    # kernels emits one. Per element: over the dropout tile's elements per thread.
+    mulhi = ptx.count("mul.hi.u32")
+    rows = consts.get(KERNELS[kname].dropout_rows, 0)
+    per_thread = rows * consts.get("BLOCK_K", 0) / (32 * warps)
     return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs,
-                spill_stores=spill_st,
-                spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
-                has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx)
+                spill_stores=spill_st, spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
+                has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx, mulhi=mulhi,
+                dropout=bool(consts.get("HAS_DROPOUT")) or kname == "dropout_mask",
+                tile_elems_per_thread=per_thread)
 
 
 def main(argv=None):
@@ -172,9 +249,11 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp16,bf16,fp32")
     ap.add_argument("--kernels", default=None, help=f"comma-separated subset of {','.join(KERNELS)}")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--matrix", choices=MATRICES, default="heavy",
+                    help="rank splits and flags per tier (rank_splits, _variants)")
     a = ap.parse_args(argv)
     todo = jobs([int(c) for c in a.caps.split(",")], a.dtypes.split(","),
-                a.kernels.split(",") if a.kernels else None)
+                a.kernels.split(",") if a.kernels else None, a.matrix)
     with ProcessPoolExecutor(a.workers) as pool:
         for r in pool.map(compile_one, todo):
             print(json.dumps(r), flush=True)

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
-from cgc_kernels.op.triton.dropout import dropout_keep_mask, new_seed
+from cgc_kernels.op.triton.dropout import GROUPED_MIN_TILE, dropout_keep_mask, keep_mask, new_seed
 from tests.cases import DIFF, TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 DEVICES = TRITON_DEVICES
@@ -64,6 +66,55 @@ def test_dropout_mask_properties(device):
     keep = m1.float().mean().item()
     assert abs(keep - (1 - P)) < 0.05, keep  # 4160 draws: the keep rate is 0.7 within ~4 sigma
     assert dropout_keep_mask(7, 64, 65, 0.0, device).all()
+
+
+@triton.jit
+def _small_tile_mask(mask_ptr, seed_ptr, p, M, d_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    keep = keep_mask(tl.load(seed_ptr), rows, k0, d_in, p, BLOCK_K)
+    tl.store(mask_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < d_in))
+
+
+def _philox4x32_10(seed: int, c0: int, c1: int) -> tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al. 2011) with counter (c0, c1, 0, 0) and key (seed lo, seed hi),
+    written from the paper's constants: the independent check of the kernels' generator."""
+    mask = 0xFFFFFFFF
+    k0, k1, c2, c3 = seed & mask, (seed >> 32) & mask, 0, 0
+    for _ in range(10):
+        pa, pb = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((pb >> 32) ^ c1 ^ k0) & mask, pb & mask, ((pa >> 32) ^ c3 ^ k1) & mask, pa & mask
+        k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_keep_mask_is_one_philox_call_per_8_elements(device):
+    # Element (m, k) keeps when the 16 bits of lane k % 8 of Philox(seed, group m * cdiv(d_in, 8) +
+    # k // 8) are >= p * 2^16: one generator call decides 8 elements, and a row's partial last group
+    # (d_in = 21) starts the next row afresh. Recomputed here in plain Python.
+    seed, M, d_in, p = 2**33 + 12345, 6, 21, 0.3
+    groups = -(-d_in // 8)
+    threshold = int(p * 65536 + 0.5)
+    expect = torch.zeros(M, d_in, dtype=torch.bool)
+    for m in range(M):
+        for g in range(groups):
+            words = _philox4x32_10(seed, m * groups + g, 0)
+            for j in range(8):
+                k = 8 * g + j
+                if k < d_in:
+                    expect[m, k] = ((words[j // 2] >> (16 * (j % 2))) & 0xFFFF) >= threshold
+    got = dropout_keep_mask(seed, M, d_in, p, device).cpu()
+    assert torch.equal(got, expect)
+    # Tiles under GROUPED_MIN_TILE elements draw per element: the same mask.
+    small = torch.empty(M, d_in, dtype=torch.int8, device=device)
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
+    _small_tile_mask[(triton.cdiv(M, 16), triton.cdiv(d_in, 16))](small, seed_t, p, M, d_in, BLOCK_M=16, BLOCK_K=16)
+    assert 16 * 16 < GROUPED_MIN_TILE and torch.equal(small.bool().cpu(), expect)
+    # A function of (row, column) alone: fewer rows give the same leading rows.
+    assert torch.equal(dropout_keep_mask(seed, 3, d_in, p, device).cpu(), expect[:3])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,12 +172,13 @@ def test_dropout_masks_follow_the_generator(device):
 def test_no_integer_argument_that_changes_per_call_is_specialized():
     # Triton specializes integer arguments (divisible by 16, equal to 1): a per-call integer would
     # compile a new variant every few calls. The seed is a pointer; the keep-mask kernel's M is
-    # not specialized. Read from the jitted kernels, so in a process without the interpreter.
+    # not specialized (the launchers' per-call integers: tests/test_launch_grids.py). Read from the
+    # jitted kernels, so in a process without the interpreter.
     code = (
         "import json\n"
         "from cgc_kernels.op.triton import backward, dropout, forward\n"
-        "ks = [forward._cgc_lora_fwd_kernel, backward._cgc_lora_bwd_tile_kernel,\n"
-        "      backward._cgc_lora_bwd_weight_kernel, dropout._keep_mask_kernel]\n"
+        "ks = [forward._fwd_kernel, forward._shrink_kernel, backward._bwd_rows_kernel,\n"
+        "      backward._bwd_weight_kernel, dropout._keep_mask_kernel]\n"
         "print(json.dumps({k.fn.__name__: [k.arg_names, [k.arg_names[i] if isinstance(i, int) else i\n"
         "                  for i in k.do_not_specialize]] for k in ks}))\n"
     )
@@ -135,6 +187,7 @@ def test_no_integer_argument_that_changes_per_call_is_specialized():
                          cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
-    for name, (arg_names, _unspecialized) in kernels.items():
+    for name, (arg_names, unspecialized) in kernels.items():
         assert "seed" not in arg_names and "seed_ptr" in arg_names, name
-    assert "M" in kernels["_keep_mask_kernel"][1]
+        if "M" in arg_names:
+            assert "M" in unspecialized, name

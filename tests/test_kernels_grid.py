@@ -1,4 +1,4 @@
-"""The GPU-filling kernels (forward_grid.py, backward_grid.py) against the reference op.
+"""The GPU-filling kernels (forward.py, backward.py) against the reference op.
 
 Each launcher is called directly with a routing, both forward plans ("fused": one 2-D launch;
 "split": shrink + expand), and compared with `cgc_kernels.reference` in float64 on the same
@@ -14,7 +14,7 @@ import torch
 
 from cgc_kernels import reference
 from cgc_kernels.op.routing import build_routing
-from cgc_kernels.op.triton import backward_grid, common, dropout, forward_grid
+from cgc_kernels.op.triton import backward, common, dropout, forward
 from tests.cases import DIFF, TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 # CPU tensors in the interpreter, CUDA when the kernels run compiled on a GPU (none: the cases skip).
@@ -66,16 +66,16 @@ def run_grid(args, rt, dy, *, plan=None, chunk=None, base=None, dropout_p=0.0, s
     """(y, grads dict) from the new launchers: y = base + delta, then every gradient from dy."""
     T = args["task_a"].shape[0]
     a = args
-    y, z = forward_grid.cgc_lora_forward_grid(
+    y, z = forward.cgc_lora_forward(
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.tile_rows,
         a["scaling"], a["per_token_gates"], dropout_p, seed, base=base, plan=plan)
     M, d_in = a["x"].shape
     RS, RK = a["shared_a"].shape[1], a["task_a"].shape[1]
-    rank = (common.rank_pad(RS) if RS else 0) + (common.rank_pad(RK) if RK else 0)
-    bplan = backward_grid.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.tile_rows, chunk=chunk,
+    rank = common.rank_size(RS, RK)
+    bplan = backward.backward_plan(M, T, d_in, dy.shape[1], rank, a["x"].dtype, rt.tile_rows, chunk=chunk,
                                         rank=RS + RK, dz_parts=dz_parts)
-    grads = backward_grid.cgc_lora_backward_grid(
+    grads = backward.cgc_lora_backward(
         dy, a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.starts, rt.tile_rows, z,
         a["scaling"], a["per_token_gates"], dropout_p, seed, True, True, True, True, plan=bplan)
@@ -171,7 +171,7 @@ def test_delta_only_and_in_place(plan, device):
     args, dy, base = _problem(case, torch.float32, device)
     rt = _routing(args, case.T, 16)
     a = args
-    call = lambda **kw: forward_grid.cgc_lora_forward_grid(  # noqa: E731
+    call = lambda **kw: forward.cgc_lora_forward(  # noqa: E731
         a["x"], a["gates"], a["shared_a"], a["shared_b"], a["task_a"], a["task_b"], a["task_cluster"],
         rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts, rt.tile_rows,
         a["scaling"], False, 0.0, 0, plan=plan, **kw)
@@ -236,6 +236,25 @@ def test_gpu_block_configs(case, tile_rows, plan, device, monkeypatch):
     check(y, y_ref, torch.float16, "base + delta")
     for k in DIFF:
         check(grads[k], grads_ref[k], torch.float16, f"grad {k}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_with_gpu_block_configs(device, monkeypatch):
+    # fp32's GPU tiers have 16 x 16 dropout tiles, which draw the mask per element rather than per
+    # group of 8 (dropout.GROUPED_MIN_TILE): the forward, dx and dA must still use the mask of
+    # dropout_keep_mask (drawn in 64 x 64 tiles).
+    monkeypatch.setattr(common, "GPU_CONFIGS_IN_INTERPRETER", True)
+    case = Case(M=24, d_in=40, d_out=24, T=2, S=1, K=1, r=4, ids="with_unrouted")
+    args, dy, base = _problem(case, torch.float32, device)
+    p, seed = 0.25, 99
+    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan="fused", base=base, chunk=16,
+                        dropout_p=p, seed=seed)
+    assert forward.forward_plan(case.M, case.T, case.d_in, case.d_out, 32, torch.float32, 4, 16).BLOCK_K == 16
+    mask = dropout.dropout_keep_mask(seed, case.M, case.d_in, p, device)
+    y_ref, grads_ref = run_reference(args, dy, base=base, mask=mask, dropout_p=p)
+    check(y, y_ref, torch.float32, "base + delta")
+    for k in DIFF:
+        check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

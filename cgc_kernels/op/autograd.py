@@ -90,10 +90,10 @@ _TENSORS = tuple(f for f in KernelArgs._fields if f not in _CONSTS)
 def launch_forward(a: KernelArgs, *, base: Tensor | None = None, out: Tensor | None = None):
     """Functional (out None): (base + delta, or the delta, [M, d_out]; z fp32), every row written
     by the kernels. In place: out += delta, returns (out, None)."""
-    from .triton import forward_grid
+    from .triton import forward
 
     with common.device_guard(a.x):
-        return forward_grid.cgc_lora_forward_grid(
+        return forward.cgc_lora_forward(
             a.x, a.gates, a.shared_a, a.shared_b, a.task_a, a.task_b, a.task_cluster, a.order, a.tile_task,
             a.tile_start, a.tile_end, a.counts, a.tile_rows, a.scaling, a.per_token_gates, a.dropout_p, a.seed,
             base=out if out is not None else base, out=out, save_z=out is None,
@@ -103,10 +103,10 @@ def launch_forward(a: KernelArgs, *, base: Tensor | None = None, out: Tensor | N
 def launch_backward(dy: Tensor, a: KernelArgs, z: Tensor, needs: list[bool]):
     """(dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b), None where not needed.
     needs = [x, gates, A (both sides), B (both sides)]."""
-    from .triton import backward_grid
+    from .triton import backward
 
     with common.device_guard(a.x):
-        return backward_grid.cgc_lora_backward_grid(
+        return backward.cgc_lora_backward(
             dy.contiguous(), a.x, a.gates, a.shared_a, a.shared_b, a.task_a, a.task_b, a.task_cluster, a.order,
             a.tile_task, a.tile_start, a.tile_end, a.counts, a.starts, a.tile_rows, z, a.scaling,
             a.per_token_gates, a.dropout_p, a.seed, *needs,

@@ -54,9 +54,9 @@ def _rank_too_large_for(rs: int, rk: int, dtype: torch.dtype) -> bool:
     pads = [common.rank_pad(n) for n in (rs, rk) if n > 0]
     if max(pads, default=0) > common.MAX_RANK_PAD:
         return True
-    from .triton import backward_grid
+    from .triton import backward
 
-    return sum(pads) > backward_grid.max_rank_size(dtype)
+    return sum(pads) > backward.max_rank_size(dtype)
 
 
 # ---- public op -------------------------------------------------------------------------------

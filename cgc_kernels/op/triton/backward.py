@@ -1,390 +1,439 @@
-"""Fused CGC-LoRA backward: two launches, deterministic (no float atomics).
+"""CGC-LoRA backward in four launches that each read their big input once: dy, then x.
 
-With zg = z * g * s (z saved by the forward, g each rank column's gate) and h = drop(x):
+With z saved by the forward, g each rank column's gate, s the scaling, h = drop(x). A chunk is at
+most `chunk` sorted rows of ONE task (slots.py): a long segment (a Zipf-heavy task) becomes several
+balanced programs, and a task's chunks are consecutive slots.
 
-    launch 1, per routing tile (like the forward):
-        dz     = dy[rows] @ [shared_b[c], task_b[t]]         ONE pass over dy (d_out loop)
-        dzg    = dz * g * s                                  saved [M, (S+K) r] fp32 for launch 2
-        dgates = s * sum_{rank cols of e} dz * z             per token, or per-tile partial sums
-        dx     = drop'(dzg @ [shared_a[c]; task_a[t]])       d_in loop, scattered to the tile's rows
-    launch 2, grouped reductions, one program per (segment, output block):
-        segment = a cluster (its shared experts: every token of every task of the cluster)
-               or a task (its own experts: that task's tokens)
-        dA[seg] = dzg[seg rows]^T @ h[seg rows]              programs over d_in blocks
-        dB[seg] = dy[seg rows]^T @ zg[seg rows]              programs over d_out blocks
-    per-task dgates: the per-tile partials summed per task by a one-hot product (fixed order).
+    launch 1 "dB", grid (chunk, d_out blocks): ONE read of dy[rows, block] gives
+        dB part  = dy^T @ (z * g * s)                 shared and task experts together
+        dz part  = dy @ B[block]                      fp32 [n_blocks, M, (S+K) r] (dz_parts plans)
+    launch 2 "rows", grid (tile x sub row parts), like the forward:
+        dz       = sum of the dz parts, in block order (or dy @ B over all of d_out, reading dy
+                   again, when the parts would move more bytes: large ranks)
+        dzg      = dz * g * s                         saved [M, (S+K) r] fp32 for launch 3
+        dgates   = s * sum_{rank cols of e} dz * z    per token, or one partial per program
+        dx       = drop'(dzg @ A)                     every row written (task -1 rows: 0)
+    launch 3 "dA", grid (chunk, d_in blocks): ONE read of x[rows, block] gives
+        dA part  = dzg^T @ h                          shared and task experts together
+    launch 4 "reduce", grid (cluster or task, blocks): each cluster's shared parts and each
+        multi-chunk task's parts summed in chunk order; a task in one chunk had its dA / dB
+        written directly by launches 1 and 3; tasks and clusters without rows get exact zeros.
+    per-task dgates: the per-program partials summed per task by a one-hot product (fixed order).
 
-Each program loops over its rows in a fixed order, so the gradients are bitwise reproducible.
-Loop bounds (task segments, tiles) are read from device tensors: no host sync, fixed grids.
+No float atomics anywhere and every sum runs in a fixed order, so reruns are bitwise equal.
+Loop bounds come from device tensors (routing counts): no host sync, grids fixed by M, T, d.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, forward
 from .dropout import keep_mask
-from .forward import load_rank_gates
+from .kernel_utils import dy_times_b, load_rank_gates, store_rank_cols, sum_row_parts, write_dx
+from .reduce_parts import _bwd_reduce_kernel
+from .slots import chunk_rows, tile_rows
 
 
-@triton.jit
-def _cgc_lora_bwd_tile_kernel(
-    dy_ptr, stride_dym, stride_dyn,  # [M, d_out]
+# Per-call integers (M, the routing's tile rows and row parts) are not specialized: one compiled
+# variant serves every batch size.
+@triton.jit(do_not_specialize=["M", "tile_rows_n", "sub"])
+def _bwd_rows_kernel(
+    dy_ptr, stride_dym, stride_dyn,  # [M, d_out] (read unless DZ_FROM_PARTS)
+    dzp_ptr, stride_dzps, stride_dzpm, stride_dzpr,  # [n_parts, M, S*r + K*r] fp32 partial dz (DZ_FROM_PARTS)
     sa_ptr, stride_sac, stride_sar, stride_sak,  # shared_a [C, S*r, d_in]
     sb_ptr, stride_sbc, stride_sbn, stride_sbr,  # shared_b [C, d_out, S*r]
     ta_ptr, stride_tat, stride_tar, stride_tak,  # task_a [T, K*r, d_in]
     tb_ptr, stride_tbt, stride_tbn, stride_tbr,  # task_b [T, d_out, K*r]
     g_ptr, stride_gm, stride_ge,  # gates [T, S+K] or [M, S+K]
     cluster_ptr,  # [T] (HAS_CLUSTER)
-    order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr,  # routing
-    z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32, saved by the forward
+    order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,  # routing
+    z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 from the forward
     dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 out (WANT_DZ)
     dx_ptr, stride_dxm, stride_dxk,  # [M, d_in] out (WANT_DX)
-    dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [max_tiles, E_PAD] partials (WANT_DGATE)
-    seed_ptr,  # [1] int64 dropout seed of the forward (read only if HAS_DROPOUT)
-    p_drop, scaling,
-    d_in, d_out, r, RS, RK, S, E,
+    dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [programs, E_PAD] partials (WANT_DGATE)
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, sub, n_parts,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
-    RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr,
+    RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr, T_PAD: tl.constexpr,
     PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WANT_DX: tl.constexpr, WANT_DGATE: tl.constexpr, WANT_DZ: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DZ_FROM_PARTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(tile_task_ptr + pid)
-    if t < 0:
-        return
-    t64 = t.to(tl.int64)
-    if HAS_CLUSTER:
-        c64 = tl.load(cluster_ptr + t).to(tl.int64)
-    else:
-        c64 = t64 * 0
-    tile_start = tl.load(tile_start_ptr + pid)
-    tile_end = tl.load(tile_end_ptr + pid)
-    in_dtype = dy_ptr.dtype.element_ty
-    op_dtype = tl.float32 if UPCAST else in_dtype
-
+    t, lo, hi = tile_rows(pid // sub, pid % sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
+                          M, T, tile_rows_n, sub, T_PAD)
+    e = tl.arange(0, E_PAD)
     rs = tl.arange(0, RS_PAD)
     rk = tl.arange(0, RK_PAD)
     rs_ok = rs < RS
     rk_ok = rk < RK
-    e = tl.arange(0, E_PAD)
-    # One-hot [rank column, gate column] maps, to sum dz * z over each expert's r columns by a dot.
-    oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
-    oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
-    dg_tile = tl.zeros([E_PAD], dtype=tl.float32)
-    inv_keep = 1.0 / (1.0 - p_drop)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-
-    for m0 in range(tile_start, tile_end, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        row_ok = pos < tile_end
-        rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-
-        # ---- dz = dy @ B, one pass over dy ----
-        dz_s = tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32)
-        dz_t = tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32)
-        for n0 in range(0, d_out, BLOCK_N):
-            nn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = nn < d_out
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                         mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
-            if HAS_SHARED:
-                b = tl.load(sb_ptr + c64 * stride_sbc + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
-                            mask=n_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_N, RS_PAD]
-                dz_s = tl.dot(dy, b.to(op_dtype), dz_s, input_precision=DOT_PRECISION)
-            if HAS_TASK:
-                b = tl.load(tb_ptr + t64 * stride_tbt + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
-                            mask=n_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-                dz_t = tl.dot(dy, b.to(op_dtype), dz_t, input_precision=DOT_PRECISION)
-
-        # ---- gates per rank column; dzg = dz * g * s; dgates = s * sum dz * z per expert ----
-        dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
-        if HAS_SHARED:
-            e_s = rs // r
-            g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_s, rs_ok,
-                                  PER_TOKEN_GATES)
-            dzg_s = dz_s * g_s * scaling
-            if WANT_DZ:
-                tl.store(dzg_ptr + rows[:, None] * stride_dzm + rs[None, :] * stride_dzr, dzg_s,
-                         mask=row_ok[:, None] & rs_ok[None, :])
+    # Task gates: sum dz * z over the program's rows per rank column first, mapped to experts once
+    # at the end (a per-row one-hot dot would hold [BLOCK_M, E_PAD] and the maps in registers).
+    col_s = tl.zeros([RS_PAD], dtype=tl.float32)
+    col_t = tl.zeros([RK_PAD], dtype=tl.float32)
+    if t < 0:
+        # Task -1 rows: no LoRA gradient, but dx (and per-token dgates) are written here as zeros
+        # rather than zero-filled before.
+        for m0 in range(lo, hi, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < hi
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            if WANT_DX:
+                for k0 in range(0, d_in, BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
+                             tl.zeros([BLOCK_M, BLOCK_K], dtype=dx_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & (kk < d_in)[None, :])
             if WANT_DGATE:
-                z_s = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
-                              mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
-                dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
-        if HAS_TASK:
-            e_t = S + rk // r
-            g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_t, rk_ok,
-                                  PER_TOKEN_GATES)
-            dzg_t = dz_t * g_t * scaling
-            if WANT_DZ:
-                tl.store(dzg_ptr + rows[:, None] * stride_dzm + (RS + rk)[None, :] * stride_dzr, dzg_t,
-                         mask=row_ok[:, None] & rk_ok[None, :])
-            if WANT_DGATE:
-                z_t = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
-                              mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
-                dg_rows = tl.dot(dz_t * z_t, oh_t, dg_rows, input_precision="ieee")
-        if WANT_DGATE:
-            dg_rows = dg_rows * scaling
-            if PER_TOKEN_GATES:
-                tl.store(dg_ptr + rows[:, None] * stride_dgm + e[None, :] * stride_dge,
-                         dg_rows.to(dg_ptr.dtype.element_ty), mask=row_ok[:, None] & (e < E)[None, :])
+                if PER_TOKEN_GATES:
+                    tl.store(dg_ptr + rows[:, None] * stride_dgm + e[None, :] * stride_dge,
+                             tl.zeros([BLOCK_M, E_PAD], dtype=dg_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & (e < E)[None, :])
+    else:
+        t64 = t.to(tl.int64)
+        if HAS_CLUSTER:
+            c64 = tl.load(cluster_ptr + t).to(tl.int64)
+        else:
+            c64 = t64 * 0
+        op_dtype = tl.float32 if UPCAST else sa_ptr.dtype.element_ty
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for m0 in range(lo, hi, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < hi
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            # ---- dz = dy @ B: the dB launch's partials over d_out blocks summed in a fixed order,
+            # or one pass over dy here (large ranks, where the partials would outweigh dy) ----
+            if DZ_FROM_PARTS:
+                dz_s, dz_t = sum_row_parts(dzp_ptr, stride_dzps, stride_dzpm, stride_dzpr, n_parts, rows, row_ok,
+                                           RS, rs, rs_ok, rk, rk_ok, HAS_SHARED, HAS_TASK, BLOCK_M, RS_PAD, RK_PAD)
             else:
-                dg_tile += tl.sum(dg_rows, axis=0)
-
-        # ---- dx = drop'(dzg @ A), one d_in block at a time ----
-        if WANT_DX:
+                dz_s, dz_t = dy_times_b(dy_ptr, stride_dym, stride_dyn, rows, row_ok, d_out,
+                                        sb_ptr + c64 * stride_sbc, stride_sbn, stride_sbr,
+                                        tb_ptr + t64 * stride_tbt, stride_tbn, stride_tbr, rs, rs_ok, rk, rk_ok,
+                                        HAS_SHARED, HAS_TASK, op_dtype, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                                        RS_PAD, RK_PAD)
+            # ---- dzg = dz * g * s; dgates = s * sum dz * z per expert ----
+            if PER_TOKEN_GATES:
+                dg_rows = tl.zeros([BLOCK_M, E_PAD], dtype=tl.float32)
+            dzg_s = dz_s
+            dzg_t = dz_t
             if HAS_SHARED:
-                dzg_s_op = dzg_s.to(op_dtype)
+                g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
+                                      PER_TOKEN_GATES)
+                dzg_s = dz_s * g_s * scaling
+                if WANT_DGATE:
+                    z_s = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
+                                  mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
+                    if PER_TOKEN_GATES:
+                        oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
+                        dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
+                    else:
+                        col_s += tl.sum(dz_s * z_s, axis=0)
             if HAS_TASK:
-                dzg_t_op = dzg_t.to(op_dtype)
-            for k0 in range(0, d_in, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = kk < d_in
-                acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-                if HAS_SHARED:
-                    a = tl.load(sa_ptr + c64 * stride_sac + rs[:, None] * stride_sar
-                                + kk[None, :] * stride_sak,
-                                mask=rs_ok[:, None] & k_ok[None, :], other=0.0)  # [RS_PAD, BLOCK_K]
-                    acc = tl.dot(dzg_s_op, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
-                if HAS_TASK:
-                    a = tl.load(ta_ptr + t64 * stride_tat + rk[:, None] * stride_tar
-                                + kk[None, :] * stride_tak,
-                                mask=rk_ok[:, None] & k_ok[None, :], other=0.0)  # [RK_PAD, BLOCK_K]
-                    acc = tl.dot(dzg_t_op, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
-                if HAS_DROPOUT:
-                    keep = keep_mask(seed, rows, kk, d_in, p_drop)
-                    acc = tl.where(keep, acc * inv_keep, 0.0)
-                tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
-                         acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
-
+                g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
+                                      PER_TOKEN_GATES)
+                dzg_t = dz_t * g_t * scaling
+                if WANT_DGATE:
+                    z_t = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
+                                  mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
+                    if PER_TOKEN_GATES:
+                        oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
+                        dg_rows = tl.dot(dz_t * z_t, oh_t, dg_rows, input_precision="ieee")
+                    else:
+                        col_t += tl.sum(dz_t * z_t, axis=0)
+            if WANT_DZ:
+                store_rank_cols(dzg_ptr, stride_dzm, stride_dzr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok, dzg_s, dzg_t,
+                                HAS_SHARED, HAS_TASK)
+            if WANT_DGATE:
+                if PER_TOKEN_GATES:
+                    tl.store(dg_ptr + rows[:, None] * stride_dgm + e[None, :] * stride_dge,
+                             (dg_rows * scaling).to(dg_ptr.dtype.element_ty), mask=row_ok[:, None] & (e < E)[None, :])
+            # ---- dx = drop'(dzg @ A), one d_in block at a time ----
+            if WANT_DX:
+                write_dx(dzg_s.to(op_dtype), dzg_t.to(op_dtype), rows, row_ok, d_in,
+                         sa_ptr + c64 * stride_sac, stride_sar, stride_sak, ta_ptr + t64 * stride_tat, stride_tar,
+                         stride_tak, rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, seed, p_drop,
+                         HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION, BLOCK_M, BLOCK_K)
     if WANT_DGATE:
         if not PER_TOKEN_GATES:
-            # This tile's partial sum; the launcher reduces partials per task in a fixed order.
-            tl.store(dg_ptr + pid * stride_dgm + e * stride_dge, dg_tile)
+            dg_prog = tl.zeros([E_PAD], dtype=tl.float32)
+            if HAS_SHARED:
+                hit_s = (rs[:, None] // r == e[None, :]) & rs_ok[:, None]
+                dg_prog += tl.sum(tl.where(hit_s, col_s[:, None], 0.0), axis=0)
+            if HAS_TASK:
+                hit_t = ((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]
+                dg_prog += tl.sum(tl.where(hit_t, col_t[:, None], 0.0), axis=0)
+            # This program's partial (zeros for task -1 parts); reduced per task in a fixed order.
+            tl.store(dg_ptr + pid * stride_dgm + e * stride_dge, dg_prog * scaling)
 
 
-@triton.jit
-def _cgc_lora_bwd_weight_kernel(
+@triton.jit(do_not_specialize=["chunk"])
+def _bwd_weight_kernel(
     x_ptr, stride_xm, stride_xk,  # [M, d_in]
     dy_ptr, stride_dym, stride_dyn,  # [M, d_out]
     z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 (forward)
-    dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 (launch 1)
+    dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 (rows launch; read by DO_A)
+    sb_ptr, stride_sbc, stride_sbn, stride_sbr,  # shared_b [C, d_out, S*r] (dz partials)
+    tb_ptr, stride_tbt, stride_tbn, stride_tbr,  # task_b [T, d_out, K*r] (dz partials)
+    dzp_ptr, stride_dzps, stride_dzpm, stride_dzpr,  # [n_blocks, M, S*r + K*r] fp32 out (WANT_DZP): dz parts
     g_ptr, stride_gm, stride_ge,  # gates
     cluster_ptr,  # [T] (HAS_CLUSTER)
     order_ptr, counts_ptr, starts_ptr,  # routing: task segments of `order`
-    dsa_ptr, stride_dsac, stride_dsar, stride_dsak,  # [C, S*r, d_in] out
-    dsb_ptr, stride_dsbc, stride_dsbn, stride_dsbr,  # [C, d_out, S*r] out
-    dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out
-    dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out
-    seed_ptr,  # [1] int64 dropout seed of the forward (read only if HAS_DROPOUT)
-    p_drop, scaling,
-    d_in, d_out, r, RS, RK, S, C, T,
-    n_a_blocks,  # programs along axis 1 doing dA (d_in blocks); the rest do dB (d_out blocks)
-    PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    psa_ptr, stride_psas, stride_psar, stride_psak,  # [chunks, S*r, d_in] fp32 shared dA partials
+    psb_ptr, stride_psbs, stride_psbn, stride_psbr,  # [chunks, d_out, S*r] fp32 shared dB partials
+    pta_ptr, stride_ptas, stride_ptar, stride_ptak,  # [chunks, K*r, d_in] fp32 task dA partials
+    ptb_ptr, stride_ptbs, stride_ptbn, stride_ptbr,  # [chunks, d_out, K*r] fp32 task dB partials
+    dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (single-chunk tasks)
+    dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out (single-chunk tasks)
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    d_in, d_out, r, RS, RK, S, T, chunk,
+    DO_A: tl.constexpr,  # dA programs over d_in blocks; else dB (WANT_DB) and dz partials (WANT_DZP)
+    WANT_DB: tl.constexpr, WANT_DZP: tl.constexpr,
+    HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
+    T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    R_PAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    seg = tl.program_id(0)  # [0, C): a cluster's shared experts; [C, C+T): a task's experts
+    slot = tl.program_id(0)
     blk = tl.program_id(1)
-    is_shared = seg < C
-    if is_shared:
-        R = RS
-        col0 = 0
-        gcol0 = 0
-        t_lo = 0
-        t_hi = T
-        owner = seg.to(tl.int64)
-    else:
-        R = RK
-        col0 = RS
-        gcol0 = S
-        t_lo = seg - C
-        t_hi = seg - C + 1
-        owner = (seg - C).to(tl.int64)
-    if R == 0:  # this side has no experts
-        return
-    in_dtype = x_ptr.dtype.element_ty
-    op_dtype = tl.float32 if UPCAST else in_dtype
-    rr = tl.arange(0, R_PAD)
-    r_ok = rr < R
-    inv_keep = 1.0 / (1.0 - p_drop)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-
-    if blk < n_a_blocks:
-        # ---- dA block: [R_PAD, BLOCK_K] = sum over the segment's rows of dzg^T h ----
-        kk = blk * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_ok = kk < d_in
-        acc_a = tl.zeros([R_PAD, BLOCK_K], dtype=tl.float32)
-        for tt in range(t_lo, t_hi):
-            start = tl.load(starts_ptr + tt)
-            end = start + tl.load(counts_ptr + tt)
-            if is_shared:
-                if HAS_CLUSTER:
-                    # Only the cluster's own tasks; an empty range skips the others.
-                    end = tl.where(tl.load(cluster_ptr + tt) == seg, end, start)
-            for p0 in range(start, end, BLOCK_R):
+    t, lo, hi, nt = chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD)
+    if t >= 0:
+        t64 = t.to(tl.int64)
+        slot64 = slot.to(tl.int64)
+        in_dtype = x_ptr.dtype.element_ty
+        op_dtype = tl.float32 if UPCAST else in_dtype
+        rs = tl.arange(0, RS_PAD)
+        rk = tl.arange(0, RK_PAD)
+        rs_ok = rs < RS
+        rk_ok = rk < RK
+        inv_keep = 1.0 / (1.0 - p_drop)
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        if DO_A:
+            # ---- dA blocks [R, BLOCK_K] of both sides from one read of x ----
+            k0 = blk * BLOCK_K
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < d_in
+            acc_sa = tl.zeros([RS_PAD, BLOCK_K], dtype=tl.float32)
+            acc_ta = tl.zeros([RK_PAD, BLOCK_K], dtype=tl.float32)
+            for p0 in range(lo, hi, BLOCK_R):
                 pos = p0 + tl.arange(0, BLOCK_R)
-                row_ok = pos < end
+                row_ok = pos < hi
                 rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-                dz = tl.load(dzg_ptr + rows[:, None] * stride_dzm + (col0 + rr)[None, :] * stride_dzr,
-                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_R, R_PAD]
                 h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
                 if HAS_DROPOUT:
-                    keep = keep_mask(seed, rows, kk, d_in, p_drop)
+                    keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
                     h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
-                acc_a = tl.dot(tl.trans(dz.to(op_dtype)), h.to(op_dtype), acc_a,
-                               input_precision=DOT_PRECISION)
-        if is_shared:
-            da_ptr = dsa_ptr + owner * stride_dsac + rr[:, None] * stride_dsar + kk[None, :] * stride_dsak
-        else:
-            da_ptr = dta_ptr + owner * stride_dtat + rr[:, None] * stride_dtar + kk[None, :] * stride_dtak
-        tl.store(da_ptr, acc_a.to(dsa_ptr.dtype.element_ty), mask=r_ok[:, None] & k_ok[None, :])
-    else:
-        # ---- dB block: [BLOCK_N, R_PAD] = sum over the segment's rows of dy^T zg ----
-        nn = (blk - n_a_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = nn < d_out
-        acc = tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32)
-        gcol = gcol0 + rr // r
-        for tt in range(t_lo, t_hi):
-            start = tl.load(starts_ptr + tt)
-            end = start + tl.load(counts_ptr + tt)
-            if is_shared:
-                if HAS_CLUSTER:
-                    end = tl.where(tl.load(cluster_ptr + tt) == seg, end, start)
-            if not PER_TOKEN_GATES:
-                g = tl.load(g_ptr + tt * stride_gm + gcol * stride_ge, mask=r_ok, other=0.0)
-                g = g.to(tl.float32)[None, :] * scaling
-            for p0 in range(start, end, BLOCK_R):
-                pos = p0 + tl.arange(0, BLOCK_R)
-                row_ok = pos < end
-                rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-                zr = tl.load(z_ptr + rows[:, None] * stride_zm + (col0 + rr)[None, :] * stride_zr,
-                             mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_R, R_PAD]
-                if PER_TOKEN_GATES:
-                    gr = tl.load(g_ptr + rows[:, None] * stride_gm + gcol[None, :] * stride_ge,
-                                 mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-                    zg = zr * gr * scaling
+                h = h.to(op_dtype)
+                if HAS_SHARED:
+                    dz = tl.load(dzg_ptr + rows[:, None] * stride_dzm + rs[None, :] * stride_dzr,
+                                 mask=row_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_R, RS_PAD]
+                    acc_sa = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_sa, input_precision=DOT_PRECISION)
+                if HAS_TASK:
+                    dz = tl.load(dzg_ptr + rows[:, None] * stride_dzm + (RS + rk)[None, :] * stride_dzr,
+                                 mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_R, RK_PAD]
+                    acc_ta = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_ta, input_precision=DOT_PRECISION)
+            if HAS_SHARED:
+                tl.store(psa_ptr + slot64 * stride_psas + rs[:, None] * stride_psar + kk[None, :] * stride_psak,
+                         acc_sa, mask=rs_ok[:, None] & k_ok[None, :])
+            if HAS_TASK:
+                io_a = rk_ok[:, None] & k_ok[None, :]
+                if nt == 1:
+                    tl.store(dta_ptr + t64 * stride_dtat + rk[:, None] * stride_dtar + kk[None, :] * stride_dtak,
+                             acc_ta.to(dta_ptr.dtype.element_ty), mask=io_a)
                 else:
-                    zg = zr * g
-                dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                             mask=row_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-                acc = tl.dot(tl.trans(dy.to(op_dtype)), zg.to(op_dtype), acc, input_precision=DOT_PRECISION)
-        if is_shared:
-            db_ptr = dsb_ptr + owner * stride_dsbc + nn[:, None] * stride_dsbn + rr[None, :] * stride_dsbr
+                    tl.store(pta_ptr + slot64 * stride_ptas + rk[:, None] * stride_ptar + kk[None, :] * stride_ptak,
+                             acc_ta, mask=io_a)
         else:
-            db_ptr = dtb_ptr + owner * stride_dtbt + nn[:, None] * stride_dtbn + rr[None, :] * stride_dtbr
-        tl.store(db_ptr, acc.to(dsb_ptr.dtype.element_ty), mask=n_ok[:, None] & r_ok[None, :])
+            # ---- one read of dy [rows, d_out block]: dB blocks [BLOCK_N, R] of both sides, and this
+            # block's share of dz = dy @ B [rows, R] (fp32 partials; the rows launch sums them) ----
+            if HAS_CLUSTER:
+                c64 = tl.load(cluster_ptr + t).to(tl.int64)
+            else:
+                c64 = t64 * 0
+            nn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = nn < d_out
+            acc_sb = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)
+            acc_tb = tl.zeros([BLOCK_N, RK_PAD], dtype=tl.float32)
+            if WANT_DZP:
+                if HAS_SHARED:
+                    b_s = tl.load(sb_ptr + c64 * stride_sbc + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
+                                  mask=n_ok[:, None] & rs_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_N, RS_PAD]
+                if HAS_TASK:
+                    b_t = tl.load(tb_ptr + t64 * stride_tbt + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
+                                  mask=n_ok[:, None] & rk_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_N, RK_PAD]
+            for p0 in range(lo, hi, BLOCK_R):
+                pos = p0 + tl.arange(0, BLOCK_R)
+                row_ok = pos < hi
+                rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+                dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
+                             mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)  # [BLOCK_R, BLOCK_N]
+                part = dzp_ptr + blk * stride_dzps + rows[:, None] * stride_dzpm
+                if HAS_SHARED:
+                    if WANT_DB:
+                        zr = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
+                                     mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
+                        g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
+                                            PER_TOKEN_GATES)
+                        acc_sb = tl.dot(tl.trans(dy), (zr * g * scaling).to(op_dtype), acc_sb,
+                                        input_precision=DOT_PRECISION)
+                    if WANT_DZP:
+                        dz = tl.dot(dy, b_s, input_precision=DOT_PRECISION)  # [BLOCK_R, RS_PAD] fp32
+                        tl.store(part + rs[None, :] * stride_dzpr, dz, mask=row_ok[:, None] & rs_ok[None, :])
+                if HAS_TASK:
+                    if WANT_DB:
+                        zr = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
+                                     mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
+                        g = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
+                                            PER_TOKEN_GATES)
+                        acc_tb = tl.dot(tl.trans(dy), (zr * g * scaling).to(op_dtype), acc_tb,
+                                        input_precision=DOT_PRECISION)
+                    if WANT_DZP:
+                        dz = tl.dot(dy, b_t, input_precision=DOT_PRECISION)  # [BLOCK_R, RK_PAD] fp32
+                        tl.store(part + (RS + rk)[None, :] * stride_dzpr, dz, mask=row_ok[:, None] & rk_ok[None, :])
+            if WANT_DB:
+                if HAS_SHARED:
+                    tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
+                             acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
+                if HAS_TASK:
+                    io_b = n_ok[:, None] & rk_ok[None, :]
+                    if nt == 1:
+                        tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
+                                 acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
+                    else:
+                        tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
+                                 acc_tb, mask=io_b)
 
 
 # ---- block configuration ---------------------------------------------------------------------
 
-# Tiers keyed on padded rank, as in forward.py; each is compiled ahead of time at its largest rank
-# and must not spill. Launch 1 holds dz (and dzg) for BLOCK_M rows of both sides; launch 2 holds a
-# [R_PAD, BLOCK_K] or [BLOCK_N, R_PAD] accumulator for ONE side (R_PAD = the larger side's pad).
-TILE_TIERS = {
-    "half": [
-        (64, "r64", dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)),
-        (128, "r128", dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
-        # 16-wide d blocks: with 32, Triton 3.6 spills on sm_80 (36 B)
-        (2 * common.MAX_RANK_PAD, "r256",
-         dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
-    ],
-    "fp32": [
-        # spill-free under Triton 3.6 and 3.7 (BLOCK_M 32 spills on sm_80 under both)
-        (64, "r64", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=4, num_stages=2)),
-        (2 * common.MAX_RANK_PAD, "r256",
-         dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
-    ],
-}
-# Per-Triton-version replacements of whole tiers lists, where no config serves both versions.
-# Triton 3.6 spills the fp32 tile kernel at rank 256 on sm_90 with every block shape tried (12 B at
-# best), so there fp32 stops at a padded rank of 128 and larger fp32 problems take the reference.
-TILE_TIERS_BY_VERSION = {
-    (3, 6): {"fp32": [
-        (64, "r64", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=4, num_stages=2)),
-        (128, "r128", dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
-    ]},
-}
-TILE_PINNED = (64, "pinned", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))
+@dataclass(frozen=True)
+class BackwardPlan:
+    """Blocks of the backward launches; grids from `grids`. Only the blocks, warps and stages are
+    compiled in; `sub` and `chunk` are run-time values."""
 
-WEIGHT_TIERS = {
-    "half": [
-        # 8 warps: with 4, Triton 3.6 spills (sm_80 164 B, sm_90 68 B)
-        (64, "r64", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=3)),
-        (common.MAX_RANK_PAD, "r128", dict(BLOCK_R=32, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=3)),
-    ],
-    "fp32": [
-        (64, "r64", dict(BLOCK_R=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
-        (common.MAX_RANK_PAD, "r128", dict(BLOCK_R=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2)),
-    ],
-}
-WEIGHT_PINNED = (64, "pinned", dict(BLOCK_R=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))
+    sub: int  # rows launch: programs per routing tile
+    BLOCK_M: int
+    BLOCK_K: int
+    BLOCK_N: int
+    rows_warps: int
+    chunk: int  # rows per weight-gradient chunk
+    BLOCK_R: int  # rows per step inside a chunk
+    WBLOCK_K: int  # weight launch: d_in block (dA) ...
+    WBLOCK_N: int  # ... and d_out block (dB)
+    weight_warps: int
+    RBLOCK: int  # reduce launch: d block
+    num_stages: int
+    dz_parts: bool = True  # dz from the dB launch's partials (else the rows launch reads dy again)
+
+    def chunk_slots(self, M: int, T: int) -> int:
+        return triton.cdiv(M, self.chunk) + T
+
+    def grids(self, M: int, T: int, C: int, d_in: int, d_out: int, max_tiles: int) -> dict:
+        slots = self.chunk_slots(M, T)
+        n_r = triton.cdiv(d_in, self.RBLOCK) + triton.cdiv(d_out, self.RBLOCK)
+        return {"dB": (slots, triton.cdiv(d_out, self.WBLOCK_N)), "rows": (max_tiles * self.sub,),
+                "dA": (slots, triton.cdiv(d_in, self.WBLOCK_K)), "reduce": (C + T, n_r)}
 
 
-def tile_tiers() -> dict:
-    """TILE_TIERS with this Triton version's replacements (TILE_TIERS_BY_VERSION)."""
-    return {**TILE_TIERS, **TILE_TIERS_BY_VERSION.get(common.triton_version(), {})}
+# Tiers (limit, config) keyed on padded rank (both sides in registers in every launch) and dtype
+# kind, in the format common.pick_tier reads; each compiled ahead of time at every rank split and
+# flag its limit admits, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
+BACKWARD_BLOCKS = {
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64,
+                       WBLOCK_N=256, weight_warps=8, RBLOCK=128, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
+                                            WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
+    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill).
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
+                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
+}
+# dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
+# above it (and in fp32) the rows launch reads dy. The dB launch with parts is compiled ahead of
+# time only up to this rank.
+DZ_PARTS_MAX_RANK = {"half": 64, "fp32": 0}
+PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLOCK_K=64, WBLOCK_N=64,
+              weight_warps=4, RBLOCK=64, num_stages=2)
 
 
 def max_rank_size(dtype: torch.dtype) -> int:
-    """Largest padded rank (both sides) the backward takes for `dtype` under this Triton version."""
-    return tile_tiers()[common.tier_kind(dtype)][-1][0]
+    """Largest padded rank (both sides together) the forward and backward configs take for `dtype`."""
+    kind = common.tier_kind(dtype)
+    return common.version_rank_limit(kind, min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0]))
 
 
-def backward_tile_config(M: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype) -> dict:
-    """Block sizes for launch 1 (per tile: dz, dgates, dx), from shapes only; `rank_size` as in
-    forward_config."""
-    if common.configs_pinned():
-        return TILE_PINNED[2]
-    return common.pick_tier(tile_tiers()[common.tier_kind(dtype)], rank_size)[1]
+def chunk_rows_for(M: int, T: int) -> int:
+    """Rows per weight-gradient chunk: about M / 8, 256..2048 (a power of two), so even one task
+    holding every row becomes >= 8 programs per output block while an average task of a uniform
+    mix stays one chunk (its gradient written directly, no partial)."""
+    return max(256, min(2048, common.next_pow2(triton.cdiv(max(M, 1), 8))))
 
 
-def backward_weight_config(M: int, d_in: int, d_out: int, r_pad: int, dtype: torch.dtype) -> dict:
-    """Block sizes for launch 2 (grouped dA / dB reductions), from shapes only."""
-    if common.configs_pinned():
-        return WEIGHT_PINNED[2]
-    return common.pick_tier(WEIGHT_TIERS[common.tier_kind(dtype)], r_pad)[1]
+_FORCED_CHUNK: list[int | None] = [None]
 
 
-def _space(tiers, pinned, dtype_name, consts_for):
+def backward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype,
+                  tile_rows: int, chunk: int | None = None, rank: int | None = None,
+                  dz_parts: bool | None = None) -> BackwardPlan:
+    """The backward's blocks from shapes only; `chunk` (or `set_forced_chunk`) overrides the rows
+    per chunk (tests: small chunks make the chunked reductions run at small M).
+
+    dz comes from fp32 partials written by the dB launch (which reads dy anyway) when they move
+    fewer bytes than a second read of dy: 2 * n_parts * rank * 4 < d_out * element size, with
+    `rank` = S*r + K*r (rank_size if not given) and n_parts the dB launch's d_out blocks.
+    `dz_parts` forces the choice (tests).
+    """
+    pinned = common.configs_pinned()
+    cfg = dict(PINNED) if pinned else common.pick_tier(BACKWARD_BLOCKS[common.tier_kind(dtype)], rank_size)
+    sub = max(1, min(tile_rows // cfg["BLOCK_M"], 2))
+    chunk = chunk or _FORCED_CHUNK[0] or chunk_rows_for(M, T)
+    if dz_parts is None:
+        n_parts = triton.cdiv(d_out, cfg["WBLOCK_N"])
+        elem = torch.empty((), dtype=dtype).element_size()
+        dz_parts = (2 * n_parts * (rank if rank is not None else rank_size) * 4 < d_out * elem
+                    and (pinned or rank_size <= DZ_PARTS_MAX_RANK[common.tier_kind(dtype)]))
+    return BackwardPlan(sub=sub, chunk=chunk, dz_parts=dz_parts, **cfg)
+
+
+def set_forced_chunk(chunk: int | None) -> int | None:
+    """Make every backward use `chunk` rows per chunk (None: by shape); returns the old value."""
+    old, _FORCED_CHUNK[0] = _FORCED_CHUNK[0], chunk
+    return old
+
+
+def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
+    """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
+    GPU config; tests/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
-    for limit, name, cfg in tiers[kind]:  # the pinned config is for the interpreter (see forward.py)
-        cfg = dict(cfg)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        out.append((name, dict(consts_for(limit), UPCAST=False,
-                               DOT_PRECISION="ieee" if kind == "fp32" else "tf32", **cfg), warps, stages))
+    for limit, c in BACKWARD_BLOCKS[kind]:
+        limit = common.version_rank_limit(kind, limit)  # compiled at the largest rank it gets
+        name = f"r{limit}"
+        parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
+        for dz_parts in (True, False) if parts_here else (False,):
+            rows = dict(DZ_FROM_PARTS=dz_parts, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"])
+            out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), limit, rows, c["rows_warps"],
+                        c["num_stages"]))
+        for do_a in (True, False):
+            weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a and parts_here, BLOCK_R=c["BLOCK_R"],
+                           BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
+            out.append(("bwd_weights", name + ("-dA" if do_a else "-dB"), limit, weights, c["weight_warps"],
+                        c["num_stages"]))
+        out.append(("bwd_reduce", name, limit, dict(BLOCK_K=c["RBLOCK"], BLOCK_N=c["RBLOCK"]), 4, 1))
     return out
 
 
-def backward_tile_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
-    """Every config of launch 1 with its heaviest flags and largest rank (ahead-of-time checks)."""
-    return _space(tile_tiers(), TILE_PINNED, dtype_name, lambda limit: dict(
-        HAS_SHARED=True, HAS_TASK=True, RS_PAD=limit // 2, RK_PAD=limit // 2, E_PAD=16,
-        PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, WANT_DX=True, WANT_DGATE=True,
-        WANT_DZ=True))
-
-
-def backward_weight_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
-    """Every config of launch 2 with its heaviest flags and largest rank (ahead-of-time checks)."""
-    return _space(WEIGHT_TIERS, WEIGHT_PINNED, dtype_name, lambda limit: dict(
-        PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_DROPOUT=True, R_PAD=limit))
-
-
 # ---- launcher --------------------------------------------------------------------------------
-
-def _launch_args(cfg: dict) -> tuple[dict, int, int]:
-    cfg = dict(cfg)
-    return cfg, cfg.pop("num_warps"), cfg.pop("num_stages")
-
 
 def cgc_lora_backward(
     dy: torch.Tensor,  # [M, d_out]
@@ -393,13 +442,15 @@ def cgc_lora_backward(
     shared_a: torch.Tensor, shared_b: torch.Tensor, task_a: torch.Tensor, task_b: torch.Tensor,
     task_cluster: torch.Tensor | None,
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-    counts: torch.Tensor, starts: torch.Tensor,
+    counts: torch.Tensor, starts: torch.Tensor, tile_rows_n: int,
     z: torch.Tensor,  # [M, S*r + K*r] fp32 from the forward
     scaling: float, per_token_gates: bool, dropout_p: float,
-    seed: torch.Tensor | None,  # [1] int64, the forward's (dropout_p > 0), else None
+    seed: torch.Tensor | int | None,  # [1] int64 on the device (an int in tests; None: no dropout)
     need_x: bool, need_gates: bool, need_a: bool, need_b: bool,
+    plan: BackwardPlan | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients (dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b); None where not needed."""
+    """Gradients (dx, dgates, dshared_a, dshared_b, dtask_a, dtask_b); None where not needed.
+    Every output is written whole by the kernels (nothing zero-filled first)."""
     M, d_in = x.shape
     C, RS = shared_a.shape[0], shared_a.shape[1]
     T, RK = task_a.shape[0], task_a.shape[1]
@@ -408,83 +459,105 @@ def cgc_lora_backward(
     r = (RS + RK) // E
     S = RS // r
     dev = x.device
+    seed = common.seed_tensor(seed, dev, counts)
     rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
     e_pad = common.next_pow2(E, 16)
-    cl = task_cluster if task_cluster is not None else tile_task  # never read without HAS_CLUSTER
-    interp = common.upcast_operands()
-    prec = common.dot_precision(x.dtype)
-    seed_t = seed if seed is not None else tile_task  # never read without HAS_DROPOUT
+    t_pad = common.next_pow2(T)
+    max_tiles = tile_task.shape[0]
+    if plan is None:
+        plan = backward_plan(M, T, d_in, d_out, common.rank_size(RS, RK), x.dtype, tile_rows_n, rank=RS + RK)
+    grids = plan.grids(M, T, C, d_in, d_out, max_tiles)
+    cl = task_cluster if task_cluster is not None else counts  # never read without HAS_CLUSTER
+    flags = dict(HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad, T_PAD=t_pad,
+                 UPCAST=common.upcast_operands(), DOT_PRECISION=common.dot_precision(x.dtype))
 
-    dx = torch.zeros_like(x) if need_x else None
+    dx = torch.empty_like(x) if need_x else None
     dgates = None
     if need_gates:
-        dgates = torch.zeros_like(gates) if per_token_gates else torch.zeros(
-            tile_task.shape[0], e_pad, dtype=torch.float32, device=dev)
-    dzg = torch.zeros(M, RS + RK, dtype=torch.float32, device=dev) if need_a else None
-    n_tiles = tile_task.shape[0]
+        dgates = torch.empty_like(gates) if per_token_gates else torch.empty(
+            grids["rows"][0], e_pad, dtype=torch.float32, device=dev)
+    dzg = torch.empty(M, RS + RK, dtype=torch.float32, device=dev) if need_a else None
 
-    if (need_x or need_gates or need_a) and M > 0 and n_tiles > 0:
-        rank_size = (rs_pad if RS else 0) + (rk_pad if RK else 0)
-        cfg, warps, stages = _launch_args(backward_tile_config(M, d_in, d_out, rank_size, x.dtype))
-        dummy = z
-        dxt = dx if dx is not None else x
-        dgt = dgates if dgates is not None else z
-        dzt = dzg if dzg is not None else dummy
-        _cgc_lora_bwd_tile_kernel[(n_tiles,)](
-            dy, dy.stride(0), dy.stride(1),
-            shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
-            task_a, *task_a.stride(), task_b, *task_b.stride(),
-            gates, gates.stride(0), gates.stride(1),
-            cl, order, tile_task, tile_start, tile_end,
-            z, z.stride(0), z.stride(1),
-            dzt, dzt.stride(0), dzt.stride(1),
-            dxt, dxt.stride(0), dxt.stride(1),
-            dgt, dgt.stride(0), dgt.stride(1),
-            seed_t, float(dropout_p), float(scaling),
-            d_in, d_out, r, RS, RK, S, E,
-            HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad, E_PAD=e_pad,
-            PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
-            HAS_DROPOUT=dropout_p > 0,
-            WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,
-            UPCAST=interp, DOT_PRECISION=prec,
-            **cfg, num_warps=warps, num_stages=stages,
-        )
-    if need_gates and not per_token_gates:
-        # Per-task sum of the per-tile partials: a one-hot product in fp64, fixed order (index_add
-        # on CUDA would use float atomics). [T, n_tiles] @ [n_tiles, E].
-        onehot = tile_task.to(torch.int64)[None, :] == torch.arange(T, device=dev)[:, None]
-        dgates = (onehot.double() @ dgates[:, :E].double()).to(gates.dtype)
-
+    want_rows = (need_x or need_gates or need_a) and M > 0
     dsa = dsb = dta = dtb = None
     if need_a:
         dsa, dta = torch.empty_like(shared_a), torch.empty_like(task_a)
     if need_b:
         dsb, dtb = torch.empty_like(shared_b), torch.empty_like(task_b)
-    if (need_a or need_b) and (RS + RK) > 0:
-        r_pad = max(rs_pad if RS else 16, rk_pad if RK else 16)
-        cfg, warps, stages = _launch_args(backward_weight_config(M, d_in, d_out, r_pad, x.dtype))
-        n_a = triton.cdiv(d_in, cfg["BLOCK_K"]) if need_a else 0
-        n_b = triton.cdiv(d_out, cfg["BLOCK_N"]) if need_b else 0
-        # Unwanted outputs point at a wanted one of the same dtype; their branch never runs.
-        dsa_t = dsa if dsa is not None else shared_a
-        dta_t = dta if dta is not None else task_a
-        dsb_t = dsb if dsb is not None else shared_b
-        dtb_t = dtb if dtb is not None else task_b
-        dzt = dzg if dzg is not None else z
-        if n_a + n_b > 0:
-            _cgc_lora_bwd_weight_kernel[(C + T, n_a + n_b)](
-                x, x.stride(0), x.stride(1),
-                dy, dy.stride(0), dy.stride(1),
-                z, z.stride(0), z.stride(1),
-                dzt, dzt.stride(0), dzt.stride(1),
-                gates, gates.stride(0), gates.stride(1),
-                cl, order, counts, starts,
-                dsa_t, *dsa_t.stride(), dsb_t, *dsb_t.stride(),
-                dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
-                seed_t, float(dropout_p), float(scaling),
-                d_in, d_out, r, RS, RK, S, C, T, n_a,
-                PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
-                HAS_DROPOUT=dropout_p > 0, UPCAST=interp, DOT_PRECISION=prec, R_PAD=r_pad,
-                **cfg, num_warps=warps, num_stages=stages,
-            )
+    n_slots = grids["dA"][0]
+    f32 = dict(dtype=torch.float32, device=dev)
+    has_experts = RS + RK > 0
+    psa = torch.empty(n_slots, RS, d_in, **f32) if need_a and has_experts else z
+    pta = torch.empty(n_slots, RK, d_in, **f32) if need_a and has_experts else z
+    psb = torch.empty(n_slots, d_out, RS, **f32) if need_b and has_experts else z
+    ptb = torch.empty(n_slots, d_out, RK, **f32) if need_b and has_experts else z
+    as3 = lambda t: t.stride() if t.dim() == 3 else (0, 0, 0)  # noqa: E731
+    # Unwanted outputs point at a wanted one of the same dtype; their branch never runs.
+    dsa_t = dsa if dsa is not None else shared_a
+    dta_t = dta if dta is not None else task_a
+    dsb_t = dsb if dsb is not None else shared_b
+    dtb_t = dtb if dtb is not None else task_b
+    dzg_t = dzg if dzg is not None else z
+    weight_args = lambda dzp: (  # noqa: E731
+        x, *x.stride(), dy, *dy.stride(), z, *z.stride(), dzg_t, *dzg_t.stride(),
+        shared_b, *shared_b.stride(), task_b, *task_b.stride(), dzp, *as3(dzp),
+        gates, gates.stride(0), gates.stride(1), cl, order, counts, starts,
+        psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
+        dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
+        seed, float(dropout_p), float(scaling), d_in, d_out, r, RS, RK, S, T, plan.chunk)
+    weight_flags = dict(PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
+                        HAS_DROPOUT=dropout_p > 0, BLOCK_R=plan.BLOCK_R,
+                        BLOCK_K=plan.WBLOCK_K, BLOCK_N=plan.WBLOCK_N, **flags,
+                        num_warps=plan.weight_warps, num_stages=plan.num_stages)
+
+    # ---- launch 1: dB and (dz_parts) this d_out block's share of dz, one read of dy ----
+    dz_parts = plan.dz_parts and want_rows
+    # [M, n_parts, R] in memory (a row's parts side by side; int64 row offsets), seen as [n_parts, M, R].
+    dzp = torch.empty(M, grids["dB"][1], RS + RK, **f32).permute(1, 0, 2) if dz_parts else z
+    if (need_b or dz_parts) and has_experts and M > 0 and d_out > 0:
+        _bwd_weight_kernel[grids["dB"]](*weight_args(dzp), DO_A=False, WANT_DB=need_b, WANT_DZP=dz_parts,
+                                         **weight_flags)
+
+    # ---- launch 2: dz (from the partials, or from dy), dgates, dzg, dx ----
+    if want_rows:
+        dxt = dx if dx is not None else x
+        dgt = dgates if dgates is not None else z
+        _bwd_rows_kernel[grids["rows"]](
+            dy, *dy.stride(), dzp, *as3(dzp), shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
+            task_a, *task_a.stride(), task_b, *task_b.stride(), gates, gates.stride(0), gates.stride(1),
+            cl, order, tile_task, tile_start, tile_end, counts,
+            z, *z.stride(), dzg_t, *dzg_t.stride(), dxt, *dxt.stride(), dgt, dgt.stride(0), dgt.stride(1),
+            seed, float(dropout_p), float(scaling),
+            M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, plan.sub, grids["dB"][1],
+            E_PAD=e_pad, PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
+            HAS_DROPOUT=dropout_p > 0, WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,
+            DZ_FROM_PARTS=dz_parts, BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K,
+            BLOCK_N=plan.BLOCK_N, **flags, num_warps=plan.rows_warps, num_stages=plan.num_stages,
+        )
+    if need_gates and not per_token_gates:
+        # Per-task sum of the per-program partials: a one-hot product in fp64, in a fixed order
+        # (index_add on CUDA would use float atomics). [T, programs] @ [programs, E].
+        if M == 0:
+            dgates.zero_()
+        prog_task = tile_task.to(torch.int64).repeat_interleave(plan.sub)
+        onehot = prog_task[None, :] == torch.arange(T, device=dev)[:, None]
+        dgates = (onehot.double() @ dgates[:, :E].double()).to(gates.dtype)
+
+
+    # ---- launch 3: dA, one read of x; launch 4: partials reduced per cluster / multi-chunk task ----
+    if need_a and has_experts and M > 0 and d_in > 0:
+        _bwd_weight_kernel[grids["dA"]](*weight_args(dzp), DO_A=True, WANT_DB=False, WANT_DZP=False,
+                                         **weight_flags)
+    n_ra = triton.cdiv(d_in, plan.RBLOCK) if need_a else 0
+    n_rb = triton.cdiv(d_out, plan.RBLOCK) if need_b else 0
+    if has_experts and n_ra + n_rb > 0:
+        _bwd_reduce_kernel[(C + T, n_ra + n_rb)](
+            psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
+            dsa_t, *dsa_t.stride(), dsb_t, *dsb_t.stride(), dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
+            cl, counts, d_in, d_out, RS, RK, C, T, n_ra, plan.chunk,
+            HAS_SHARED=RS > 0, HAS_TASK=RK > 0, HAS_CLUSTER=task_cluster is not None,
+            WANT_A=need_a, WANT_B=need_b, R_PAD=max(rs_pad, rk_pad), T_PAD=t_pad,
+            BLOCK_K=plan.RBLOCK, BLOCK_N=plan.RBLOCK, num_warps=4, num_stages=1,
+        )
+    # A side with no experts (S = 0 or K = 0) has zero-size gradients: nothing to write.
     return dx, dgates, dsa, dsb, dta, dtb

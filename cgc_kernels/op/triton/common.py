@@ -38,22 +38,25 @@ def configs_pinned() -> bool:
     return _pinned or (INTERPRET and not GPU_CONFIGS_IN_INTERPRETER)
 
 
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= n and >= minimum (itself a power of two)."""
+    p = minimum
+    while p < n:
+        p *= 2
+    return p
+
+
 def rank_pad(rank: int) -> int:
     """Padded rank block for `rank` stacked rank columns: a power of two >= 16 (tl.dot's minimum).
 
     rank 0 still gets 16: the kernel skips that side through a constexpr flag, but shapes must exist.
     """
-    p = 16
-    while p < rank:
-        p *= 2
-    return p
+    return next_pow2(rank, 16)
 
 
-def next_pow2(n: int, minimum: int = 1) -> int:
-    p = minimum
-    while p < n:
-        p *= 2
-    return p
+def rank_size(rs: int, rk: int) -> int:
+    """The padded rank both sides hold in registers (the tier key): a side without experts adds 0."""
+    return (rank_pad(rs) if rs else 0) + (rank_pad(rk) if rk else 0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -77,12 +80,15 @@ def tier_kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "half"
 
 
-def pick_tier(tiers: list[tuple[int, str, dict]], size: int) -> tuple[str, dict]:
-    """The first (limit, name, config) tier whose limit covers `size` (a padded rank)."""
-    for limit, name, cfg in tiers:
+def pick_tier(tiers: list[tuple[int, dict]], size: int) -> dict:
+    """A copy of the config of the first (limit, config) tier whose limit covers `size` (a padded
+    rank). Every kernel's tier table has this format: limits ascending, each tier compiled ahead of
+    time at its limit (tests/aot_compile_kernels.py)."""
+    for limit, cfg in tiers:
         if size <= limit:
-            return name, cfg
-    raise ValueError(f"padded rank {size} exceeds the largest kernel tier ({tiers[-1][0]})")
+            return dict(cfg)
+    largest = tiers[-1][0] if tiers else 0
+    raise ValueError(f"padded rank {size} exceeds the largest kernel tier ({largest})")
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -97,6 +103,30 @@ def new_dropout_seed(device: torch.device | str) -> torch.Tensor:
     inputs' devices' RNG states), CUDA-graph safe (a captured draw draws anew on each replay), and
     no host sync."""
     return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=device)
+
+
+def seed_tensor(seed: torch.Tensor | int | None, device: torch.device, unused: torch.Tensor) -> torch.Tensor:
+    """The dropout seed as the [1] int64 device tensor the kernels read (no host sync, and a CUDA
+    graph replays a seed drawn inside it instead of baking a Python int in). None (no dropout):
+    `unused`, an int64 tensor already on the device, stands in; the kernels never read it."""
+    if seed is None:
+        return unused
+    if isinstance(seed, torch.Tensor):
+        return seed.reshape(1).to(device=device, dtype=torch.int64)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
+# Largest padded rank (both sides) per dtype kind where an installed Triton version spills at the
+# tables' own limit: Triton 3.6 spills the fp32 backward rows launch at 256 with dropout (sm_90,
+# 36 B; every block shape tried spills), so there fp32 stops at 128 and larger fp32 problems take
+# the torch backend.
+RANK_LIMIT_BY_VERSION = {(3, 6): {"fp32": 128}}
+
+
+def version_rank_limit(kind: str, limit: int) -> int:
+    """`limit` (a tier table's largest padded rank for dtype kind `kind`), lowered where the
+    installed Triton needs it (RANK_LIMIT_BY_VERSION)."""
+    return min(limit, RANK_LIMIT_BY_VERSION.get(triton_version(), {}).get(kind, limit))
 
 
 @functools.cache

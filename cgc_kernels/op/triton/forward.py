@@ -1,201 +1,295 @@
-"""Fused CGC-LoRA forward: the whole LoRA branch of a layer in ONE launch.
+"""CGC-LoRA forward that fills the GPU at every M: one launch at training shapes, shrink + expand at decode.
 
-Data flow (one program per tile of the routing's tile table; a tile = up to `block_m` rows of one task,
-processed BLOCK_M rows at a time):
+Two plans over the routing's tile table (tiles of same-task rows; the unused slots take the
+task -1 rows, see slots.py), chosen per shape by `forward_plan`:
 
-    rows   = order[tile_start:tile_end]                         original token indices (gather)
-    h      = drop(x[rows])                                      [BLOCK_M, d_in], mask regenerated from seed
-    z      = h @ [shared_a[c]; task_a[t]]^T                     ONE loop over d_in feeds both sides; fp32
-    save z                                                      [M, (S+K) r] fp32, at the original rows
-    zg     = z * gate(expert of each rank column) * scaling     per-task or per-token gates
-    y      = (base[rows] +) zg @ [shared_b[c], task_b[t]]^T     loop over d_out blocks, scatter to rows
+    "fused" (many tiles), ONE launch, grid (tile x sub row parts, N_SPLIT d_out groups):
+        h      = drop(x[rows])                                  [BLOCK_M, d_in], mask from the seed
+        z      = h @ [shared_a[c]; task_a[t]]^T                 one d_in loop for both sides, fp32
+        save z                                                  [M, (S+K) r] fp32 (d_out group 0)
+        y      = base[rows] + (z * g * s) @ [shared_b[c], task_b[t]]^T     over its d_out group
+        task -1 rows: y = base, z = 0
 
-Rows are unique across tiles, so the scatter needs no atomics. Rows of task -1 belong to no tile: their
-output stays the base (or 0) and their z is never read. The backward (backward.py) reads z instead
-of recomputing A x.
+    "split" (few tiles: decode), TWO launches back to back:
+        shrink, grid (tile, K_SPLIT d_in parts):    zpart[k] = h[:, part k] @ A[:, part k]^T
+        expand, grid (tile, d_out blocks):          z = sum_k zpart[k] (fixed order), then as above
+
+Recomputing z per d_out group re-reads x and the A's (from L2) once per group, so "fused" keeps
+N_SPLIT = 1 wherever the tiles alone make two waves; "split" reads the A's once and moves only
+fp32 partials of z [K_SPLIT, M, (S+K) r] between its launches. The output is always written
+whole (base + delta): nothing is zero-filled before and nothing is added after. Rows are unique
+across programs, so no atomics. The backward (backward.py) reads the saved z.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from . import common
-from .dropout import keep_mask
+from .kernel_utils import expand_rows, load_rank_gates, shrink_rows, store_rank_cols, sum_row_parts
+from .slots import tile_rows
+
+# Per-call integers (M, the routing's tile rows, the plan's splits and the fp32 partials' strides,
+# which follow M) are not specialized: one compiled variant serves every batch size.
+_PER_CALL = ["M", "tile_rows_n", "sub", "k_split", "n_per_prog", "stride_zps", "stride_zpm"]
 
 
-@triton.jit
-def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
-                    PER_TOKEN_GATES: tl.constexpr):
-    """fp32 gate of each rank column's expert `e` [R_PAD]: [1, R_PAD] from the task's row of a task
-    gate, or [BLOCK_M, R_PAD] from each token's row of a per-token gate (both broadcast over rows)."""
-    if PER_TOKEN_GATES:
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + e[None, :] * stride_ge,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        g = tl.load(g_ptr + t64 * stride_gm + e * stride_ge, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return g
-
-
-@triton.jit
-def _cgc_lora_fwd_kernel(
+@triton.jit(do_not_specialize=_PER_CALL)
+def _fwd_kernel(
     x_ptr, stride_xm, stride_xk,  # [M, d_in]
     sa_ptr, stride_sac, stride_sar, stride_sak,  # shared_a [C, S*r, d_in]
     sb_ptr, stride_sbc, stride_sbn, stride_sbr,  # shared_b [C, d_out, S*r]
     ta_ptr, stride_tat, stride_tar, stride_tak,  # task_a [T, K*r, d_in]
     tb_ptr, stride_tbt, stride_tbn, stride_tbr,  # task_b [T, d_out, K*r]
     g_ptr, stride_gm, stride_ge,  # gates [T, S+K] or [M, S+K] (PER_TOKEN_GATES)
-    cluster_ptr,  # task_cluster [T] (read only if HAS_CLUSTER)
-    order_ptr,  # [M] int64 token indices sorted by task
-    tile_task_ptr, tile_start_ptr, tile_end_ptr,  # [max_tiles] int32
-    base_ptr, stride_bm, stride_bn,  # [M, d_out] added to the delta (HAS_BASE); may alias y
-    y_ptr, stride_ym, stride_yn,  # [M, d_out] out
-    z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 out: z = A drop(x), shared columns first
-    seed_ptr,  # [1] int64 dropout seed (read only if HAS_DROPOUT)
-    p_drop, scaling,
-    d_in, d_out, r, RS, RK, S,  # RS = S*r, RK = K*r
-    HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
-    RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
-    PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr,
-    HAS_BASE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_Z: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    cluster_ptr,  # task_cluster [T] (HAS_CLUSTER)
+    order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,  # routing
+    zp_ptr, stride_zps, stride_zpm, stride_zpr,  # [K_SPLIT, M, S*r + K*r] fp32 partial z (Z_FROM_PARTS)
+    base_ptr, stride_bm, stride_bn,  # [M, d_out] (HAS_BASE); may be y itself (IN_PLACE)
+    y_ptr, stride_ym, stride_yn,  # [M, d_out] out: base + delta
+    z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 out (SAVE_Z): z = A drop(x), shared first
+    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    M, d_in, d_out, r, RS, RK, S, T, tile_rows_n, sub, k_split, n_per_prog,
+    HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
+    T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr,
+    HAS_BASE: tl.constexpr, IN_PLACE: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE_Z: tl.constexpr,
+    Z_FROM_PARTS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(tile_task_ptr + pid)
-    if t < 0:  # unused slot of the fixed-size tile table
-        return
-    t64 = t.to(tl.int64)  # int64: t * stride overflows int32 for large T * r * d
-    if HAS_CLUSTER:
-        c64 = tl.load(cluster_ptr + t).to(tl.int64)
-    else:
-        c64 = t64 * 0
-    tile_start = tl.load(tile_start_ptr + pid)
-    tile_end = tl.load(tile_end_ptr + pid)
-    in_dtype = x_ptr.dtype.element_ty
-    op_dtype = tl.float32 if UPCAST else in_dtype  # interpreter: bf16 dot is wrong there
-
+    pid_n = tl.program_id(1)
+    t, lo, hi = tile_rows(pid // sub, pid % sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
+                          M, T, tile_rows_n, sub, T_PAD)
+    n_lo = pid_n * n_per_prog
+    n_hi = tl.minimum(n_lo + n_per_prog, d_out)
     rs = tl.arange(0, RS_PAD)
     rk = tl.arange(0, RK_PAD)
     rs_ok = rs < RS
     rk_ok = rk < RK
-    inv_keep = 1.0 / (1.0 - p_drop)
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-
-    for m0 in range(tile_start, tile_end, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        row_ok = pos < tile_end
-        rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
-
-        # ---- z = drop(x) @ A^T, one pass over d_in for both sides ----
-        z_s = tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32)
-        z_t = tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = kk < d_in
-            h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if HAS_DROPOUT:
-                keep = keep_mask(seed, rows, kk, d_in, p_drop)
-                h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
-            h = h.to(op_dtype)
-            if HAS_SHARED:
-                a = tl.load(sa_ptr + c64 * stride_sac + rs[None, :] * stride_sar + kk[:, None] * stride_sak,
-                            mask=rs_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, RS_PAD]
-                z_s = tl.dot(h, a.to(op_dtype), z_s, input_precision=DOT_PRECISION)
-            if HAS_TASK:
-                a = tl.load(ta_ptr + t64 * stride_tat + rk[None, :] * stride_tar + kk[:, None] * stride_tak,
-                            mask=rk_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, RK_PAD]
-                z_t = tl.dot(h, a.to(op_dtype), z_t, input_precision=DOT_PRECISION)
-
-        # ---- save z (fp32) and scale each rank column by its expert's gate and the scaling ----
-        if HAS_SHARED:
+    if t < 0:
+        # Task -1 rows: the base model alone. In place there is nothing to do.
+        if not IN_PLACE:
+            for m0 in range(lo, hi, BLOCK_M):
+                pos = m0 + tl.arange(0, BLOCK_M)
+                row_ok = pos < hi
+                rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+                for n0 in range(n_lo, n_hi, BLOCK_N):
+                    nn = n0 + tl.arange(0, BLOCK_N)
+                    io = row_ok[:, None] & (nn < d_out)[None, :]
+                    v = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    if HAS_BASE:
+                        v = tl.load(base_ptr + rows[:, None] * stride_bm + nn[None, :] * stride_bn,
+                                    mask=io, other=0.0).to(tl.float32)
+                    tl.store(y_ptr + rows[:, None] * stride_ym + nn[None, :] * stride_yn,
+                             v.to(y_ptr.dtype.element_ty), mask=io)
+                if SAVE_Z:
+                    if pid_n == 0:
+                        store_rank_cols(z_ptr, stride_zm, stride_zr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok,
+                                        tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32),
+                                        tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32), HAS_SHARED, HAS_TASK)
+    else:
+        t64 = t.to(tl.int64)  # int64: t * stride overflows int32 for large T * r * d
+        if HAS_CLUSTER:
+            c64 = tl.load(cluster_ptr + t).to(tl.int64)
+        else:
+            c64 = t64 * 0
+        op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty  # interpreter: its bf16 dot is wrong
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        for m0 in range(lo, hi, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < hi
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            if Z_FROM_PARTS:
+                z_s, z_t = sum_row_parts(zp_ptr, stride_zps, stride_zpm, stride_zpr, k_split, rows, row_ok, RS,
+                                         rs, rs_ok, rk, rk_ok, HAS_SHARED, HAS_TASK, BLOCK_M, RS_PAD, RK_PAD)
+            else:
+                z_s, z_t = shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, 0, d_in, d_in,
+                                       sa_ptr + c64 * stride_sac, stride_sar, stride_sak,
+                                       ta_ptr + t64 * stride_tat, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
+                                       seed, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION,
+                                       BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
             if SAVE_Z:
-                tl.store(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr, z_s,
-                         mask=row_ok[:, None] & rs_ok[None, :])
-            e_s = rs // r  # gate column of each shared rank column
-            g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_s, rs_ok,
-                                  PER_TOKEN_GATES)
-            zg_s = (z_s * g_s * scaling).to(op_dtype)
-        if HAS_TASK:
-            if SAVE_Z:
-                tl.store(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr, z_t,
-                         mask=row_ok[:, None] & rk_ok[None, :])
-            e_t = S + rk // r
-            g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e_t, rk_ok,
-                                  PER_TOKEN_GATES)
-            zg_t = (z_t * g_t * scaling).to(op_dtype)
-
-        # ---- y = (base +) zg @ B^T, one d_out block at a time ----
-        for n0 in range(0, d_out, BLOCK_N):
-            nn = n0 + tl.arange(0, BLOCK_N)
-            n_ok = nn < d_out
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                if pid_n == 0:
+                    store_rank_cols(z_ptr, stride_zm, stride_zr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok, z_s, z_t,
+                                    HAS_SHARED, HAS_TASK)
+            zg_s = z_s.to(op_dtype)
+            zg_t = z_t.to(op_dtype)
             if HAS_SHARED:
-                b = tl.load(sb_ptr + c64 * stride_sbc + nn[None, :] * stride_sbn + rs[:, None] * stride_sbr,
-                            mask=rs_ok[:, None] & n_ok[None, :], other=0.0)  # [RS_PAD, BLOCK_N]
-                acc = tl.dot(zg_s, b.to(op_dtype), acc, input_precision=DOT_PRECISION)
+                g_s = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, rs // r, rs_ok,
+                                      PER_TOKEN_GATES)
+                zg_s = (z_s * g_s * scaling).to(op_dtype)
             if HAS_TASK:
-                b = tl.load(tb_ptr + t64 * stride_tbt + nn[None, :] * stride_tbn + rk[:, None] * stride_tbr,
-                            mask=rk_ok[:, None] & n_ok[None, :], other=0.0)  # [RK_PAD, BLOCK_N]
-                acc = tl.dot(zg_t, b.to(op_dtype), acc, input_precision=DOT_PRECISION)
-            io = row_ok[:, None] & n_ok[None, :]
-            if HAS_BASE:
-                acc += tl.load(base_ptr + rows[:, None] * stride_bm + nn[None, :] * stride_bn,
-                               mask=io, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rows[:, None] * stride_ym + nn[None, :] * stride_yn,
-                     acc.to(y_ptr.dtype.element_ty), mask=io)
+                g_t = load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, S + rk // r, rk_ok,
+                                      PER_TOKEN_GATES)
+                zg_t = (z_t * g_t * scaling).to(op_dtype)
+            expand_rows(zg_s, zg_t, rows, row_ok, n_lo, n_hi, d_out,
+                        sb_ptr + c64 * stride_sbc, stride_sbn, stride_sbr, tb_ptr + t64 * stride_tbt, stride_tbn,
+                        stride_tbr, rs, rs_ok, rk, rk_ok, base_ptr, stride_bm, stride_bn, y_ptr, stride_ym,
+                        stride_yn, HAS_SHARED, HAS_TASK, HAS_BASE, op_dtype, DOT_PRECISION, BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=["M", "tile_rows_n", "sub", "k_per_prog", "stride_zps", "stride_zpm"])
+def _shrink_kernel(
+    x_ptr, stride_xm, stride_xk,  # [M, d_in]
+    sa_ptr, stride_sac, stride_sar, stride_sak,  # shared_a [C, S*r, d_in]
+    ta_ptr, stride_tat, stride_tar, stride_tak,  # task_a [T, K*r, d_in]
+    cluster_ptr,  # [T] (HAS_CLUSTER)
+    order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,  # routing
+    zp_ptr, stride_zps, stride_zpm, stride_zpr,  # [K_SPLIT, M, S*r + K*r] fp32 out
+    seed_ptr, p_drop,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    M, d_in, RS, RK, T, tile_rows_n, sub, k_per_prog,
+    HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
+    T_PAD: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ks = tl.program_id(1)
+    t, lo, hi = tile_rows(pid // sub, pid % sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
+                          M, T, tile_rows_n, sub, T_PAD)
+    if t >= 0:  # task -1 rows have no z; the expand writes their output
+        t64 = t.to(tl.int64)
+        if HAS_CLUSTER:
+            c64 = tl.load(cluster_ptr + t).to(tl.int64)
+        else:
+            c64 = t64 * 0
+        op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+        seed = 0
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)
+        rs = tl.arange(0, RS_PAD)
+        rk = tl.arange(0, RK_PAD)
+        rs_ok = rs < RS
+        rk_ok = rk < RK
+        k_lo = ks * k_per_prog
+        k_hi = tl.minimum(k_lo + k_per_prog, d_in)
+        for m0 in range(lo, hi, BLOCK_M):
+            pos = m0 + tl.arange(0, BLOCK_M)
+            row_ok = pos < hi
+            rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int64)
+            z_s, z_t = shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
+                                   sa_ptr + c64 * stride_sac, stride_sar, stride_sak,
+                                   ta_ptr + t64 * stride_tat, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
+                                   seed, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION,
+                                   BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
+            store_rank_cols(zp_ptr + ks * stride_zps, stride_zpm, stride_zpr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok,
+                            z_s, z_t, HAS_SHARED, HAS_TASK)
 
 
 # ---- block configuration ---------------------------------------------------------------------
 
-# Tiers keyed on the padded stacked rank (shared + task side): z for BLOCK_M rows of both sides
-# stays in registers, so BLOCK_M shrinks as the rank grows. Each tier is compiled for sm_80/sm_90 by
-# tests/test_aot_compile.py at its largest rank and must not spill. The choice depends on dtype and
-# rank only (no autotuning), so GPU runs are reproducible. PINNED serves the interpreter and tests
-# (few large blocks: the interpreter pays per program and loop iteration); a GPU never picks it
-# unless pinned explicitly, so the ahead-of-time check covers the tiers only.
-FORWARD_TIERS = {
-    "half": [
-        (64, "r64", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-        (128, "r128", dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-        (2 * common.MAX_RANK_PAD, "r256",
-         dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2)),
-    ],
-    "fp32": [
-        (2 * common.MAX_RANK_PAD, "r256",
-         dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, num_warps=8, num_stages=2)),
-    ],
+WAVE_PROGRAMS = 264  # two waves of an H200's 132 SMs: the least any launch should offer
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How one forward call is launched. kind "fused": one launch, grid (tiles * sub, n_split);
+    kind "split": shrink grid (tiles * sub, k_split) then expand grid (tiles * sub, n_split).
+    Only the blocks and the kind are compiled in; sub, k_split and n_split are run-time values."""
+
+    kind: str
+    sub: int  # programs per routing tile (row parts)
+    BLOCK_M: int
+    BLOCK_K: int
+    BLOCK_N: int
+    n_split: int  # d_out groups (programs along axis 1 of the fused / expand launch)
+    k_split: int  # d_in parts of the shrink (1 for "fused")
+    num_warps: int
+    num_stages: int
+
+    def grids(self, max_tiles: int) -> list[tuple[int, int]]:
+        rows = max_tiles * self.sub
+        if self.kind == "fused":
+            return [(rows, self.n_split)]
+        return [(rows, self.k_split), (rows, self.n_split)]
+
+
+# Tiers (limit, config) by padded rank (shared + task side, both in registers) and dtype kind, in
+# the one format common.pick_tier reads; each compiled ahead of time (tests/aot_compile_kernels.py)
+# at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
+FORWARD_BLOCKS = {
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
+    # fp32 runs its dots on FMA units (no tensor cores): one small tier for every rank.
+    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
-FORWARD_PINNED = (64, "pinned", dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2))
+# Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
+# No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
+SPLIT_BLOCKS = {
+    "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
+    "fp32": [],
+}
+# The interpreter's config: few, large programs (it pays per program and per loop iteration).
+PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
-def _rank_size(rs_pad: int, rk_pad: int, has_shared: bool, has_task: bool) -> int:
-    return (rs_pad if has_shared else 0) + (rk_pad if has_task else 0)
+def forward_plan(M: int, T: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype,
+                 max_tiles: int, tile_rows: int, kind: str | None = None) -> ForwardPlan:
+    """The launch plan for one forward, from shapes only (no autotuning: reproducible on a GPU).
+
+    "fused" when the routing tiles, split in up to two row parts of BLOCK_M rows, already give two
+    waves; otherwise "split", with as many d_in parts as two waves need (each at least 2 * BLOCK_K
+    wide) and one d_out block per expand program. `kind` forces a plan (tests); the pinned config
+    (`common.configs_pinned()`) keeps the choice but uses the interpreter's large blocks.
+    """
+    kind = kind or _FORCED_KIND[0]
+    kt = common.tier_kind(dtype)
+    pinned = common.configs_pinned()
+    fused_cfg = dict(PINNED) if pinned else common.pick_tier(FORWARD_BLOCKS[kt], rank_size)
+    sub = max(1, min(tile_rows // fused_cfg["BLOCK_M"], 2))
+    split_tiers = SPLIT_BLOCKS[kt]
+    if kind is None:
+        splittable = pinned or bool(split_tiers) and rank_size <= split_tiers[-1][0]
+        kind = "fused" if max_tiles * sub >= WAVE_PROGRAMS or not splittable else "split"
+    if kind == "fused":
+        return ForwardPlan("fused", sub, n_split=1, k_split=1, **fused_cfg)
+    if kind != "split":
+        raise ValueError(f"forward plan kind must be 'fused' or 'split', got {kind!r}")
+    cfg = dict(PINNED) if pinned else common.pick_tier(split_tiers, rank_size)
+    # Row parts only as far as the tiles are full on average (decode tiles hold one row each).
+    avg_rows = triton.cdiv(max(M, 1), max_tiles)
+    sub = max(1, min(triton.cdiv(avg_rows, cfg["BLOCK_M"]), triton.cdiv(tile_rows, cfg["BLOCK_M"])))
+    rows = max_tiles * sub
+    k_split = max(1, min(triton.cdiv(WAVE_PROGRAMS, rows), d_in // (2 * cfg["BLOCK_K"])))
+    n_split = max(1, triton.cdiv(d_out, cfg["BLOCK_N"]))
+    return ForwardPlan("split", sub, n_split=n_split, k_split=k_split, **cfg)
 
 
-def forward_config(M: int, d_in: int, d_out: int, rank_size: int, dtype: torch.dtype) -> dict:
-    """Block sizes for the forward kernel, from shapes only. `rank_size` = padded S*r + padded K*r
-    (sides that exist). BLOCK_M is the row sub-block within a routing tile."""
-    if common.configs_pinned():
-        return FORWARD_PINNED[2]
-    return common.pick_tier(FORWARD_TIERS[common.tier_kind(dtype)], rank_size)[1]
+_FORCED_KIND: list[str | None] = [None]
 
 
-def forward_config_space(dtype_name: str) -> list[tuple[str, dict, int, int]]:
-    """Every config forward_config can return for a dtype, with the heaviest kernel flags and the
-    largest rank it serves: (name, constexprs, num_warps, num_stages), for ahead-of-time checks."""
+@contextlib.contextmanager
+def forced_plan(kind: str | None):
+    """Within the block every forward uses plan `kind` ("fused" / "split"; None: by shape). Tests
+    run both plans at small shapes through the public op with this."""
+    old, _FORCED_KIND[0] = _FORCED_KIND[0], kind
+    try:
+        yield
+    finally:
+        _FORCED_KIND[0] = old
+
+
+def forward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
+    """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
+    GPU config; tests/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
-    for limit, name, cfg in FORWARD_TIERS[kind]:
-        cfg = dict(cfg)
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        consts = dict(HAS_SHARED=True, HAS_TASK=True, RS_PAD=limit // 2, RK_PAD=limit // 2,
-                      PER_TOKEN_GATES=True, HAS_CLUSTER=True, HAS_BASE=True, HAS_DROPOUT=True, SAVE_Z=True,
-                      UPCAST=False, DOT_PRECISION="ieee" if kind == "fp32" else "tf32", **cfg)
-        out.append((name, consts, warps, stages))
+    for table, name in ((FORWARD_BLOCKS, "fused"), (SPLIT_BLOCKS, "split")):
+        for limit, cfg in table[kind]:
+            cfg = dict(cfg)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"])
+            out.append(("fwd", f"{name}-r{limit}", limit,
+                        dict(blocks, Z_FROM_PARTS=name == "split", BLOCK_N=cfg["BLOCK_N"]), warps, stages))
+            if name == "split":
+                out.append(("shrink", f"split-r{limit}", limit, blocks, warps, stages))
     return out
 
 
@@ -208,46 +302,66 @@ def cgc_lora_forward(
     task_a: torch.Tensor, task_b: torch.Tensor,  # [T, K*r, d_in], [T, d_out, K*r]
     task_cluster: torch.Tensor | None,  # [T] or None (one cluster)
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
+    counts: torch.Tensor, tile_rows_n: int,  # routing (counts [T]; tile_rows_n = routing.block_m)
     scaling: float, per_token_gates: bool, dropout_p: float,
-    seed: torch.Tensor | None,  # [1] int64 on x's device (dropout_p > 0), else None
-    y: torch.Tensor,  # [M, d_out] written; pass the base output with base=y to add in place
-    base: torch.Tensor | None = None,  # [M, d_out] or None
+    seed: torch.Tensor | int | None,  # [1] int64 on the device (an int in tests; None: no dropout)
+    base: torch.Tensor | None,  # [M, d_out] base output (or None: the delta alone)
+    out: torch.Tensor | None = None,  # [M, d_out] written; may be `base` itself (in place)
     save_z: bool = True,
-) -> torch.Tensor | None:
-    """Launch the fused forward; writes `y` (= base + delta, or delta) and returns
-    z [M, (S+K) r] fp32 (None when not `save_z`: inference skips storing it)."""
+    plan: ForwardPlan | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, z): y [M, d_out] = base + delta (every row written: task -1 rows get base, or 0), and
+    z [M, (S+K) r] fp32 (None without `save_z`: inference stores nothing)."""
     M, d_in = x.shape
     RS, RK = shared_a.shape[1], task_a.shape[1]
+    T = task_a.shape[0]
     d_out = task_b.shape[1]
     E = gates.shape[1]
     r = (RS + RK) // E
     S = RS // r
-    # Zero-filled: rows of task -1 are never written, and the saved z must not hold garbage.
-    z = torch.zeros(M, RS + RK, dtype=torch.float32, device=x.device) if save_z else None
-    if M == 0 or tile_task.numel() == 0:
-        return z
-    rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
-    cfg = dict(forward_config(M, d_in, d_out, _rank_size(rs_pad, rk_pad, RS > 0, RK > 0), x.dtype))
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    b = y if base is None else base
+    y = out if out is not None else torch.empty(M, d_out, dtype=x.dtype, device=x.device)
+    seed = common.seed_tensor(seed, x.device, counts)
+    z = torch.empty(M, RS + RK, dtype=torch.float32, device=x.device) if save_z else None
+    if M == 0:
+        return y, z
+    max_tiles = tile_task.shape[0]
+    if not isinstance(plan, ForwardPlan):
+        plan = forward_plan(M, T, d_in, d_out, common.rank_size(RS, RK), x.dtype, max_tiles, tile_rows_n,
+                            kind=plan)
+    in_place = base is not None and base.data_ptr() == y.data_ptr()
+    b = base if base is not None else y  # never read without HAS_BASE
     zt = z if z is not None else y  # never written without SAVE_Z
-    grid = (tile_task.shape[0],)
-    _cgc_lora_fwd_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
+    cl = task_cluster if task_cluster is not None else counts  # never read without HAS_CLUSTER
+    flags = dict(HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=common.rank_pad(RS), RK_PAD=common.rank_pad(RK),
+                 T_PAD=common.next_pow2(T), HAS_CLUSTER=task_cluster is not None, HAS_DROPOUT=dropout_p > 0,
+                 UPCAST=common.upcast_operands(), DOT_PRECISION=common.dot_precision(x.dtype),
+                 BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K)
+    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    grids = plan.grids(max_tiles)
+    zp = y  # never read without Z_FROM_PARTS
+    zp_strides = (0, 0, 0)
+    if plan.kind == "split":
+        zp = torch.empty(plan.k_split, M, RS + RK, dtype=torch.float32, device=x.device)
+        zp_strides = zp.stride()
+        k_per = triton.cdiv(triton.cdiv(d_in, plan.k_split), plan.BLOCK_K) * plan.BLOCK_K
+        _shrink_kernel[grids[0]](
+            x, *x.stride(), shared_a, *shared_a.stride(), task_a, *task_a.stride(), cl,
+            order, tile_task, tile_start, tile_end, counts,
+            zp, *zp_strides, seed, float(dropout_p),
+            M, d_in, RS, RK, T, tile_rows_n, plan.sub, k_per,
+            **flags, **launch,
+        )
+    n_per = triton.cdiv(triton.cdiv(d_out, plan.n_split), plan.BLOCK_N) * plan.BLOCK_N
+    _fwd_kernel[grids[-1]](
+        x, *x.stride(), shared_a, *shared_a.stride(), shared_b, *shared_b.stride(),
         task_a, *task_a.stride(), task_b, *task_b.stride(),
-        gates, gates.stride(0), gates.stride(1),
-        task_cluster if task_cluster is not None else tile_task,
-        order, tile_task, tile_start, tile_end,
-        b, b.stride(0), b.stride(1),
-        y, y.stride(0), y.stride(1),
-        zt, zt.stride(0), zt.stride(1),
-        seed if seed is not None else tile_task, float(dropout_p), float(scaling),
-        d_in, d_out, r, RS, RK, S,
-        HAS_SHARED=RS > 0, HAS_TASK=RK > 0, RS_PAD=rs_pad, RK_PAD=rk_pad,
-        PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
-        HAS_BASE=base is not None, HAS_DROPOUT=dropout_p > 0, SAVE_Z=save_z,
-        UPCAST=common.upcast_operands(), DOT_PRECISION=common.dot_precision(x.dtype),
-        **cfg, num_warps=warps, num_stages=stages,
+        gates, gates.stride(0), gates.stride(1), cl,
+        order, tile_task, tile_start, tile_end, counts,
+        zp, *zp_strides,
+        b, b.stride(0), b.stride(1), y, y.stride(0), y.stride(1), zt, zt.stride(0), zt.stride(1),
+        seed, float(dropout_p), float(scaling),
+        M, d_in, d_out, r, RS, RK, S, T, tile_rows_n, plan.sub, plan.k_split, n_per,
+        PER_TOKEN_GATES=per_token_gates, HAS_BASE=base is not None, IN_PLACE=in_place, SAVE_Z=save_z,
+        Z_FROM_PARTS=plan.kind == "split", BLOCK_N=plan.BLOCK_N, **flags, **launch,
     )
-    return z
+    return y, z

@@ -1,4 +1,4 @@
-"""Launch 4 of the backward (backward_grid.py): the weight-gradient partials summed per owner.
+"""Launch 4 of the backward (backward.py): the weight-gradient partials summed per owner.
 
 Owner = a cluster (its shared experts: the fp32 partials of every chunk of its tasks, tasks in
 index order, each task's chunks in order) or a task (the partials of its chunks, when it has more
@@ -23,7 +23,7 @@ def _sum_parts(p_ptr, stride_s, stride_i, stride_j, slot_lo, slot_hi, ii, i_ok, 
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk"])
 def _bwd_reduce_kernel(
     psa_ptr, stride_psas, stride_psar, stride_psak,  # [chunks, S*r, d_in] fp32
     psb_ptr, stride_psbs, stride_psbn, stride_psbr,  # [chunks, d_out, S*r] fp32
@@ -34,10 +34,10 @@ def _bwd_reduce_kernel(
     dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (multi-chunk / empty tasks)
     dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out
     cluster_ptr, counts_ptr,  # [T], [T]
-    d_in, d_out, RS, RK, C, T, n_a_blocks,
+    d_in, d_out, RS, RK, C, T, n_a_blocks, chunk,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_CLUSTER: tl.constexpr,
     WANT_A: tl.constexpr, WANT_B: tl.constexpr, R_PAD: tl.constexpr, T_PAD: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     owner = tl.program_id(0)  # [0, C): a cluster's shared experts; [C, C+T): a task's experts
     blk = tl.program_id(1)
@@ -55,7 +55,7 @@ def _bwd_reduce_kernel(
             acc_b = tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32)
             slot0 = 0
             for tt in range(0, T):  # the cluster's tasks in index order, each task's chunks in order
-                n = ((tl.load(counts_ptr + tt) + CHUNK - 1) // CHUNK).to(tl.int32)
+                n = ((tl.load(counts_ptr + tt) + chunk - 1) // chunk).to(tl.int32)
                 if HAS_CLUSTER:
                     n_mine = tl.where(tl.load(cluster_ptr + tt) == owner, n, 0)
                 else:
@@ -81,7 +81,7 @@ def _bwd_reduce_kernel(
         if HAS_TASK:
             t = owner - C
             t64 = t.to(tl.int64)
-            first, nt = task_chunk_span(t, counts_ptr, T, CHUNK, T_PAD)
+            first, nt = task_chunk_span(t, counts_ptr, T, chunk, T_PAD)
             if nt != 1:  # one chunk: launch 2 wrote the gradient; none: zeros
                 r_ok = rr < RK
                 if is_a:

@@ -6,12 +6,13 @@ Two tables, both of a size fixed by M, T and a block size (so grids never depend
   hold each task's tiles; the unused slots at the end take the task -1 rows, which sort last in
   `order` (positions [n_routed, M)), `tile_rows` at a time. There are always enough unused
   slots: sum_t cdiv(count_t, b) <= cdiv(n_routed, b) + T - 1, and cdiv(n_routed, b) +
-  cdiv(M - n_routed, b) <= cdiv(M, b) + 1. A program may own a `1 / SUB` part of a tile.
-* Weight-gradient chunks (`cdiv(M, CHUNK) + T` slots): each task's segment cut into pieces of at
-  most CHUNK rows, tasks in index order, so long segments (a Zipf-heavy task) become several
+  cdiv(M - n_routed, b) <= cdiv(M, b) + 1. A program may own a `1 / sub_parts` part of a tile.
+* Weight-gradient chunks (`cdiv(M, chunk) + T` slots): each task's segment cut into pieces of at
+  most `chunk` rows, tasks in index order, so long segments (a Zipf-heavy task) become several
   balanced programs and a task's chunks are consecutive slots (reduced in that fixed order).
 
-Both read `counts` [T] as one vector of T_PAD lanes (no host sync, no scalar loop over tasks).
+Both read `counts` [T] as one vector of T_PAD lanes (no host sync, no scalar loop over tasks). The
+part and chunk sizes are run-time values, so they never add a compiled variant.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import triton.language as tl
 
 @triton.jit
 def tile_rows(slot, sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
-              M, T, tile_rows_n, SUB: tl.constexpr, T_PAD: tl.constexpr):
-    """(task, lo, hi): positions [lo, hi) of `order` owned by part `sub` of routing tile `slot`.
+              M, T, tile_rows_n, sub_parts, T_PAD: tl.constexpr):
+    """(task, lo, hi): positions [lo, hi) of `order` owned by part `sub` (of `sub_parts`) of
+    routing tile `slot`.
 
     task -1: rows of task -1 (no adapter), or an empty range when nothing is left for this slot.
     """
@@ -39,19 +41,19 @@ def tile_rows(slot, sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr
         u_end = tl.minimum(u_start + tile_rows_n, M)
         start = tl.minimum(u_start, u_end).to(tl.int32)
         end = u_end.to(tl.int32)
-    part = (tile_rows_n + SUB - 1) // SUB
+    part = (tile_rows_n + sub_parts - 1) // sub_parts
     lo = tl.minimum(start + sub * part, end)
     hi = tl.minimum(lo + part, end)
     return t, lo.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit
-def chunk_rows(slot, counts_ptr, starts_ptr, T, CHUNK: tl.constexpr, T_PAD: tl.constexpr):
+def chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD: tl.constexpr):
     """(task, lo, hi, n_chunks of that task) of weight-gradient chunk `slot`; task -1 if unused."""
     tt = tl.arange(0, T_PAD)
     t_ok = tt < T
     cnt = tl.load(counts_ptr + tt, mask=t_ok, other=0)
-    n_chunks = (cnt + CHUNK - 1) // CHUNK
+    n_chunks = (cnt + chunk - 1) // chunk
     cum = tl.cumsum(n_chunks, axis=0)  # inclusive
     task = tl.sum((cum <= slot).to(tl.int32) & t_ok.to(tl.int32), axis=0)
     hit = tt == task
@@ -59,18 +61,18 @@ def chunk_rows(slot, counts_ptr, starts_ptr, T, CHUNK: tl.constexpr, T_PAD: tl.c
     nt = tl.sum(tl.where(hit, n_chunks, 0), axis=0)
     seg_end = tl.sum(tl.where(hit, cnt, 0), axis=0)
     seg_start = tl.load(starts_ptr + task, mask=task < T, other=0)
-    lo = seg_start + (slot - first) * CHUNK
-    hi = tl.minimum(lo + CHUNK, seg_start + seg_end)
+    lo = seg_start + (slot - first) * chunk
+    hi = tl.minimum(lo + chunk, seg_start + seg_end)
     task = tl.where(task < T, task, -1)
     return task, lo, hi, nt
 
 
 @triton.jit
-def task_chunk_span(task, counts_ptr, T, CHUNK: tl.constexpr, T_PAD: tl.constexpr):
+def task_chunk_span(task, counts_ptr, T, chunk, T_PAD: tl.constexpr):
     """(first slot, number of chunks) of `task` in the chunk table."""
     tt = tl.arange(0, T_PAD)
     cnt = tl.load(counts_ptr + tt, mask=tt < T, other=0)
-    n_chunks = (cnt + CHUNK - 1) // CHUNK
+    n_chunks = (cnt + chunk - 1) // chunk
     cum = tl.cumsum(n_chunks, axis=0)
     hit = tt == task
     nt = tl.sum(tl.where(hit, n_chunks, 0), axis=0)
