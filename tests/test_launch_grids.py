@@ -148,13 +148,13 @@ def test_training_and_decode_sweep_compiles_at_most_16_variants(monkeypatch):
         rt = build_routing(ids, T_)
         route = (None, rt.order, rt.tile_task, rt.tile_start, rt.tile_end, rt.counts)
         if not train:
-            forward.cgc_lora_forward(x, gates, sa, sb, ta, tb, *route, rt.block_m, 2.0, False, 0.0, None,
+            forward.cgc_lora_forward(x, gates, sa, sb, ta, tb, *route, rt.tile_rows, 2.0, False, 0.0, None,
                                      base=base, out=base, save_z=False)
             return
-        _, z = forward.cgc_lora_forward(x, gates, sa, sb, ta, tb, *route, rt.block_m, 2.0, False, 0.0, None,
+        _, z = forward.cgc_lora_forward(x, gates, sa, sb, ta, tb, *route, rt.tile_rows, 2.0, False, 0.0, None,
                                         base=base)
         backward.cgc_lora_backward(torch.empty(M, D, **bf), x, gates, sa, sb, ta, tb, *route, rt.starts,
-                                   rt.block_m, z, 2.0, False, 0.0, None, True, True, True, True)
+                                   rt.tile_rows, z, 2.0, False, 0.0, None, True, True, True, True)
 
     rng = random.Random(0)
     for b, L in [(b, rng.randint(96, 1024)) for _ in range(10) for b in (1, 4, 8, 16)]:

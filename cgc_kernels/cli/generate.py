@@ -131,7 +131,8 @@ def _check_destination(args, rows: list[dict]) -> int:
 
 def _answered(path: str, rows: list[dict], input_path: str) -> int:
     """The number of complete answer lines at the start of `path`, each checked against the input
-    record it answers (`rows`: the input's records as JSON gives them back); a last line cut off mid-write is removed from the file."""
+    record it answers (`rows`: the input's records as JSON gives them back); a last line cut off
+    mid-write is removed from the file."""
     keep, count = 0, 0
     with open(path, "rb") as f:
         for raw in f:

@@ -302,7 +302,7 @@ def cgc_lora_forward(
     task_a: torch.Tensor, task_b: torch.Tensor,  # [T, K*r, d_in], [T, d_out, K*r]
     task_cluster: torch.Tensor | None,  # [T] or None (one cluster)
     order: torch.Tensor, tile_task: torch.Tensor, tile_start: torch.Tensor, tile_end: torch.Tensor,
-    counts: torch.Tensor, tile_rows_n: int,  # routing (counts [T]; tile_rows_n = routing.block_m)
+    counts: torch.Tensor, tile_rows_n: int,  # routing (counts [T]; tile_rows_n = routing.tile_rows)
     scaling: float, per_token_gates: bool, dropout_p: float,
     seed: torch.Tensor | int | None,  # [1] int64 on the device (an int in tests; None: no dropout)
     base: torch.Tensor | None,  # [M, d_out] base output (or None: the delta alone)
