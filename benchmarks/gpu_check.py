@@ -13,7 +13,7 @@ log; a failed or timed-out step is recorded and the run goes on:
     warm   compile every kernel variant the steps below launch (benchmarks/gpu_variants.json)
            into Triton's cache, over all cores; prints the count and the seconds
     a      smoke: the op on CUDA against the reference, forward and every gradient, bf16 and fp32
-    b      every kernel suite on CUDA (tests/test_kernels_grid.py included; the fuzz test capped)
+    b      every kernel suite on CUDA (tests/op/test_kernels_grid.py included; the fuzz test capped)
     c      a benchmark subset, fused op first: results JSON, markdown report, GB/s vs copy GB/s
     d      the CUDA C++ reference's tests, when nvcc is present (else one line why)
     e      a CGCModel decode step captured in a CUDA graph: replay equals eager
@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 sys.path.insert(0, str(ROOT))
 
-KERNEL_SUITES = ["tests/test_kernels.py", "tests/test_kernels_grid.py", "tests/test_kernels_dropout.py",
-                 "tests/test_compile.py", "tests/test_determinism.py", "tests/test_fuzz.py",
-                 "tests/test_bad_input.py", "tests/test_cuda_graph.py"]
+KERNEL_SUITES = ["tests/op/test_kernels.py", "tests/op/test_kernels_grid.py", "tests/op/test_kernels_dropout.py",
+                 "tests/op/test_compile.py", "tests/adapter/test_determinism.py", "tests/op/test_fuzz.py",
+                 "tests/adapter/test_bad_input.py", "tests/adapter/test_cuda_graph.py"]
 # Examples per backend of the fuzz test on the GPU: every new shape is a kernel variant to compile.
 FUZZ_EXAMPLES = 40
 # One fast test per run in the dry run: the plumbing, not the kernels, is what it proves.
@@ -324,13 +324,13 @@ def step_csrc(step: Step, out: Path, env: dict, dry: bool) -> None:
         print(f"== d: {step.detail}")
         return
     # The dry run only collects them: building the extension takes minutes on a loaded CPU.
-    _run(step, [PY, "-m", "pytest", "tests/test_csrc_ref.py", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    _run(step, [PY, "-m", "pytest", "tests/op/test_csrc_ref.py", "-q", "-p", "no:cacheprovider", "-o", "addopts="]
          + (["--collect-only"] if dry else []), out, env)
     step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
 
 
 def step_graph(step: Step, out: Path, env: dict, dry: bool) -> None:
-    _run(step, [PY, "-m", "pytest", "tests/test_cuda_graph.py", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    _run(step, [PY, "-m", "pytest", "tests/adapter/test_cuda_graph.py", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                 "-rs"], out, env)
     step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
     if step.status == "pass" and "skipped" in step.detail and "passed" not in step.detail:

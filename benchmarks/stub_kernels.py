@@ -1,6 +1,6 @@
 """Replace every Triton kernel the op launches by a stub that counts launches and does nothing, and
 let the Triton path accept CPU tensors, so the host side of a call can be tested and timed on any
-machine (tests/test_dispatch.py, benchmarks/test_host.py; here, since the benchmarks import no tests)."""
+machine (tests/op/test_dispatch.py, benchmarks/test_host.py; here, since the benchmarks import no tests)."""
 
 from __future__ import annotations
 

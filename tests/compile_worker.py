@@ -1,5 +1,5 @@
 """A few CGCModel training steps, eager and under torch.compile, in one process; run by
-tests/test_compile_model.py (twice with one TORCHINDUCTOR_CACHE_DIR for the warm-cache check).
+tests/adapter/test_compile_model.py (twice with one TORCHINDUCTOR_CACHE_DIR for the warm-cache check).
 
     python tests/compile_worker.py --backend inductor
 

@@ -1,4 +1,4 @@
-"""One training step of CGCModel under torch.distributed, run by torchrun from tests/test_distributed.py.
+"""One training step of CGCModel under torch.distributed, run by torchrun from tests/adapter/test_distributed.py.
 
     torchrun --nproc_per_node=2 tests/distributed_worker.py --out result.json [--backend reference]
 

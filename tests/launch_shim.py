@@ -1,4 +1,4 @@
-"""Run a module or script under a launcher for tests/test_distributed_launch.py: record which rank
+"""Run a module or script under a launcher for tests/cli/test_distributed_launch.py: record which rank
 writes what, and let accelerate's FSDP and DeepSpeed configs run on CPU processes.
 
     ACCELERATE_USE_CPU=true accelerate launch --config_file fsdp2.yaml tests/launch_shim.py -m cgc_kernels.cli train ...

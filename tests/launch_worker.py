@@ -1,5 +1,5 @@
 """The `cgc-lora train` command, a CGCTrainer script and a CGCSFTTrainer (TRL) script in one
-process, for tests/test_distributed_launch.py.
+process, for tests/cli/test_distributed_launch.py.
 
     accelerate launch --config_file ddp.yaml tests/launch_shim.py tests/launch_worker.py \
         --data rows.jsonl --out DIR --batch-size 4 --report report.json

@@ -83,7 +83,7 @@ def tier_kind(dtype: torch.dtype) -> str:
 def pick_tier(tiers: list[tuple[int, dict]], size: int) -> dict:
     """A copy of the config of the first (limit, config) tier whose limit covers `size` (a padded
     rank). Every kernel's tier table has this format: limits ascending, each tier compiled ahead of
-    time at its limit (tests/aot_compile_kernels.py)."""
+    time at its limit (tests/op/aot_compile_kernels.py)."""
     for limit, cfg in tiers:
         if size <= limit:
             return dict(cfg)

@@ -211,7 +211,7 @@ class ForwardPlan:
 
 
 # Tiers (limit, config) by padded rank (shared + task side, both in registers) and dtype kind, in
-# the one format common.pick_tier reads; each compiled ahead of time (tests/aot_compile_kernels.py)
+# the one format common.pick_tier reads; each compiled ahead of time (tests/op/aot_compile_kernels.py)
 # at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
 FORWARD_BLOCKS = {
     "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
@@ -278,7 +278,7 @@ def forced_plan(kind: str | None):
 
 def forward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config; tests/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
+    GPU config; tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for table, name in ((FORWARD_BLOCKS, "fused"), (SPLIT_BLOCKS, "split")):

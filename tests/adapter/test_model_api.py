@@ -19,7 +19,7 @@ from cgc_kernels import CGCLoRAConfig, CGCModel
 from cgc_kernels.adapter.checkpointing import enable_model_checkpointing
 from cgc_kernels.adapter.targets import summarize_targets
 
-from .models import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
+from tests.models import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
 
 
 # ---- task selection ----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from cgc_kernels.adapter.quantized import (  # noqa: E402
     is_quantized,
 )
 
-from .models import train_steps  # noqa: E402
+from tests.models import train_steps  # noqa: E402
 
 # 4-bit rounding moves a weight by up to ~1/8 of its block's absmax; outputs of the tiny model
 # below move by ~1e-3 when the same 4-bit weights run through different kernels (bitsandbytes'

@@ -19,8 +19,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
 
-from .cases import BACKENDS, DIFF, Case, device_of, make_inputs
-from .models import train_steps
+from tests.cases import BACKENDS, DIFF, Case, device_of, make_inputs
+from tests.models import train_steps
 
 CASES = [
     # several tiles per task (M = 150 > 64-row block), two clusters of two tasks, task -1 rows

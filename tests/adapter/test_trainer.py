@@ -12,7 +12,7 @@ import torch
 from cgc_kernels import CGCDataCollator, CGCLoRAConfig, CGCModel, CGCTrainer
 from cgc_kernels.adapter.trainer import ResumeError
 
-from .models import TARGETS, TASKS, VOCAB, inputs, tiny_base
+from tests.models import TARGETS, TASKS, VOCAB, inputs, tiny_base
 
 
 def examples(n: int = 16) -> list[dict]:

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 import cgc_kernels
 from cgc_kernels import reference
 
-from .cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
-from .oracle import naive_cgc_lora
+from tests.cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
+from tests.oracle import naive_cgc_lora
 
 # Examples per backend: the reference costs ~20 ms an example, the interpreter ~0.2 s (tiny dims).
 MAX_EXAMPLES = {"reference": 150, "torch": 150, "triton": 80}

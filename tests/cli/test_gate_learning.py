@@ -18,7 +18,7 @@ from cgc_kernels.data.reader import read_jsonl
 from cgc_kernels.multitask.models import tiny_model
 from cgc_kernels.multitask.recipe import TrainSettings, train_loop
 
-from .oracle import naive_cgc_lora
+from tests.oracle import naive_cgc_lora
 
 TASKS = list(demo_tasks.TASKS)
 

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCDataCollator, CGCLoRAConfig, CGCModel
 
-from .cases import TOLERANCES
+from tests.cases import TOLERANCES
 
 
 def test_collator_groups_rows_by_task_and_moves_every_column():

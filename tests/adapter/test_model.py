@@ -17,7 +17,7 @@ import torch
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
 from cgc_kernels.adapter import save_load
 
-from .models import (
+from tests.models import (
     ARCHS,
     TARGETS,
     TASKS,

@@ -18,8 +18,8 @@ from cgc_kernels import reference
 from cgc_kernels.op import csrc_ref
 from cgc_kernels.op.routing import build_routing
 
-from .cases import DIFF, TOLERANCES, Case, make_inputs
-from .oracle import naive_cgc_lora
+from tests.cases import DIFF, TOLERANCES, Case, make_inputs
+from tests.oracle import naive_cgc_lora
 
 CASES = [
     Case(M=7, d_in=5, d_out=6, T=1, S=0, K=1, r=3),  # plain LoRA

@@ -2,7 +2,7 @@
 checkpoint loadable and equal; a damaged file or a checkpoint from another model fails with an
 error naming the file or the tensor, and leaves the caller's model as it was.
 
-(tests/test_model.py already checks the exact round trip, a crash inside the weights writer leaving
+(tests/adapter/test_model.py already checks the exact round trip, a crash inside the weights writer leaving
 the old bytes, and a missing tensor / another hidden size named on load; these tests add the other
 interruption points, damaged files, and the remaining mismatches.)
 """

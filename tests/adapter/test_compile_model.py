@@ -13,7 +13,7 @@ import torch
 
 from tests import compile_worker
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(ROOT, "tests", "compile_worker.py")
 TOL = dict(atol=1e-5, rtol=1e-5)
 

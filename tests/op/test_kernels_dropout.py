@@ -172,7 +172,7 @@ def test_dropout_masks_follow_the_generator(device):
 def test_no_integer_argument_that_changes_per_call_is_specialized():
     # Triton specializes integer arguments (divisible by 16, equal to 1): a per-call integer would
     # compile a new variant every few calls. The seed is a pointer; the keep-mask kernel's M is
-    # not specialized (the launchers' per-call integers: tests/test_launch_grids.py). Read from the
+    # not specialized (the launchers' per-call integers: tests/op/test_launch_grids.py). Read from the
     # jitted kernels, so in a process without the interpreter.
     code = (
         "import json\n"
@@ -184,7 +184,7 @@ def test_no_integer_argument_that_changes_per_call_is_specialized():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
     for name, (arg_names, unspecialized) in kernels.items():

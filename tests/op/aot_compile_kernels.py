@@ -2,7 +2,7 @@
 
 Run as a script WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit functions):
 
-    python tests/aot_compile_kernels.py [--caps 80,90] [--dtypes fp16,bf16,fp32]
+    python tests/op/aot_compile_kernels.py [--caps 80,90] [--dtypes fp16,bf16,fp32]
 
 For each kernel, each block config its config function can choose (`*_config_space()`, each config
 at the largest rank it serves), each capability and dtype: triton.compile to PTX + cubin, then
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("run without TRITON_INTERPRET: the interpreter replaces the kernels being compiled")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from tests.test_docs import examples, line_matches
+from tests.project.test_docs import examples, line_matches
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCH_PIN = "torch==2.13.0"  # the README's first install line and constraints.txt
 
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
 
-from .cases import TOLERANCES, TRITON_SKIP
+from tests.cases import TOLERANCES, TRITON_SKIP
 
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 # Triton's interpreter gets raw bf16 dots wrong (docs/design.md section 10): fp16 only there.

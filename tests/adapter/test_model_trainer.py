@@ -11,7 +11,7 @@ import torch
 from cgc_kernels import CGCDataCollator
 from cgc_kernels.adapter.checkpointing import checkpointing_training_argument
 
-from .models import TASKS, VOCAB, make
+from tests.models import TASKS, VOCAB, make
 
 
 def test_collator_pads_masks_prompts_and_maps_names():

@@ -3,7 +3,7 @@ CGCModel. ONE table: each case names its entry point, builds its input, and expe
 ValueError whose message contains the given text (naming the argument), or CORRECT: the call
 succeeds and its own checks compare the result with an independent computation.
 
-Op cases already in tests/test_validation.py (ids out of range in a small batch, float ids, int x,
+Op cases already in tests/op/test_validation.py (ids out of range in a small batch, float ids, int x,
 shape and rank mismatches, gate shapes, task_ids on another device) are not repeated here; this
 table adds the cases that table lacks (one bad id among many, other id dtypes, other tensors on a
 foreign device, non-contiguous and zero-size input, NaN/Inf propagation) and the same questions at
@@ -30,8 +30,8 @@ import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
 from cgc_kernels.adapter.gates import TaskGate
 
-from .cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
-from .oracle import naive_cgc_lora
+from tests.cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
+from tests.oracle import naive_cgc_lora
 
 CORRECT = "correct result"
 TOL32 = TOLERANCES[torch.float32]

@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import gpu_check, gpu_variants
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -33,7 +33,7 @@ from cgc_kernels.data import demo_tasks
 from tests.cases import TOLERANCES
 from tests.launch_worker import STEPS, command_argv, train_cgctrainer, train_sft
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHIM = os.path.join(ROOT, "tests", "launch_shim.py")
 WORKER = os.path.join(ROOT, "tests", "launch_worker.py")
 TIMEOUT_S = 400
