@@ -154,20 +154,22 @@ def _record_bench(sink_file: str) -> None:
     references at those sizes would take CPU minutes."""
     import torch
 
-    from benchmarks import gpu_check, harness
+    from benchmarks import gpu_check
+    from benchmarks.cases import build_problem, cases, dtype_for
+    from benchmarks.providers import PROVIDERS, make_runner
 
     _gpu_operands()
     sink: list = []
     with recording(sink):
-        for case in harness.cases("gpu"):
+        for case in cases("gpu"):
             if gpu_check.BENCH_CASE not in case.name:
                 continue
             for provider in ("fused", "fused_v1"):  # "-k fused" selects both
-                for level in harness.PROVIDERS[provider].levels:
-                    p = harness.build_problem(case, torch.device("cpu"), harness.dtype_for("gpu"))
+                for level in PROVIDERS[provider].levels:
+                    p = build_problem(case, torch.device("cpu"), dtype_for("gpu"))
                     training = level != "infer"
                     with torch.set_grad_enabled(training), contextlib.suppress(Exception):
-                        runner = harness.make_runner(provider, level, p)
+                        runner = make_runner(provider, level, p)
                         y = runner.fn(p.x.clone().requires_grad_(training))
                         if training:
                             y.backward(p.dy)
@@ -200,8 +202,14 @@ def record(out: Path = MANIFEST, only: list[str] | None = None) -> dict:
         runs = {k: v for k, v in runs.items() if k in only}
     for name, cmd in runs.items():
         before = sum(1 for _ in open(sink)) if sink.exists() else 0
-        subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+        # The suites' assertions fail when no kernel runs, so their exit status says nothing; a
+        # source that recorded no launch at all is broken (an import error, a renamed module).
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              timeout=3600)
         sources[name] = (sum(1 for _ in open(sink)) if sink.exists() else 0) - before
+        if sources[name] == 0:
+            raise RuntimeError(f"recording {name!r} launched no kernel (exit {proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
     launches = [json.loads(line) for line in open(sink)] if sink.exists() else []
     sink.unlink(missing_ok=True)
     bounds, at = [], 0
