@@ -26,6 +26,7 @@ A model whose layers sit on several devices gets one copy of the routing per dev
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -219,16 +220,17 @@ def tensor_cache(t: torch.Tensor) -> dict:
     if entry is not None and entry[0]() is t and entry[1] == key:
         return entry[2]
     cache: dict = {}
-    _CHECKED_IDS[id(t)] = (weakref.ref(t, _forget), key, cache)  # dropped with the tensor
+    _CHECKED_IDS[id(t)] = (weakref.ref(t, functools.partial(_forget, id(t))), key, cache)  # dropped with t
     return cache
 
 
-def _forget(ref: weakref.ref) -> None:
+def _forget(key: int, ref: weakref.ref, entries: dict = _CHECKED_IDS) -> None:
     """A cached tensor is gone: drop its entry (and the routing it may hold), unless its id()
-    already serves a newer tensor."""
-    for k, entry in list(_CHECKED_IDS.items()):
-        if entry[0] is ref:
-            del _CHECKED_IDS[k]
+    already serves a newer tensor. `entries` is bound at definition: at interpreter exit the
+    module's globals may already be None when the last tensors die."""
+    entry = entries.get(key)
+    if entry is not None and entry[0] is ref:
+        del entries[key]
 
 
 def checked_once(t: torch.Tensor, what: tuple, check) -> dict:
