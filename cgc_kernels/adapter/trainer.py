@@ -71,10 +71,13 @@ class CGCTrainerMixin:
         if not isinstance(model, CGCModel):
             raise ValueError(f"{name} trains a CGCModel, got {type(model).__name__}")
         if data_collator is None:
-            pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
+            tokenizer = kwargs.get("processing_class")
+            pad = getattr(tokenizer, "pad_token_id", None)
+            if pad is None:  # Llama-style tokenizers have none: pad with end-of-text, as TRL does
+                pad = getattr(tokenizer, "eos_token_id", None)
             if pad is None:
-                raise ValueError(f"{name} needs a data_collator, or a processing_class with a pad token "
-                                 "to build a CGCDataCollator from")
+                raise ValueError(f"{name} needs a data_collator, or a processing_class with a pad or "
+                                 "end-of-text token to build a CGCDataCollator from")
             data_collator = CGCDataCollator(pad_token_id=pad, tasks=model.tasks)
         self.gate_lr_ratio = gate_lr_ratio
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)

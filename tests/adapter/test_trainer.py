@@ -96,3 +96,8 @@ def test_default_collator_from_the_tokenizer_and_bad_models(tmp_path):
     assert {"cgc_adapter.safetensors", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "final"))
     with pytest.raises(ValueError, match="trains a CGCModel"):
         CGCTrainer(model=base, args=args, train_dataset=rows)
+    # A tokenizer without a pad token (Llama-style) pads with its end-of-text token, as TRL does.
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    trainer = CGCTrainer(model=cgc, args=args, train_dataset=rows, processing_class=tok)
+    assert trainer.data_collator.pad_token_id == tok.eos_token_id
