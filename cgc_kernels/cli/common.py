@@ -99,6 +99,19 @@ def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str |
         json.dump(meta, f, indent=2)
 
 
+def first_per_task(rows: list[dict], limit: int) -> list[dict]:
+    """The first `limit` rows of each task, in order (--eval-limit; 0: every row)."""
+    if not limit:
+        return rows
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if seen[r["task"]] <= limit:
+            kept.append(r)
+    return kept
+
+
 def read_meta(directory: str) -> dict:
     """cgc_cli.json of a trained directory; UserError if `directory` is not one."""
     from ..adapter.config import CONFIG_NAME

@@ -27,7 +27,7 @@ from .arguments import (
     split_targets,
     target_modules,
 )
-from .common import log, model_spec
+from .common import first_per_task, log, model_spec
 from .output import check_output, staged_output
 
 
@@ -97,14 +97,7 @@ def cmd_compare(args) -> int:
     log(train_data.describe())
     train_rows, tasks = train_data.rows, tasks_of(train_data.rows)
     eval_rows = load_rows(eval_path, **data_options(args), known_tasks=tasks).rows
-    if args.eval_limit:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in eval_rows:
-            seen[r["task"]] = seen.get(r["task"], 0) + 1
-            if seen[r["task"]] <= args.eval_limit:
-                kept.append(r)
-        eval_rows = kept
+    eval_rows = first_per_task(eval_rows, args.eval_limit)
     seeds = args.seeds
     targets = split_targets(args.target_modules)
     try:
