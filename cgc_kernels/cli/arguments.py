@@ -167,6 +167,18 @@ def add_cgc_args(p) -> None:
                         "LoRA+ for B; 0 freezes the gates)")
 
 
+
+def add_gate_form_args(g) -> None:
+    """--gate-scope, --gate-embedding-dim and --gate-init: where the task gates live and how their
+    logits are made (train and compare)."""
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
+                   help="a gate per adapted layer, or one for the whole model")
+    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
+                   help="task gate logits from a learned task embedding of this size (default: free logits)")
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
+                   help="uniform: every task starts from an even mixture; random: MOELoRA's random "
+                        "task-embedding gate (needs --gate-embedding-dim)")
+
 DATA_HELP = ("a .jsonl, .json, .csv or .parquet file, or a Dataset.save_to_disk folder, of rows {task, prompt, "
              "response}, {task, prompt, completion}, {task, messages} or {task, instruction, input, output}")
 

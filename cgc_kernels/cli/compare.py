@@ -17,6 +17,7 @@ from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
 from .arguments import (
     add_data_args,
+    add_gate_form_args,
     add_overwrite,
     data_options,
     non_negative_float,
@@ -67,12 +68,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("gates (the same for every method)")
     g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts'")
-    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
-                   help="a gate per adapted layer, or one for the whole model")
-    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
-                   help="gate logits from a task embedding of this size (default: free logits)")
-    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
-                   help="random: MOELoRA's random task-embedding gate (needs --gate-embedding-dim)")
+    add_gate_form_args(g)
     p.set_defaults(func=cmd_compare)
 
 
