@@ -34,7 +34,7 @@ import triton.language as tl
 
 from . import common, forward
 from .dropout import keep_mask
-from .kernel_utils import dy_times_b, load_rank_gates, store_rank_cols, sum_row_parts, write_dx
+from .kernel_utils import dy_times_b, load_rank_gates, store_rank_cols, sum_row_parts, task_cluster_seed, write_dx
 from .reduce_parts import _bwd_reduce_kernel
 from .slots import chunk_rows, tile_rows
 
@@ -96,15 +96,8 @@ def _bwd_rows_kernel(
                              tl.zeros([BLOCK_M, E_PAD], dtype=dg_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & (e < E)[None, :])
     else:
-        t64 = t.to(tl.int64)
-        if HAS_CLUSTER:
-            c64 = tl.load(cluster_ptr + t).to(tl.int64)
-        else:
-            c64 = t64 * 0
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         op_dtype = tl.float32 if UPCAST else sa_ptr.dtype.element_ty
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
@@ -206,7 +199,7 @@ def _bwd_weight_kernel(
     blk = tl.program_id(1)
     t, lo, hi, nt = chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD)
     if t >= 0:
-        t64 = t.to(tl.int64)
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         slot64 = slot.to(tl.int64)
         in_dtype = x_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype
@@ -215,9 +208,6 @@ def _bwd_weight_kernel(
         rs_ok = rs < RS
         rk_ok = rk < RK
         inv_keep = 1.0 / (1.0 - p_drop)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         if DO_A:
             # ---- dA blocks [R, BLOCK_K] of both sides from one read of x ----
             k0 = blk * BLOCK_K
@@ -257,10 +247,6 @@ def _bwd_weight_kernel(
         else:
             # ---- one read of dy [rows, d_out block]: dB blocks [BLOCK_N, R] of both sides, and this
             # block's share of dz = dy @ B [rows, R] (fp32 partials; the rows launch sums them) ----
-            if HAS_CLUSTER:
-                c64 = tl.load(cluster_ptr + t).to(tl.int64)
-            else:
-                c64 = t64 * 0
             nn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = nn < d_out
             acc_sb = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)

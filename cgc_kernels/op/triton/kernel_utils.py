@@ -16,6 +16,21 @@ from .dropout import keep_mask
 
 
 @triton.jit
+def task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """A task program's scalars: its task and cluster index in int64 (t * stride overflows int32 for
+    large T * r * d; cluster 0 without task_cluster) and the dropout seed (0 without dropout)."""
+    t64 = t.to(tl.int64)
+    if HAS_CLUSTER:
+        c64 = tl.load(cluster_ptr + t).to(tl.int64)
+    else:
+        c64 = t64 * 0
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    return t64, c64, seed
+
+
+@triton.jit
 def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
                     PER_TOKEN_GATES: tl.constexpr):
     """fp32 gate of each rank column's expert `e` [R_PAD]: [1, R_PAD] from the task's row of a task
