@@ -79,3 +79,25 @@ def train_steps(cgc: CGCModel, ids: torch.Tensor, tids, opt: torch.optim.Optimiz
         opt.step()
         losses.append(loss.detach())
     return losses
+
+
+def checkpointed_grads(cgc: CGCModel, ids: torch.Tensor, tids, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients of one LM loss; checks that the first adapted layer ran
+    once more under activation checkpointing (the recomputation, in the backward, after the forward's
+    routing context has closed) and saw the forward's routing object both times."""
+    calls = []
+    first = next(iter(cgc.adapted_layers().values()))
+    first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
+    loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
+    assert all(layer.current_routing is None for layer in cgc.adapted_layers().values())
+    loss.backward()
+    assert len(calls) == (2 if checkpointing else 1)
+    assert all(c is calls[0] for c in calls)
+    return {n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad}
+
+
+def assert_same_grads(grads: list[dict[str, torch.Tensor]]) -> None:
+    """Two runs' gradients: the same parameters, equal within the tolerance."""
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        close(grads[1][n], grads[0][n])

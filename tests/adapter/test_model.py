@@ -22,6 +22,8 @@ from tests.models import (
     TARGETS,
     TASKS,
     VOCAB,
+    assert_same_grads,
+    checkpointed_grads,
     close,
     differ,
     inputs,
@@ -252,19 +254,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         if checkpointing:
             cgc.activation_checkpointing_enable()
             assert cgc.is_gradient_checkpointing
-        calls = []
-        first = next(iter(cgc.adapted_layers().values()))
-        first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
-        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-        # the forward context has closed: any recomputation happens in this backward
-        assert all(layer.current_routing is None for layer in cgc.adapted_layers().values())
-        loss.backward()
-        assert len(calls) == (2 if checkpointing else 1)  # recomputed once, with the forward's routing
-        assert all(c is calls[0] for c in calls)
-        grads.append({n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        close(grads[1][n], grads[0][n])
+        grads.append(checkpointed_grads(cgc, ids, tids, checkpointing))
+    assert_same_grads(grads)
 
 
 # ---- gates -------------------------------------------------------------------------------------

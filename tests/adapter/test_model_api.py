@@ -19,7 +19,19 @@ from cgc_kernels import CGCLoRAConfig, CGCModel
 from cgc_kernels.adapter.checkpointing import enable_model_checkpointing
 from cgc_kernels.adapter.targets import summarize_targets
 
-from tests.models import TARGETS, TASKS, VOCAB, close, differ, inputs, make, randomize, tiny_base
+from tests.models import (
+    TARGETS,
+    TASKS,
+    VOCAB,
+    assert_same_grads,
+    checkpointed_grads,
+    close,
+    differ,
+    inputs,
+    make,
+    randomize,
+    tiny_base,
+)
 
 
 # ---- task selection ----------------------------------------------------------------------------
@@ -281,17 +293,8 @@ def test_checkpointing_in_either_order_gives_the_same_gradients(order, reentrant
         if checkpointing and order == "on cgc.model":
             enable_model_checkpointing(cgc.model, kw)
         assert cgc.is_activation_checkpointing == checkpointing
-        calls = []
-        first = next(iter(cgc.adapted_layers().values()))
-        first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
-        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-        loss.backward()
-        assert len(calls) == (2 if checkpointing else 1)  # recomputed once, with the forward's routing
-        assert all(c is calls[0] for c in calls)
-        grads.append({n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad})
-    assert grads[0].keys() == grads[1].keys()
-    for n in grads[0]:
-        close(grads[1][n], grads[0][n])
+        grads.append(checkpointed_grads(cgc, ids, tids, checkpointing))
+    assert_same_grads(grads)
 
 
 def test_unload_gives_back_the_plain_checkpoint_functions():
