@@ -45,6 +45,15 @@ def randomize(cgc: CGCModel, seed: int = 1, clusters=None) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
 
 
+def randn_trainable(cgc: CGCModel, std: float, seed: int = 1) -> None:
+    """Every trainable parameter (experts and gates) drawn from N(0, std^2), in parameter order."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cgc.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
 def make(arch: str, seed: int = 1, **overrides):
     """(untouched copy of the base, CGCModel on another copy) with random adapters."""
     base = tiny_base(arch)
