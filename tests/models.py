@@ -90,23 +90,26 @@ def train_steps(cgc: CGCModel, ids: torch.Tensor, tids, opt: torch.optim.Optimiz
     return losses
 
 
-def checkpointed_grads(cgc: CGCModel, ids: torch.Tensor, tids, checkpointing: bool) -> dict[str, torch.Tensor]:
-    """The trainable parameters' gradients of one LM loss; checks that the first adapted layer ran
-    once more under activation checkpointing (the recomputation, in the backward, after the forward's
-    routing context has closed) and saw the forward's routing object both times."""
-    calls = []
-    first = next(iter(cgc.adapted_layers().values()))
-    first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
-    loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
-    assert all(layer.current_routing is None for layer in cgc.adapted_layers().values())
-    loss.backward()
-    assert len(calls) == (2 if checkpointing else 1)
-    assert all(c is calls[0] for c in calls)
-    return {n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad}
 
-
-def assert_same_grads(grads: list[dict[str, torch.Tensor]]) -> None:
-    """Two runs' gradients: the same parameters, equal within the tolerance."""
+def check_checkpointing(build) -> None:
+    """`build(checkpointing)`: a CGCModel in train mode, without / with activation checkpointing.
+    One LM loss on a mixed batch (a row of two tasks, a task -1 row) gives the same gradients both
+    ways; under checkpointing the first adapted layer ran once more (the recomputation, in the
+    backward, after the forward's routing context has closed) and saw the forward's routing object."""
+    ids = inputs(batch=4, seq=6)
+    tids = torch.tensor([[0] * 6, [1] * 6, [2] * 3 + [0] * 3, [-1] * 6])
+    grads = []
+    for checkpointing in (False, True):
+        cgc = build(checkpointing)
+        calls = []
+        first = next(iter(cgc.adapted_layers().values()))
+        first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
+        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
+        assert all(layer.current_routing is None for layer in cgc.adapted_layers().values())
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        assert all(c is calls[0] for c in calls)
+        grads.append({n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         close(grads[1][n], grads[0][n])
