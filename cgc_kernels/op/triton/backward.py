@@ -34,7 +34,15 @@ import triton.language as tl
 
 from . import common, forward
 from .dropout import keep_mask
-from .kernel_utils import dy_times_b, load_rank_gates, store_rank_cols, sum_row_parts, task_cluster_seed, write_dx
+from .kernel_utils import (
+    dy_times_b,
+    load_rank_gates,
+    store_rank_cols,
+    store_task_grad,
+    sum_row_parts,
+    task_cluster_seed,
+    write_dx,
+)
 from .reduce_parts import _bwd_reduce_kernel
 from .slots import chunk_rows, tile_rows
 
@@ -237,13 +245,8 @@ def _bwd_weight_kernel(
                 tl.store(psa_ptr + slot64 * stride_psas + rs[:, None] * stride_psar + kk[None, :] * stride_psak,
                          acc_sa, mask=rs_ok[:, None] & k_ok[None, :])
             if HAS_TASK:
-                io_a = rk_ok[:, None] & k_ok[None, :]
-                if nt == 1:
-                    tl.store(dta_ptr + t64 * stride_dtat + rk[:, None] * stride_dtar + kk[None, :] * stride_dtak,
-                             acc_ta.to(dta_ptr.dtype.element_ty), mask=io_a)
-                else:
-                    tl.store(pta_ptr + slot64 * stride_ptas + rk[:, None] * stride_ptar + kk[None, :] * stride_ptak,
-                             acc_ta, mask=io_a)
+                store_task_grad(acc_ta, nt, dta_ptr + t64 * stride_dtat, stride_dtar, stride_dtak,
+                                pta_ptr + slot64 * stride_ptas, stride_ptar, stride_ptak, rk, rk_ok, kk, k_ok)
         else:
             # ---- one read of dy [rows, d_out block]: dB blocks [BLOCK_N, R] of both sides, and this
             # block's share of dz = dy @ B [rows, R] (fp32 partials; the rows launch sums them) ----
@@ -292,13 +295,8 @@ def _bwd_weight_kernel(
                     tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
                              acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
                 if HAS_TASK:
-                    io_b = n_ok[:, None] & rk_ok[None, :]
-                    if nt == 1:
-                        tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
-                                 acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
-                    else:
-                        tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
-                                 acc_tb, mask=io_b)
+                    store_task_grad(acc_tb, nt, dtb_ptr + t64 * stride_dtbt, stride_dtbn, stride_dtbr,
+                                    ptb_ptr + slot64 * stride_ptbs, stride_ptbn, stride_ptbr, nn, n_ok, rk, rk_ok)
 
 
 # ---- block configuration ---------------------------------------------------------------------
