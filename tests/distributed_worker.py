@@ -36,6 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from cgc_kernels import CGCLoRAConfig, CGCModel  # noqa: E402
 from tests.cases import TOLERANCES  # noqa: E402
+from tests.models import randn_trainable  # noqa: E402
 
 # Rank 0 gets the first half, rank 1 the second. Rank 1 has no token of task 2 ("cls", alone in
 # cluster "b"): its experts still get a (zero) gradient there, or DDP would wait for it forever.
@@ -51,11 +52,7 @@ def build(backend: str | None) -> CGCModel:
     cgc = CGCModel(base.double(), CGCLoRAConfig(
         tasks=["qa", "sum", "cls"], clusters={"qa": "a", "sum": "a", "cls": "b"}, num_shared_experts=2,
         num_task_experts=1, rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), backend=backend)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in cgc.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+    randn_trainable(cgc, 0.2)
     return cgc
 
 

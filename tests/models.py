@@ -45,6 +45,15 @@ def randomize(cgc: CGCModel, seed: int = 1, clusters=None) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
 
 
+def randn_trainable(cgc: CGCModel, std: float, seed: int = 1) -> None:
+    """Every trainable parameter (experts and gates) drawn from N(0, std^2), in parameter order."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cgc.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
 def make(arch: str, seed: int = 1, **overrides):
     """(untouched copy of the base, CGCModel on another copy) with random adapters."""
     base = tiny_base(arch)
@@ -79,3 +88,28 @@ def train_steps(cgc: CGCModel, ids: torch.Tensor, tids, opt: torch.optim.Optimiz
         opt.step()
         losses.append(loss.detach())
     return losses
+
+
+
+def check_checkpointing(build) -> None:
+    """`build(checkpointing)`: a CGCModel in train mode, without / with activation checkpointing.
+    One LM loss on a mixed batch (a row of two tasks, a task -1 row) gives the same gradients both
+    ways; under checkpointing the first adapted layer ran once more (the recomputation, in the
+    backward, after the forward's routing context has closed) and saw the forward's routing object."""
+    ids = inputs(batch=4, seq=6)
+    tids = torch.tensor([[0] * 6, [1] * 6, [2] * 3 + [0] * 3, [-1] * 6])
+    grads = []
+    for checkpointing in (False, True):
+        cgc = build(checkpointing)
+        calls = []
+        first = next(iter(cgc.adapted_layers().values()))
+        first.register_forward_hook(lambda mod, args, out, calls=calls: calls.append(mod.current_routing))
+        loss = cgc(input_ids=ids, labels=ids, task_ids=tids).loss
+        assert all(layer.current_routing is None for layer in cgc.adapted_layers().values())
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        assert all(c is calls[0] for c in calls)
+        grads.append({n: p.grad.clone() for n, p in cgc.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        close(grads[1][n], grads[0][n])

@@ -40,48 +40,25 @@ def _float(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _checked(parse, ok, wanted: str, name: str):
+    """An argument type: `parse` the text, then reject a value for which `ok` is false."""
+    def check(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{wanted}, got {text}")
+        return value
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A dropout probability: in [0, 1)."""
-    value = _float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-def top_p(text: str) -> float:
-    """A nucleus-sampling mass: in (0, 1]."""
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
+positive_int = _checked(_int, lambda v: v >= 1, "must be a positive integer", "positive_int")
+non_negative_int = _checked(_int, lambda v: v >= 0, "must be 0 or more", "non_negative_int")
+positive_float = _checked(_float, lambda v: v > 0, "must be greater than 0", "positive_float")
+non_negative_float = _checked(_float, lambda v: v >= 0, "must be 0 or more", "non_negative_float")
+# A dropout probability: in [0, 1).
+probability = _checked(_float, lambda v: 0 <= v < 1, "must lie in [0, 1)", "probability")
+# A nucleus-sampling mass: in (0, 1].
+top_p = _checked(_float, lambda v: 0 < v <= 1, "must lie in (0, 1]", "top_p")
 
 
 # Room for a chat-templated prompt and a response of at least a token: the command also checks,
@@ -189,6 +166,18 @@ def add_cgc_args(p) -> None:
                    help="the gates' learning rate over the experts' (their own optimizer group, like "
                         "LoRA+ for B; 0 freezes the gates)")
 
+
+
+def add_gate_form_args(g) -> None:
+    """--gate-scope, --gate-embedding-dim and --gate-init: where the task gates live and how their
+    logits are made (train and compare)."""
+    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
+                   help="a gate per adapted layer, or one for the whole model")
+    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
+                   help="task gate logits from a learned task embedding of this size (default: free logits)")
+    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
+                   help="uniform: every task starts from an even mixture; random: MOELoRA's random "
+                        "task-embedding gate (needs --gate-embedding-dim)")
 
 DATA_HELP = ("a .jsonl, .json, .csv or .parquet file, or a Dataset.save_to_disk folder, of rows {task, prompt, "
              "response}, {task, prompt, completion}, {task, messages} or {task, instruction, input, output}")

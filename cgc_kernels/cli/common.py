@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from ..data.reader import UserError
+from ..data.reader import UserError, read_json
 from ..multitask.models import TINY_MODEL
 
 META_NAME = "cgc_cli.json"
@@ -99,6 +99,19 @@ def save_trained(cgc, tokenizer, out: str, spec: str | None, base, system: str |
         json.dump(meta, f, indent=2)
 
 
+def first_per_task(rows: list[dict], limit: int) -> list[dict]:
+    """The first `limit` rows of each task, in order (--eval-limit; 0: every row)."""
+    if not limit:
+        return rows
+    seen: dict[str, int] = {}
+    kept = []
+    for r in rows:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if seen[r["task"]] <= limit:
+            kept.append(r)
+    return kept
+
+
 def read_meta(directory: str) -> dict:
     """cgc_cli.json of a trained directory; UserError if `directory` is not one."""
     from ..adapter.config import CONFIG_NAME
@@ -108,11 +121,7 @@ def read_meta(directory: str) -> dict:
     meta_path = os.path.join(directory, META_NAME)
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise UserError(f"{directory} is not a cgc-lora training output (no {META_NAME} / {CONFIG_NAME})")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}: not valid JSON ({e.msg})") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or not isinstance(meta.get("tasks"), list):
         raise UserError(f"{meta_path}: no task list")
     return meta

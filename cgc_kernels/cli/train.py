@@ -15,6 +15,7 @@ from .arguments import (
     DATA_HELP,
     add_cgc_args,
     add_data_args,
+    add_gate_form_args,
     add_model_args,
     add_overwrite,
     max_length,
@@ -56,13 +57,7 @@ def register(subparsers) -> None:
     g.add_argument("--dropout", type=probability, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--gate", choices=("task", "token"), default="task",
                    help="task: one softmax per task (mergeable); token: per token (cannot be exported)")
-    g.add_argument("--gate-scope", choices=("layer", "model"), default="layer",
-                   help="a gate per adapted layer, or one for the whole model")
-    g.add_argument("--gate-embedding-dim", type=positive_int, default=None,
-                   help="task gate logits from a learned task embedding of this size (default: free logits)")
-    g.add_argument("--gate-init", choices=("uniform", "random"), default="uniform",
-                   help="uniform: every task starts from an even mixture; random: MOELoRA's random "
-                        "task-embedding gate (needs --gate-embedding-dim)")
+    add_gate_form_args(g)
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=positive_int, help="optimizer steps (default: --epochs over the data)")
     t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the data, when --steps is not given")

@@ -172,17 +172,22 @@ def data_dir() -> str:
     return os.path.dirname(os.path.abspath(__file__))
 
 
-def write(out_dir: str | None = None) -> list[str]:
-    """Write demo_train.jsonl and demo_eval.jsonl into `out_dir` (default: the package data)."""
-    out_dir = out_dir or data_dir()
+def write_files(out_dir: str, names: tuple[str, ...], splits) -> list[str]:
+    """Write each split's rows as JSON lines to `out_dir`/name (the demo's and the suite's files);
+    the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for name, rows in zip(FILES, build(), strict=True):
+    for name, rows in zip(names, splits, strict=True):
         path = os.path.join(out_dir, name)
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             f.write(to_jsonl(rows))
         paths.append(path)
     return paths
+
+
+def write(out_dir: str | None = None) -> list[str]:
+    """Write demo_train.jsonl and demo_eval.jsonl into `out_dir` (default: the package data)."""
+    return write_files(out_dir or data_dir(), FILES, build())
 
 
 if __name__ == "__main__":

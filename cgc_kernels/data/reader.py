@@ -3,10 +3,22 @@ formats.py (any accepted file type and row format, through `datasets`)."""
 
 from __future__ import annotations
 
+import json
+
 from .errors import UserError
 from .formats import load_rows
 
-__all__ = ["UserError", "read_jsonl", "tasks_of"]
+__all__ = ["UserError", "read_json", "read_jsonl", "tasks_of"]
+
+
+def read_json(path: str, error: type[Exception] = UserError):
+    """The value of a JSON file (a run's metadata, a clusters file); `error` naming the file when
+    it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg})") from None
 
 
 # ---- data --------------------------------------------------------------------------------------

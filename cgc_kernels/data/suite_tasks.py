@@ -182,15 +182,7 @@ def paths() -> tuple[str, str]:
 
 def write(out_dir: str | None = None) -> list[str]:
     """Write suite_train.jsonl and suite_eval.jsonl into `out_dir` (default: the package data)."""
-    out_dir = out_dir or data_dir()
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for name, rows in zip(FILES, build(), strict=True):
-        path = os.path.join(out_dir, name)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(demo_tasks.to_jsonl(rows))
-        written.append(path)
-    return written
+    return demo_tasks.write_files(out_dir or data_dir(), FILES, build())
 
 
 if __name__ == "__main__":

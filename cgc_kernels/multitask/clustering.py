@@ -25,7 +25,7 @@ import torch
 
 from ..adapter.config import CGCLoRAConfig
 from ..adapter.model import CGCModel
-from ..data.reader import tasks_of
+from ..data.reader import read_json, tasks_of
 from .recipe import TrainSettings, encode, response_loss, train_loop, training_batch
 
 DEFAULT_TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -170,11 +170,7 @@ def read_clusters(path: str | os.PathLike, tasks: list[str] | None = None) -> di
     path = str(path)
     if not os.path.isfile(path):
         raise ValueError(f"no such clusters file: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            mapping = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+    mapping = read_json(path, ValueError)
     _check_mapping(mapping, path)
     if tasks is not None:
         missing = [t for t in tasks if t not in mapping]

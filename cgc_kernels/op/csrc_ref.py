@@ -151,21 +151,10 @@ def _prepare(x, task_ids, gates, shared_a, shared_b, task_a, task_b, scaling, ta
     return tensors, ids.to(torch.int64).contiguous(), cluster, keep
 
 
-def forward(
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def forward(x: torch.Tensor, task_ids: torch.Tensor | TaskRouting, gates: torch.Tensor, shared_a: torch.Tensor,
+            shared_b: torch.Tensor, task_a: torch.Tensor, task_b: torch.Tensor, scaling: float, *,
+            task_cluster: torch.Tensor | None = None, per_token_gates: bool = False, dropout_p: float = 0.0,
+            dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The op's delta [M, d_out] in x's dtype, computed by the C++ (CPU) or CUDA code.
 
     Arguments as `cgc_kernels.reference.cgc_lora`: x [M, d_in] float32/float64; task_ids [M] in
@@ -187,22 +176,10 @@ def forward(
     return module.forward_cpu(*args, torch.get_num_threads())
 
 
-def backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-) -> CGCLoRAGrads:
+def backward(dy: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor | TaskRouting, gates: torch.Tensor,
+             shared_a: torch.Tensor, shared_b: torch.Tensor, task_a: torch.Tensor, task_b: torch.Tensor,
+             scaling: float, *, task_cluster: torch.Tensor | None = None, per_token_gates: bool = False,
+             dropout_p: float = 0.0, dropout_mask: torch.Tensor | None = None) -> CGCLoRAGrads:
     """Every gradient of the op for the upstream gradient dy [M, d_out] (CPU tensors only).
 
     Other arguments as `forward`. Returns CGCLoRAGrads(x, gates, shared_a, shared_b, task_a, task_b),

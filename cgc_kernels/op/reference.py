@@ -26,22 +26,10 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def cgc_lora(
-    x: torch.Tensor,
-    task_ids: torch.Tensor | TaskRouting,
-    gates: torch.Tensor,
-    shared_a: torch.Tensor,
-    shared_b: torch.Tensor,
-    task_a: torch.Tensor,
-    task_b: torch.Tensor,
-    scaling: float,
-    *,
-    task_cluster: torch.Tensor | None = None,
-    per_token_gates: bool = False,
-    dropout_p: float = 0.0,
-    out: torch.Tensor | None = None,
-    dropout_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def cgc_lora(x: torch.Tensor, task_ids: torch.Tensor | TaskRouting, gates: torch.Tensor, shared_a: torch.Tensor,
+             shared_b: torch.Tensor, task_a: torch.Tensor, task_b: torch.Tensor, scaling: float, *,
+             task_cluster: torch.Tensor | None = None, per_token_gates: bool = False, dropout_p: float = 0.0,
+             out: torch.Tensor | None = None, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The gate-weighted sum of every expert a token's task uses, scaled by `scaling`.
 
     Args:

@@ -32,6 +32,7 @@ from cgc_kernels.adapter.gates import TaskGate
 
 from tests.cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
 from tests.oracle import naive_cgc_lora
+from tests.models import randn_trainable
 
 CORRECT = "correct result"
 TOL32 = TOLERANCES[torch.float32]
@@ -343,11 +344,7 @@ def _model_template() -> CGCModel:
     cgc = CGCModel(base.double().eval(), CGCLoRAConfig(
         tasks=["qa", "sum", "cls"], clusters={"qa": "a", "sum": "b", "cls": "a"}, num_shared_experts=2,
         num_task_experts=1, rank=2, alpha=4, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in cgc.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    randn_trainable(cgc, 0.3)
     return cgc
 
 

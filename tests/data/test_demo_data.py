@@ -1,28 +1,17 @@
 """The demo's data: rebuilt byte for byte from its builder, and held-out items are really new."""
 
 import json
-import os
 import re
 
 import pytest
 
 from cgc_kernels.data import demo_tasks as demo_data
 
-
-def _shipped(name: str) -> str:
-    with open(os.path.join(demo_data.data_dir(), name), encoding="utf-8", newline="") as f:
-        return f.read()
+from tests.data.shipped import assert_builder_reproduces_shipped, shipped
 
 
 def test_builder_reproduces_shipped_files(tmp_path):
-    # Two independent builds and the files in the package must agree byte for byte.
-    built = [demo_data.to_jsonl(rows) for rows in demo_data.build()]
-    assert built == [demo_data.to_jsonl(rows) for rows in demo_data.build()]
-    for name, text in zip(demo_data.FILES, built, strict=True):
-        assert _shipped(name) == text, f"{name} differs from its builder: python -m cgc_kernels.data.demo_tasks"
-    for path in demo_data.write(str(tmp_path)):
-        with open(path, "rb") as f:
-            assert f.read() == _shipped(os.path.basename(path)).encode("utf-8")
+    assert_builder_reproduces_shipped(demo_data, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -92,5 +81,5 @@ def test_held_out_items_are_new(splits):
 
 def test_files_are_jsonl_one_object_a_line():
     for name in demo_data.FILES:
-        lines = _shipped(name).splitlines()
+        lines = shipped(demo_data, name).splitlines()
         assert all(isinstance(json.loads(line), dict) for line in lines)

@@ -3,7 +3,6 @@ claims (transfer: related arithmetic with a low-resource task and new held-out p
 the same reviews with opposite labels; unrelated: new held-out nouns). Answers are recomputed
 here from the prompts, independently of the builder."""
 
-import os
 import re
 from collections import Counter
 
@@ -12,20 +11,11 @@ import pytest
 from cgc_kernels.data import demo_tasks, suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
 
-
-def _shipped(name: str) -> str:
-    with open(os.path.join(suite_tasks.data_dir(), name), encoding="utf-8", newline="") as f:
-        return f.read()
+from tests.data.shipped import assert_builder_reproduces_shipped
 
 
 def test_builder_reproduces_shipped_files(tmp_path):
-    built = [demo_tasks.to_jsonl(rows) for rows in suite_tasks.build()]
-    assert built == [demo_tasks.to_jsonl(rows) for rows in suite_tasks.build()]  # deterministic
-    for name, text in zip(suite_tasks.FILES, built, strict=True):
-        assert _shipped(name) == text, f"{name} differs from its builder: python -m cgc_kernels.data.suite_tasks"
-    for path in suite_tasks.write(str(tmp_path)):
-        with open(path, "rb") as f:
-            assert f.read() == _shipped(os.path.basename(path)).encode("utf-8")
+    assert_builder_reproduces_shipped(suite_tasks, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -133,17 +133,25 @@ def test_dz_from_dy(case, tile_rows, device):
         check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
 
 
+def _check_grid(case, dtype, device, plan, p=0.0, seed=0):
+    """The grid against the reference: the output and every gradient. With dropout `p`, the
+    reference gets the kernels' keep-mask, which they regenerate from `seed` in every launch."""
+    args, dy, base = _problem(case, dtype, device)
+    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan=plan, base=base, chunk=16,
+                        dropout_p=p, seed=seed)
+    mask = dropout.dropout_keep_mask(seed, case.M, case.d_in, p, device) if p else None
+    y_ref, grads_ref = run_reference(args, dy, base=base, mask=mask, dropout_p=p)
+    check(y, y_ref, dtype, "base + delta")
+    for k in DIFF:
+        check(grads[k], grads_ref[k], dtype, f"grad {k}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", PLANS)
 def test_bf16_matches_reference(plan, device):
     # bf16 in, bf16 out; the interpreter casts dot operands to fp32 (its bf16 dot is wrong).
     case = Case(M=40, d_in=33, d_out=33, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
-    args, dy, base = _problem(case, torch.bfloat16, device)
-    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan=plan, base=base, chunk=16)
-    y_ref, grads_ref = run_reference(args, dy, base=base)
-    check(y, y_ref, torch.bfloat16, "base + delta")
-    for k in DIFF:
-        check(grads[k], grads_ref[k], torch.bfloat16, f"grad {k}")
+    _check_grid(case, torch.bfloat16, device, plan)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -187,18 +195,8 @@ def test_delta_only_and_in_place(plan, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", PLANS)
 def test_dropout_matches_reference_with_same_mask(plan, device):
-    # The kernels regenerate the mask from the seed in every launch; the reference given that
-    # mask must agree on the output and on every gradient.
     case = Case(M=40, d_in=65, d_out=33, T=3, S=2, K=1, r=4, C=2, ids="with_unrouted")
-    args, dy, base = _problem(case, torch.float32, device)
-    p, seed = 0.25, 1234
-    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan=plan, base=base, chunk=16,
-                        dropout_p=p, seed=seed)
-    mask = dropout.dropout_keep_mask(seed, case.M, case.d_in, p, device)
-    y_ref, grads_ref = run_reference(args, dy, base=base, mask=mask, dropout_p=p)
-    check(y, y_ref, torch.float32, "base + delta")
-    for k in DIFF:
-        check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
+    _check_grid(case, torch.float32, device, plan, p=0.25, seed=1234)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,16 +243,8 @@ def test_dropout_with_gpu_block_configs(device, monkeypatch):
     # dropout_keep_mask (drawn in 64 x 64 tiles).
     monkeypatch.setattr(common, "GPU_CONFIGS_IN_INTERPRETER", True)
     case = Case(M=24, d_in=40, d_out=24, T=2, S=1, K=1, r=4, ids="with_unrouted")
-    args, dy, base = _problem(case, torch.float32, device)
-    p, seed = 0.25, 99
-    y, grads = run_grid(args, _routing(args, case.T, 16), dy, plan="fused", base=base, chunk=16,
-                        dropout_p=p, seed=seed)
     assert forward.forward_plan(case.M, case.T, case.d_in, case.d_out, 32, torch.float32, 4, 16).BLOCK_K == 16
-    mask = dropout.dropout_keep_mask(seed, case.M, case.d_in, p, device)
-    y_ref, grads_ref = run_reference(args, dy, base=base, mask=mask, dropout_p=p)
-    check(y, y_ref, torch.float32, "base + delta")
-    for k in DIFF:
-        check(grads[k], grads_ref[k], torch.float32, f"grad {k}")
+    _check_grid(case, torch.float32, device, "fused", p=0.25, seed=99)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -4,23 +4,10 @@ import pytest
 import torch
 
 from cgc_kernels import reference
-from tests.cases import DIFF, TOLERANCES, Case, make_inputs
+from tests.cases import DIFF, SMALL_CASES, TOLERANCES, Case, make_inputs
 from tests.oracle import naive_cgc_lora
 
-CASES = [
-    Case(M=7, d_in=5, d_out=6, T=1, S=0, K=1, r=3),  # plain LoRA
-    Case(M=9, d_in=8, d_out=4, T=3, S=0, K=1, r=2),  # multi-LoRA / Punica
-    Case(M=9, d_in=8, d_out=4, T=3, S=4, K=0, r=2),  # MOELoRA: shared experts only
-    Case(M=11, d_in=6, d_out=7, T=3, S=2, K=1, r=2),  # CGC-LoRA
-    Case(M=13, d_in=6, d_out=5, T=4, S=2, K=2, r=1, C=2),  # two clusters, r = 1
-    Case(M=12, d_in=5, d_out=3, T=3, S=1, K=1, r=2, ids="with_unrouted"),  # task -1 rows
-    Case(M=10, d_in=7, d_out=9, T=3, S=2, K=1, r=2, per_token_gates=True),  # per-token gates
-    Case(M=8, d_in=33, d_out=65, T=2, S=1, K=2, r=3),  # odd dimensions
-    Case(M=1, d_in=4, d_out=3, T=2, S=1, K=1, r=2),  # a single token
-    Case(M=0, d_in=4, d_out=3, T=2, S=1, K=1, r=2),  # empty batch
-    Case(M=6, d_in=4, d_out=3, T=3, S=1, K=1, r=2, ids="skip_task"),  # a task with no tokens
-    Case(M=6, d_in=4, d_out=3, T=3, S=1, K=1, r=2, ids="all_unrouted"),  # nothing routed
-]
+CASES = SMALL_CASES
 
 
 def _oracle(args, **kw):

@@ -34,7 +34,15 @@ import triton.language as tl
 
 from . import common, forward
 from .dropout import keep_mask
-from .kernel_utils import dy_times_b, load_rank_gates, store_rank_cols, sum_row_parts, write_dx
+from .kernel_utils import (
+    dy_times_b,
+    load_rank_gates,
+    store_rank_cols,
+    store_task_grad,
+    sum_row_parts,
+    task_cluster_seed,
+    write_dx,
+)
 from .reduce_parts import _bwd_reduce_kernel
 from .slots import chunk_rows, tile_rows
 
@@ -96,15 +104,8 @@ def _bwd_rows_kernel(
                              tl.zeros([BLOCK_M, E_PAD], dtype=dg_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & (e < E)[None, :])
     else:
-        t64 = t.to(tl.int64)
-        if HAS_CLUSTER:
-            c64 = tl.load(cluster_ptr + t).to(tl.int64)
-        else:
-            c64 = t64 * 0
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         op_dtype = tl.float32 if UPCAST else sa_ptr.dtype.element_ty
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
@@ -206,7 +207,7 @@ def _bwd_weight_kernel(
     blk = tl.program_id(1)
     t, lo, hi, nt = chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD)
     if t >= 0:
-        t64 = t.to(tl.int64)
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         slot64 = slot.to(tl.int64)
         in_dtype = x_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype
@@ -215,9 +216,6 @@ def _bwd_weight_kernel(
         rs_ok = rs < RS
         rk_ok = rk < RK
         inv_keep = 1.0 / (1.0 - p_drop)
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         if DO_A:
             # ---- dA blocks [R, BLOCK_K] of both sides from one read of x ----
             k0 = blk * BLOCK_K
@@ -247,20 +245,11 @@ def _bwd_weight_kernel(
                 tl.store(psa_ptr + slot64 * stride_psas + rs[:, None] * stride_psar + kk[None, :] * stride_psak,
                          acc_sa, mask=rs_ok[:, None] & k_ok[None, :])
             if HAS_TASK:
-                io_a = rk_ok[:, None] & k_ok[None, :]
-                if nt == 1:
-                    tl.store(dta_ptr + t64 * stride_dtat + rk[:, None] * stride_dtar + kk[None, :] * stride_dtak,
-                             acc_ta.to(dta_ptr.dtype.element_ty), mask=io_a)
-                else:
-                    tl.store(pta_ptr + slot64 * stride_ptas + rk[:, None] * stride_ptar + kk[None, :] * stride_ptak,
-                             acc_ta, mask=io_a)
+                store_task_grad(acc_ta, nt, dta_ptr + t64 * stride_dtat, stride_dtar, stride_dtak,
+                                pta_ptr + slot64 * stride_ptas, stride_ptar, stride_ptak, rk, rk_ok, kk, k_ok)
         else:
             # ---- one read of dy [rows, d_out block]: dB blocks [BLOCK_N, R] of both sides, and this
             # block's share of dz = dy @ B [rows, R] (fp32 partials; the rows launch sums them) ----
-            if HAS_CLUSTER:
-                c64 = tl.load(cluster_ptr + t).to(tl.int64)
-            else:
-                c64 = t64 * 0
             nn = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = nn < d_out
             acc_sb = tl.zeros([BLOCK_N, RS_PAD], dtype=tl.float32)
@@ -306,13 +295,8 @@ def _bwd_weight_kernel(
                     tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
                              acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
                 if HAS_TASK:
-                    io_b = n_ok[:, None] & rk_ok[None, :]
-                    if nt == 1:
-                        tl.store(dtb_ptr + t64 * stride_dtbt + nn[:, None] * stride_dtbn + rk[None, :] * stride_dtbr,
-                                 acc_tb.to(dtb_ptr.dtype.element_ty), mask=io_b)
-                    else:
-                        tl.store(ptb_ptr + slot64 * stride_ptbs + nn[:, None] * stride_ptbn + rk[None, :] * stride_ptbr,
-                                 acc_tb, mask=io_b)
+                    store_task_grad(acc_tb, nt, dtb_ptr + t64 * stride_dtbt, stride_dtbn, stride_dtbr,
+                                    ptb_ptr + slot64 * stride_ptbs, stride_ptbn, stride_ptbr, nn, n_ok, rk, rk_ok)
 
 
 # ---- block configuration ---------------------------------------------------------------------

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .kernel_utils import expand_rows, load_rank_gates, shrink_rows, store_rank_cols, sum_row_parts
+from .kernel_utils import expand_rows, load_rank_gates, shrink_rows, store_rank_cols, sum_row_parts, task_cluster_seed
 from .slots import tile_rows
 
 # Per-call integers (M, the routing's tile rows, the plan's splits and the fp32 partials' strides,
@@ -93,15 +93,8 @@ def _fwd_kernel(
                                         tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32),
                                         tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32), HAS_SHARED, HAS_TASK)
     else:
-        t64 = t.to(tl.int64)  # int64: t * stride overflows int32 for large T * r * d
-        if HAS_CLUSTER:
-            c64 = tl.load(cluster_ptr + t).to(tl.int64)
-        else:
-            c64 = t64 * 0
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty  # interpreter: its bf16 dot is wrong
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
             row_ok = pos < hi
@@ -154,15 +147,8 @@ def _shrink_kernel(
     t, lo, hi = tile_rows(pid // sub, pid % sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
                           M, T, tile_rows_n, sub, T_PAD)
     if t >= 0:  # task -1 rows have no z; the expand writes their output
-        t64 = t.to(tl.int64)
-        if HAS_CLUSTER:
-            c64 = tl.load(cluster_ptr + t).to(tl.int64)
-        else:
-            c64 = t64 * 0
+        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
         op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty
-        seed = 0
-        if HAS_DROPOUT:
-            seed = tl.load(seed_ptr)
         rs = tl.arange(0, RS_PAD)
         rk = tl.arange(0, RK_PAD)
         rs_ok = rs < RS

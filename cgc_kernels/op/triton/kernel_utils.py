@@ -16,6 +16,42 @@ from .dropout import keep_mask
 
 
 @triton.jit
+def task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """A task program's scalars: its task and cluster index in int64 (t * stride overflows int32 for
+    large T * r * d; cluster 0 without task_cluster) and the dropout seed (0 without dropout)."""
+    t64 = t.to(tl.int64)
+    if HAS_CLUSTER:
+        c64 = tl.load(cluster_ptr + t).to(tl.int64)
+    else:
+        c64 = t64 * 0
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    return t64, c64, seed
+
+
+@triton.jit
+def dot_block(acc, lhs, ptr, ii, i_ok, stride_i, jj, j_ok, stride_j, op_dtype: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """acc + lhs @ the [len(ii), len(jj)] block of `ptr` at rows ii, columns jj (zeros where masked),
+    in op_dtype: one expert side's step of the backward's loops (the forward's shrink_rows keeps its
+    own load: through this helper the fused r256 fp32 dropout forward spills on sm_80)."""
+    b = tl.load(ptr + ii[:, None] * stride_i + jj[None, :] * stride_j, mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+    return tl.dot(lhs, b.to(op_dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def store_task_grad(acc, nt, d_ptr, stride_di, stride_dj, p_ptr, stride_pi, stride_pj, ii, i_ok, jj, j_ok):
+    """A task expert's fp32 gradient block [len(ii), len(jj)]: straight into the gradient (`d_ptr`,
+    its dtype) when the task's rows are one chunk (nt == 1), else into this chunk's partial (`p_ptr`)."""
+    mask = i_ok[:, None] & j_ok[None, :]
+    if nt == 1:
+        tl.store(d_ptr + ii[:, None] * stride_di + jj[None, :] * stride_dj, acc.to(d_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_ptr + ii[:, None] * stride_pi + jj[None, :] * stride_pj, acc, mask=mask)
+
+
+@triton.jit
 def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
                     PER_TOKEN_GATES: tl.constexpr):
     """fp32 gate of each rank column's expert `e` [R_PAD]: [1, R_PAD] from the task's row of a task
@@ -75,14 +111,10 @@ def dy_times_b(dy_ptr, stride_dym, stride_dyn, rows, row_ok, d_out,
         n_ok = nn < d_out
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
-        if HAS_SHARED:
-            b = tl.load(sb_ptr + nn[:, None] * stride_sbn + rs[None, :] * stride_sbr,
-                        mask=n_ok[:, None] & rs_ok[None, :], other=0.0)  # [BLOCK_N, RS_PAD]
-            dz_s = tl.dot(dy, b.to(op_dtype), dz_s, input_precision=DOT_PRECISION)
+        if HAS_SHARED:  # B block [BLOCK_N, RS_PAD]
+            dz_s = dot_block(dz_s, dy, sb_ptr, nn, n_ok, stride_sbn, rs, rs_ok, stride_sbr, op_dtype, DOT_PRECISION)
         if HAS_TASK:
-            b = tl.load(tb_ptr + nn[:, None] * stride_tbn + rk[None, :] * stride_tbr,
-                        mask=n_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_N, RK_PAD]
-            dz_t = tl.dot(dy, b.to(op_dtype), dz_t, input_precision=DOT_PRECISION)
+            dz_t = dot_block(dz_t, dy, tb_ptr, nn, n_ok, stride_tbn, rk, rk_ok, stride_tbr, op_dtype, DOT_PRECISION)
     return dz_s, dz_t
 
 
@@ -153,14 +185,10 @@ def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, t
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < d_in
         acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        if HAS_SHARED:
-            a = tl.load(sa_ptr + rs[:, None] * stride_sar + kk[None, :] * stride_sak,
-                        mask=rs_ok[:, None] & k_ok[None, :], other=0.0)  # [RS_PAD, BLOCK_K]
-            acc = tl.dot(dzg_s, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
+        if HAS_SHARED:  # A block [RS_PAD, BLOCK_K]
+            acc = dot_block(acc, dzg_s, sa_ptr, rs, rs_ok, stride_sar, kk, k_ok, stride_sak, op_dtype, DOT_PRECISION)
         if HAS_TASK:
-            a = tl.load(ta_ptr + rk[:, None] * stride_tar + kk[None, :] * stride_tak,
-                        mask=rk_ok[:, None] & k_ok[None, :], other=0.0)  # [RK_PAD, BLOCK_K]
-            acc = tl.dot(dzg_t, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
+            acc = dot_block(acc, dzg_t, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_DROPOUT:
             keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
             acc = tl.where(keep, acc * inv_keep, 0.0)
