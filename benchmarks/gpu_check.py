@@ -330,8 +330,8 @@ def step_csrc(step: Step, out: Path, env: dict, dry: bool) -> None:
 
 
 def step_graph(step: Step, out: Path, env: dict, dry: bool) -> None:
-    _run(step, [PY, "-m", "pytest", "tests/adapter/test_cuda_graph.py", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                "-rs"], out, env)
+    _run(step, [PY, "-m", "pytest", "tests/adapter/test_cuda_graph.py", "-q", "-p", "no:cacheprovider",
+                "-o", "addopts=", "-rs"], out, env)
     step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
     if step.status == "pass" and "skipped" in step.detail and "passed" not in step.detail:
         step.status = "skip"

@@ -10,7 +10,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
-
 from tests.cases import TOLERANCES, TRITON_SKIP
 
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]

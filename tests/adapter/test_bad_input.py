@@ -29,10 +29,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel, build_routing
 from cgc_kernels.adapter.gates import TaskGate
-
 from tests.cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
-from tests.oracle import naive_cgc_lora
 from tests.models import randn_trainable
+from tests.oracle import naive_cgc_lora
 
 CORRECT = "correct result"
 TOL32 = TOLERANCES[torch.float32]

@@ -18,7 +18,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import cgc_kernels
 from cgc_kernels import CGCLoRAConfig, CGCModel
-
 from tests.cases import BACKENDS, DIFF, Case, device_of, make_inputs
 from tests.models import train_steps
 

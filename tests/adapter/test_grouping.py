@@ -8,7 +8,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cgc_kernels import CGCDataCollator, CGCLoRAConfig, CGCModel
-
 from tests.cases import TOLERANCES
 
 

@@ -10,7 +10,6 @@ from transformers.pytorch_utils import Conv1D
 
 from cgc_kernels import CGCLoRALinear, TaskGate, reference
 from cgc_kernels.op.routing import build_routing
-
 from tests.cases import TOLERANCES
 
 TOL = TOLERANCES[torch.float64]

@@ -16,7 +16,6 @@ import torch
 
 from cgc_kernels import CGCLoRAConfig, CGCLoRALinear, CGCModel
 from cgc_kernels.adapter import save_load
-
 from tests.models import (
     ARCHS,
     TARGETS,

@@ -18,7 +18,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from cgc_kernels import CGCLoRAConfig, CGCModel
 from cgc_kernels.adapter.checkpointing import enable_model_checkpointing
 from cgc_kernels.adapter.targets import summarize_targets
-
 from tests.models import TARGETS, TASKS, VOCAB, check_checkpointing, close, differ, inputs, make, randomize, tiny_base
 
 

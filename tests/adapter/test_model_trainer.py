@@ -10,7 +10,6 @@ import torch
 
 from cgc_kernels import CGCDataCollator
 from cgc_kernels.adapter.checkpointing import checkpointing_training_argument
-
 from tests.models import TASKS, VOCAB, make
 
 

@@ -22,7 +22,6 @@ from cgc_kernels.adapter.quantized import (  # noqa: E402
     has_quantized_layers,
     is_quantized,
 )
-
 from tests.models import train_steps  # noqa: E402
 
 # 4-bit rounding moves a weight by up to ~1/8 of its block's absmax; outputs of the tiny model

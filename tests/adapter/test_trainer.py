@@ -11,7 +11,6 @@ import torch
 
 from cgc_kernels import CGCDataCollator, CGCLoRAConfig, CGCModel, CGCTrainer
 from cgc_kernels.adapter.trainer import ResumeError
-
 from tests.models import TARGETS, TASKS, VOCAB, inputs, tiny_base
 
 

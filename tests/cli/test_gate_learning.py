@@ -17,7 +17,6 @@ from cgc_kernels.data import demo_tasks
 from cgc_kernels.data.reader import read_jsonl
 from cgc_kernels.multitask.models import tiny_model
 from cgc_kernels.multitask.recipe import TrainSettings, train_loop
-
 from tests.oracle import naive_cgc_lora
 
 TASKS = list(demo_tasks.TASKS)

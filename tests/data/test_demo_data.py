@@ -6,7 +6,6 @@ import re
 import pytest
 
 from cgc_kernels.data import demo_tasks as demo_data
-
 from tests.data.shipped import assert_builder_reproduces_shipped, shipped
 
 

@@ -10,7 +10,6 @@ import pytest
 
 from cgc_kernels.data import demo_tasks, suite_tasks
 from cgc_kernels.data.reader import read_jsonl, tasks_of
-
 from tests.data.shipped import assert_builder_reproduces_shipped
 
 

@@ -17,7 +17,6 @@ import torch
 from cgc_kernels import reference
 from cgc_kernels.op import csrc_ref
 from cgc_kernels.op.routing import build_routing
-
 from tests.cases import DIFF, SMALL_CASES, TOLERANCES, Case, make_inputs
 from tests.oracle import naive_cgc_lora
 

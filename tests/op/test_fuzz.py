@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 
 import cgc_kernels
 from cgc_kernels import reference
-
 from tests.cases import BACKENDS, DIFF, TOLERANCES, Case, device_of, make_inputs
 from tests.oracle import naive_cgc_lora
 
