@@ -37,6 +37,7 @@ from .dropout import keep_mask
 from .kernel_utils import (
     dy_times_b,
     load_rank_gates,
+    store_block,
     store_rank_cols,
     store_task_grad,
     sum_row_parts,
@@ -242,8 +243,7 @@ def _bwd_weight_kernel(
                                  mask=row_ok[:, None] & rk_ok[None, :], other=0.0)  # [BLOCK_R, RK_PAD]
                     acc_ta = tl.dot(tl.trans(dz.to(op_dtype)), h, acc_ta, input_precision=DOT_PRECISION)
             if HAS_SHARED:
-                tl.store(psa_ptr + slot64 * stride_psas + rs[:, None] * stride_psar + kk[None, :] * stride_psak,
-                         acc_sa, mask=rs_ok[:, None] & k_ok[None, :])
+                store_block(psa_ptr + slot64 * stride_psas, rs, stride_psar, kk, stride_psak, acc_sa, rs_ok, k_ok)
             if HAS_TASK:
                 store_task_grad(acc_ta, nt, dta_ptr + t64 * stride_dtat, stride_dtar, stride_dtak,
                                 pta_ptr + slot64 * stride_ptas, stride_ptar, stride_ptak, rk, rk_ok, kk, k_ok)
@@ -292,8 +292,7 @@ def _bwd_weight_kernel(
                         tl.store(part + (RS + rk)[None, :] * stride_dzpr, dz, mask=row_ok[:, None] & rk_ok[None, :])
             if WANT_DB:
                 if HAS_SHARED:
-                    tl.store(psb_ptr + slot64 * stride_psbs + nn[:, None] * stride_psbn + rs[None, :] * stride_psbr,
-                             acc_sb, mask=n_ok[:, None] & rs_ok[None, :])
+                    store_block(psb_ptr + slot64 * stride_psbs, nn, stride_psbn, rs, stride_psbr, acc_sb, n_ok, rs_ok)
                 if HAS_TASK:
                     store_task_grad(acc_tb, nt, dtb_ptr + t64 * stride_dtbt, stride_dtbn, stride_dtbr,
                                     ptb_ptr + slot64 * stride_ptbs, stride_ptbn, stride_ptbr, nn, n_ok, rk, rk_ok)

@@ -41,14 +41,20 @@ def dot_block(acc, lhs, ptr, ii, i_ok, stride_i, jj, j_ok, stride_j, op_dtype: t
 
 
 @triton.jit
+def store_block(ptr, ii, stride_i, jj, stride_j, value, i_ok, j_ok):
+    """value [len(ii), len(jj)] into ptr[ii, jj], in ptr's dtype, masked to i_ok x j_ok."""
+    tl.store(ptr + ii[:, None] * stride_i + jj[None, :] * stride_j, value.to(ptr.dtype.element_ty),
+             mask=i_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
 def store_task_grad(acc, nt, d_ptr, stride_di, stride_dj, p_ptr, stride_pi, stride_pj, ii, i_ok, jj, j_ok):
     """A task expert's fp32 gradient block [len(ii), len(jj)]: straight into the gradient (`d_ptr`,
     its dtype) when the task's rows are one chunk (nt == 1), else into this chunk's partial (`p_ptr`)."""
-    mask = i_ok[:, None] & j_ok[None, :]
     if nt == 1:
-        tl.store(d_ptr + ii[:, None] * stride_di + jj[None, :] * stride_dj, acc.to(d_ptr.dtype.element_ty), mask=mask)
+        store_block(d_ptr, ii, stride_di, jj, stride_dj, acc, i_ok, j_ok)
     else:
-        tl.store(p_ptr + ii[:, None] * stride_pi + jj[None, :] * stride_pj, acc, mask=mask)
+        store_block(p_ptr, ii, stride_pi, jj, stride_pj, acc, i_ok, j_ok)
 
 
 @triton.jit
