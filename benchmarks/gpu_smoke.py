@@ -53,7 +53,7 @@ def check(case: Case, dtype: torch.dtype, device: str) -> dict:
 def stub_run(case: Case, json_path: str | None) -> int:
     """The op's host side (routing, launch plans, autograd) with every kernel stubbed: the plumbing
     of a kernel step where no kernel can run (no GPU, no usable interpreter)."""
-    from tests.stub_kernels import stubbed_kernels
+    from benchmarks.stub_kernels import stubbed_kernels
 
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--stub", action="store_true",
                     help="with --dry-run where Triton's interpreter cannot run: the host side of every call "
-                         "with kernels that launch nothing (tests/stub_kernels.py); nothing is compared")
+                         "with kernels that launch nothing (benchmarks/stub_kernels.py); nothing is compared")
     a = ap.parse_args(argv)
     if a.stub:
         return stub_run(gpu_case(True), a.json)
