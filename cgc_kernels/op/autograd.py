@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, get_type_hints
 import torch
 
 from . import torch_backend
-from .routing import TaskRouting
+from .routing import TaskRouting, host_list
 from .torch_backend import RowPlan
 from .triton import common
 from .validation import CGCCall, CGCShapes, shapes_of
@@ -269,7 +269,7 @@ class TorchCGCLoRA(torch.autograd.Function):
 
 
 def _op_plan(ids: Tensor, task_cluster: Tensor | None) -> RowPlan:
-    return torch_backend.plan_rows(ids, None, None if task_cluster is None else task_cluster.tolist())
+    return torch_backend.plan_rows(ids, None, None if task_cluster is None else host_list(task_cluster))
 
 
 @torch.library.custom_op("cgc_kernels::torch_fwd", mutates_args=())
