@@ -1,16 +1,22 @@
 """Task ids into a CGCModel: checked once per request on the host, copied to the model's device
 once per request (one non-blocking copy from pinned memory: per model call, or per generate call
-for all its decode steps), then one TaskRouting per base-model call, built on the device from those
-ids without a host sync and set on every adapted layer by a forward pre-hook for the call's
-duration. Under torch.compile the hook is traced like the rest of the call: the routing's tensors
-have shapes fixed by the batch and the task count, so a decode step compiles once for every task
-mix at one batch size."""
+for all its decode steps), then one TaskRouting per call shape ([batch, seq] and device), built on
+the device from those ids without a host sync, kept by the request, and set on every adapted layer
+by a forward pre-hook for each base-model call's duration.
+
+The hook runs outside torch.compile (`torch.compiler.disable`). transformers compiles the base
+model's `__call__` for the decode steps, and dynamo runs a module's hooks outside the graph of its
+forward anyway, each as a frame of its own: traced, the hook was a second graph per step. Outside,
+it builds the routing of a call shape once per request (the prompt's, then the decode steps' [batch,
+1], shared by every step) and the compiled step reads it as inputs of fixed shape (the tile table is
+sized for the worst task mix), the way vLLM keeps its LoRA mapping in static buffers: one graph,
+compiled once for every step and task mix at one batch size."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +30,8 @@ class TaskRequest:
     ids: torch.Tensor
     per_sequence: bool
     device_ids: torch.Tensor | None = None  # `ids` on the model's device, copied once (`on`)
+    # {(batch, seq, device): TaskRouting}: one routing per call shape (every decode step shares one)
+    routings: dict = field(default_factory=dict)
 
     def on(self, device: torch.device) -> torch.Tensor:
         """The ids on `device`: one non-blocking copy from pinned memory, made by the request's
@@ -177,7 +185,8 @@ class TaskIdsMixin:
         self._routing.set(routing)
 
     def _pre_forward_hook(self, module, args, kwargs):
-        """Build this base-model call's routing from its [batch, seq] and the request's ids."""
+        """Set this base-model call's routing: the request's, for its [batch, seq] and device (built
+        at the request's first call of that shape). Registered under torch.compiler.disable."""
         x = kwargs.get("input_ids")
         if x is None and args:
             x = args[0]
@@ -187,12 +196,15 @@ class TaskIdsMixin:
             raise ValueError("CGCModel needs input_ids or inputs_embeds to place the task ids")
         batch, seq = x.shape[0], x.shape[1]
         request = self._request
-        # The host ids go along for host-side planning (the PyTorch backend's row runs), outside
-        # torch.compile, where that backend plans inside its custom op instead.
-        host_ids = None if torch.compiler.is_compiling() else request.expand(batch, seq)
-        ids = request.expand(batch, seq, request.on(x.device))
-        self._set_routing(build_routing(ids, self.num_tasks, self._cluster_index(x.device), validate=False,
-                                        host_task_ids=host_ids))
+        key = (batch, seq, x.device)
+        routing = request.routings.get(key)
+        if routing is None:
+            # The host ids go along for host-side planning (the PyTorch backend's row runs).
+            ids = request.expand(batch, seq, request.on(x.device))
+            routing = request.routings[key] = build_routing(
+                ids, self.num_tasks, self._cluster_index(x.device), validate=False,
+                host_task_ids=request.expand(batch, seq))
+        self._set_routing(routing)
 
     @contextlib.contextmanager
     def task_context(self, request: TaskRequest) -> Iterator[None]:
@@ -200,7 +212,9 @@ class TaskIdsMixin:
         if self._request is not None:
             raise RuntimeError("CGCModel calls cannot be nested")
         self._request = request
-        handle = self.model.register_forward_pre_hook(self._pre_forward_hook, with_kwargs=True)
+        # Outside torch.compile: a compiled decode step reads the routing, one graph (module docstring).
+        hook = torch.compiler.disable(self._pre_forward_hook)
+        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             yield
         finally:

@@ -1,12 +1,13 @@
-"""A CGCModel decode step compiles once: generate with transformers' static cache under
-torch.compile(fullgraph=True) (inductor, on CPU), 32 decode steps for each of two task mixes at one
-batch size, gives the eager tokens with no graph break and no recompile.
+"""A CGCModel decode step compiles once, as one graph: generate with transformers' static cache
+under torch.compile(fullgraph=True) (inductor, on CPU), 32 decode steps for each of two task mixes at
+one batch size, gives the eager tokens with no graph break and no recompile.
 
 transformers compiles the base model's `__call__` for the decode steps (the prefill runs eagerly).
-That makes two frames: CGCModel's routing pre-hook (the request's ids, already on the device, to
-a TaskRouting) and the decoder step. Each is compiled once: the routing's tensors have shapes fixed
-by the batch and the task count (the tile table is sized for the worst task mix), so neither a new
-step nor a new task mix changes a guard.
+dynamo runs that module's hooks outside its forward's graph; CGCModel's routing pre-hook runs
+outside torch.compile altogether and builds one routing per call shape per request (the prompt's,
+then the decode steps' shared one), so the only graph is the decoder step, which reads the
+routing's tensors as inputs of fixed shape (the tile table is sized for the worst task mix): neither
+a new step nor a new task mix changes a guard.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation import CompileConfig
 
 from cgc_kernels import CGCLoRAConfig, CGCModel
+from cgc_kernels.adapter import task_ids
+from cgc_kernels.op.routing import build_routing
 
-FRAMES = 2  # the routing pre-hook and the decoder step
+GRAPHS = 1  # the decoder step, the routing read as its inputs
 STEPS = 32
 
 
@@ -51,20 +54,30 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_mixed_task_decode_compiles_once(fresh_dynamo):
+def test_mixed_task_decode_compiles_once(fresh_dynamo, monkeypatch):
+    builds = []
+
+    def counted(*args, **kwargs):
+        builds.append(args[0].shape)
+        return build_routing(*args, **kwargs)
+
+    monkeypatch.setattr(task_ids, "build_routing", counted)
     cgc = _model()
     ids = torch.randint(0, 64, (4, 5), generator=torch.Generator().manual_seed(1))
     config = CompileConfig(fullgraph=True, backend="inductor", mode=None, dynamic=False)
     config._compile_all_devices = True  # transformers compiles decode on GPUs only unless asked
-    graphs = []
+    graphs, outs = [], []
     for tasks in (["a", "b", "c", -1], ["c", "c", "a", "b"]):
-        got = _generate(cgc, ids, tasks, config)
+        builds.clear()
+        outs.append(_generate(cgc, ids, tasks, config))
         graphs.append(counters["stats"]["unique_graphs"])
-        torch.testing.assert_close(got, _generate(cgc, ids, tasks, None), rtol=0, atol=0)
+        # The prompt's routing, then one that all 32 decode steps read, built outside the graph.
+        assert builds == [(4 * 5,), (4,)], builds
+        torch.testing.assert_close(outs[-1], _generate(cgc, ids, tasks, None), rtol=0, atol=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert graphs == [FRAMES, FRAMES], graphs  # compiled at the first decode step, never again
-    # The two mixes route differently: the same prompts decode to different tokens.
-    assert not torch.equal(_generate(cgc, ids, ["a"] * 4, None), _generate(cgc, ids, ["b"] * 4, None))
+    assert graphs == [GRAPHS, GRAPHS], graphs  # compiled at the first decode step, never again
+    # The two mixes route differently: each compiled generate read its own routing.
+    assert not torch.equal(outs[0], outs[1])
 
 
 def test_decode_speed_benchmark_runs_and_agrees(fresh_dynamo):
