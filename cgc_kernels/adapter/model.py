@@ -6,13 +6,15 @@
 
 How task ids reach the layers without touching the model's code: every matched linear module is
 replaced, on this model instance, by a CGCLoRALinear wrapping it. For the duration of a forward
-(or a whole `generate`), a forward pre-hook on the base model turns the request's task ids into
-one TaskRouting per base-model call (ids expanded to the call's [batch, seq]; during cached
-decoding seq is 1, with beams the batch is repeated) and sets it as `current_routing` on every
-adapted layer; leaving the context clears it, also on exceptions. Gradient checkpointing reruns
-layers during the backward, after that context has closed: checkpointing.py carries the routing
-into the recomputation. Calls without task ids use the active task (`set_task`, `with
-cgc.task(name)`), which is how transformers' pipelines and third-party evaluation code call it.
+(or a whole `generate`), a forward pre-hook on the base model sets a TaskRouting of the request's
+task ids as `current_routing` on every adapted layer for each base-model call (ids expanded to the
+call's [batch, seq]; during cached decoding seq is 1, with beams the batch is repeated), one per
+call shape, built at its first call and outside torch.compile, so the decode steps of a generate
+share one and a compiled step is one graph that reads it (task_ids.py); leaving the context clears
+it, also on exceptions. Gradient checkpointing reruns layers during the backward, after that
+context has closed: checkpointing.py carries the routing into the recomputation. Calls without task
+ids use the active task (`set_task`, `with cgc.task(name)`), which is how transformers' pipelines
+and third-party evaluation code call it.
 
 1+N: the model holds an ordered list of clusters (plug-in CGC-LoRA modules), each with its own
 tasks, S shared experts per layer and its own task gates. The global task list is the clusters'

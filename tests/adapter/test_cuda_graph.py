@@ -1,8 +1,8 @@
 """CUDA graphs (GPU only; skipped without CUDA): a CGCModel decode-shaped step captured once and
 replayed equals the eager step, and a captured dropout draws a new mask on every replay.
 
-The routing is built before capture (as CGCModel builds it once per base-model call) and set on the
-adapted layers; the captured region is the base model's forward, every adapted layer included.
+The routing is built before capture (as CGCModel builds it once per call shape of a request) and set
+on the adapted layers; the captured region is the base model's forward, every adapted layer included.
 """
 
 from __future__ import annotations
