@@ -6,7 +6,7 @@ by a forward pre-hook for each base-model call's duration.
 
 The hook runs outside torch.compile (`torch.compiler.disable`). transformers compiles the base
 model's `__call__` for the decode steps, and dynamo runs a module's hooks outside the graph of its
-forward anyway, each as a frame of its own: traced, the hook was a second graph per step. Outside,
+forward anyway, each as a frame of its own: traced, the hook would be a second graph. Outside,
 it builds the routing of a call shape once per request (the prompt's, then the decode steps' [batch,
 1], shared by every step) and the compiled step reads it as inputs of fixed shape (the tile table is
 sized for the worst task mix), the way vLLM keeps its LoRA mapping in static buffers: one graph,
