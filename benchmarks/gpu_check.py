@@ -69,8 +69,8 @@ BENCH_SELECTION = ("(T4-S2K1r8-uniform and not drop and (fused or peft_lora or b
 # Beside them, one training row (op forward + backward) of each extra case of benchmarks/cases.py
 # (largest M only): dropout p = 0.1, read against the same case at p = 0, and r = 32 (the largest
 # rank tier). On the GPU the fused op's; in the rehearsal the torch backend's (no kernels needed).
-EXTRA_CASES = ("T4-S2K1r8-uniform-drop0.1", "T4-S2K1r32-uniform")
-EXTRA_ROWS = "(test_op and {provider}-full and (T4-S2K1r8-uniform or T4-S2K1r32-uniform))"
+EXTRA_CASES = (f"{BENCH_CASE}-drop0.1", "T4-S2K1r32-uniform")
+EXTRA_ROWS = f"(test_op and {{provider}}-full and ({BENCH_CASE} or {EXTRA_CASES[1]}))"
 # Without kernels (the stubbed rehearsal): the providers that need none, for the results plumbing.
 STUB_BENCH_SELECTION = "T4-S2K1r8-uniform and not drop and (peft_lora or bare_linear)"
 # What the steps import (module: what needs it); the first group is required.
