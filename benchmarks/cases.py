@@ -24,6 +24,12 @@ MIXES = ("uniform", "zipf")
 ZIPF_EXPONENT = 1.5
 EXPERT_SHAPES = ((2, 1, 8), (4, 2, 4), (8, 0, 2))  # (S, K, r): CGC, more and smaller, MOELoRA-like
 TASK_COUNTS = (1, 4, 16)
+# Two cases beside the sweep, at the largest M of the first layer shape, T = 4, uniform: the
+# (2, 1, 8) case with dropout p = 0.1 on the LoRA input (the kernels draw the mask themselves),
+# and r = 32, whose padded rank (shared 2 x 32 = 64, task 32: 96 > 64) takes the kernels' largest
+# rank tier, the one no sweep case reaches.
+DROPOUT_P = 0.1
+LARGE_RANK_EXPERTS = (2, 1, 32)
 
 # ---- cases ---------------------------------------------------------------------------------
 
@@ -46,10 +52,12 @@ class BenchCase:
     mix: str = "uniform"
     seq: int = 128
     shape: str = ""  # a name for d_in -> d_out, e.g. "7B down_proj"
+    dropout_p: float = 0.0  # on the LoRA input; only providers that train with dropout run it
 
     @property
     def name(self) -> str:
-        return (f"M{self.M}-{self.d_in}x{self.d_out}-T{self.T}-S{self.S}K{self.K}r{self.r}-{self.mix}")
+        drop = f"-drop{self.dropout_p:g}" if self.dropout_p else ""
+        return f"M{self.M}-{self.d_in}x{self.d_out}-T{self.T}-S{self.S}K{self.K}r{self.r}-{self.mix}{drop}"
 
     @property
     def total_rank(self) -> int:
@@ -70,7 +78,8 @@ def default_size(timing: bool = True) -> str:
 
 
 def cases(size: str) -> list[BenchCase]:
-    """The sweep of one size: every (T, (S,K,r), mix) for each M and layer shape (no Zipf at T=1)."""
+    """The sweep of one size: every (T, (S,K,r), mix) for each M and layer shape (no Zipf at T=1),
+    then the two extra cases (dropout, the largest rank tier)."""
     seq = 128
     if size == "cpu":
         tokens, shapes = (512,), ((512, 512, ""),)
@@ -93,6 +102,9 @@ def cases(size: str) -> list[BenchCase]:
                or c.T == 4 and c.mix == "uniform"]
     if size == "gpu":  # a 7B model's down projection, one mid-sized configuration
         out += [BenchCase(M, 11008, 4096, 4, 2, 1, 8, "uniform", shape="7B down_proj") for M in tokens]
+    M, (d_in, d_out, label) = tokens[-1], shapes[0]
+    out += [BenchCase(M, d_in, d_out, 4, 2, 1, 8, "uniform", seq=seq, shape=label, dropout_p=DROPOUT_P),
+            BenchCase(M, d_in, d_out, 4, *LARGE_RANK_EXPERTS, "uniform", seq=seq, shape=label)]
     return out
 
 

@@ -4,6 +4,12 @@
     from benchmarks.decode_speed import time_decode
     row = time_decode(cgc, input_ids, attention_mask, task_ids, new_tokens=64)
 
+    python -m benchmarks.decode_speed --json decode.json [--size gpu] [--backend eager --repeats 1]
+
+The command (gpu_check's step f) times the model and mixed-task batch of the benchmarks'
+generate-T4 rows (benchmarks/model_harness.py: on a GPU a 4-layer Llama-shaped model, d=2048,
+bf16, 16 prompts of 64 tokens over 4 tasks, 32 new tokens) and writes the row with the model's shape.
+
 Both runs decode the same prompts greedily with one task mix; `same_tokens` says whether they
 agree (they should: the compiled step is the eager one). The first compiled call (the compile) is
 a warm-up and not timed. Times are wall clock around `generate`, synchronized on CUDA.
@@ -11,6 +17,8 @@ a warm-up and not timed. Times are wall clock around `generate`, synchronized on
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 
 import torch
@@ -57,4 +65,36 @@ def time_decode(cgc, input_ids: torch.Tensor, attention_mask: torch.Tensor, task
     tokens = input_ids.shape[0] * new_tokens
     return {"batch": input_ids.shape[0], "new_tokens": new_tokens, "eager_tok_s": tokens / eager_s,
             "compiled_tok_s": tokens / compiled_s, "speedup": eager_s / compiled_s,
-            "same_tokens": bool(torch.equal(eager, compiled))}
+            "same_tokens": bool(torch.equal(eager, compiled)), "backend": backend, "mode": mode}
+
+
+DECODE_TASKS = 4  # the generate-T4 rows' mix: sequence i has task i % 4
+
+
+def main(argv=None) -> int:
+    from benchmarks.cases import SIZES, default_size
+    from benchmarks.model_harness import MODEL_EXPERTS, MODEL_SHAPES, ModelCase, build_model_problem
+
+    ap = argparse.ArgumentParser(description="compiled against eager decode tokens/s of a CGCModel, mixed tasks")
+    ap.add_argument("--json", required=True, help="file for the row")
+    ap.add_argument("--size", choices=SIZES, default=None, help="model size (default: CGC_BENCH_SIZE, else by device)")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (eager: a quick CPU rehearsal)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generate calls of each kind (the best is kept)")
+    a = ap.parse_args(argv)
+    size = a.size or default_size()
+    p = build_model_problem(ModelCase("generate", DECODE_TASKS), size)
+    cgc = p.cgc.eval()
+    row = time_decode(cgc, p.input_ids, torch.ones_like(p.input_ids), p.sample_ids, new_tokens=p.new_tokens,
+                      backend=a.backend, repeats=a.repeats)
+    S, K, r = MODEL_EXPERTS
+    row.update(size=size, tasks=DECODE_TASKS, prompt=p.input_ids.shape[1], device=str(p.device),
+               dtype=str(p.dtype).replace("torch.", ""), model=dict(MODEL_SHAPES[size][0], S=S, K=K, r=r))
+    with open(a.json, "w") as f:
+        json.dump(row, f, indent=1)
+    print(f"decode {size}: eager {row['eager_tok_s']:.0f} tok/s, compiled ({a.backend}, mode={row['mode']}) "
+          f"{row['compiled_tok_s']:.0f} tok/s, x{row['speedup']:.2f}, same tokens: {row['same_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

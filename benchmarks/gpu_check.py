@@ -14,13 +14,16 @@ log; a failed or timed-out step is recorded and the run goes on:
            into Triton's cache, over all cores; prints the count and the seconds
     a      smoke: the op on CUDA against the reference, forward and every gradient, bf16 and fp32
     b      every kernel suite on CUDA (tests/op/test_kernels_grid.py included; the fuzz test capped)
-    c      a benchmark subset, fused op first: results JSON, markdown report, GB/s vs copy GB/s
+    c      a benchmark subset, fused op first: results JSON, markdown report, GB/s vs copy GB/s;
+           with training rows of dropout p = 0.1 (against p = 0) and of r = 32 (the largest rank tier)
     d      the CUDA C++ reference's tests, when nvcc is present (else one line why)
     e      a CGCModel decode step captured in a CUDA graph: replay equals eager
+    f      CGCModel decode tokens/s, mixed tasks, torch.compile(mode="reduce-overhead") against
+           eager (benchmarks/decode_speed.py; its row in logs/decode.json and the summary)
 
 What comes back (at most 8 files, 16 MiB each): summary.md, summary.json, smoke.json, compile.json,
 the results JSON with its report (.md, .png), and logs.tar.gz (every step's log, the junit XML,
-pytest-benchmark's JSON). The summary table is printed last.
+pytest-benchmark's JSON, the decode row). The summary table is printed last.
 
 --dry-run rehearses the same steps on CPU (the test suite runs it in the GPU image's twin, offline):
 preflight, the compile step's bookkeeping (every variant resolved in the pool, none compiled), the
@@ -58,23 +61,37 @@ DRY_KERNEL_SELECTION = "test_forward_matches_naive_oracle or test_dropout_mask_p
 # The benchmark subset: one mid-sized expert shape at T=4 (both token counts, both layer shapes),
 # the fused op first (test_op.py before the layer and model suites; providers in PROVIDERS order).
 BENCH_FILES = ["benchmarks/test_op.py", "benchmarks/test_layer.py", "benchmarks/test_model.py"]
-BENCH_CASE = "T4-S2K1r8-uniform"
-BENCH_SELECTION = ("(T4-S2K1r8-uniform and (fused or peft_lora or bare_linear)) "
+BENCH_EXPERTS = (2, 1, 8)  # (S, K, r)
+BENCH_CASE = "T4-S{}K{}r{}-uniform".format(*BENCH_EXPERTS)
+BENCH_SELECTION = ("(T4-S2K1r8-uniform and not drop and (fused or peft_lora or bare_linear)) "
                    "or generate-T4-fused or generate-T4-peft_mixed or generate-T4-bare_model "
                    "or train-T4-fused or train-T4-peft_lora")
+# Beside them, one training row (op forward + backward) of each extra case of benchmarks/cases.py
+# (largest M only): dropout p = 0.1, read against the same case at p = 0, and r = 32 (the largest
+# rank tier). On the GPU the fused op's; in the rehearsal the torch backend's (no kernels needed).
+EXTRA_CASES = (f"{BENCH_CASE}-drop0.1", "T4-S2K1r32-uniform")
+EXTRA_ROWS = f"(test_op and {{provider}}-full and ({BENCH_CASE} or {EXTRA_CASES[1]}))"
 # Without kernels (the stubbed rehearsal): the providers that need none, for the results plumbing.
-STUB_BENCH_SELECTION = "T4-S2K1r8-uniform and (peft_lora or bare_linear)"
+STUB_BENCH_SELECTION = "T4-S2K1r8-uniform and not drop and (peft_lora or bare_linear)"
 # What the steps import (module: what needs it); the first group is required.
 REQUIRED = ["torch", "triton", "numpy", "transformers", "safetensors", "pytest", "hypothesis", "pytest_benchmark",
             "matplotlib", "scipy", "tqdm"]
 OPTIONAL = {"xdist": "step b runs in one process", "peft": "the peft_* benchmark rows skip",
             "accelerate": "transformers.Trainer tests skip"}
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20  # what comes back from the device machine's $OUT
-TOTAL_LIMIT_S = 8 * 60
+# The steps' limits together: one command of at most 10 minutes on the device holds them with the
+# driver's own seconds (imports, report, packaging: ~10 s).
+TOTAL_LIMIT_S = 550
 
 
 def kernel_suites() -> list[str]:
     return list(KERNEL_SUITES)
+
+
+def bench_selection(dry: bool, stub: bool) -> str:
+    """Step c's -k expression: the subset and the extra rows (fused on the GPU, torch in a dry run)."""
+    base = STUB_BENCH_SELECTION if stub else BENCH_SELECTION
+    return f"({base}) or " + EXTRA_ROWS.format(provider="torch" if dry else "fused")
 
 
 @dataclass
@@ -82,7 +99,7 @@ class Step:
     key: str
     title: str
     planned_s: int  # expected on one H100/H200
-    limit_s: int  # hard time limit (they sum to 8 minutes at most)
+    limit_s: int  # hard time limit (they sum to TOTAL_LIMIT_S at most)
     status: str = "not run"  # pass | fail | timeout | skip
     took_s: float = 0.0
     detail: str = ""
@@ -91,16 +108,19 @@ class Step:
 
 def plan(dry: bool) -> list[Step]:
     # The compile step takes the JIT out of the others: ~440 variants at 1-2.2 s (sm_90) plus
-    # ~0.5 s of launcher each, over 16 cores, ~70-90 s. The dry run allows more per step (a loaded
-    # 2-core CPU).
+    # ~0.5 s of launcher each, over 16 cores, ~70-90 s. Step c's extra rows (dropout, r = 32) add
+    # ~5 s when the compile step warmed their variants. Step f is mostly inductor's cold compile of
+    # the decode step (a 4-layer model) and CUDA graph recording. The dry run allows more per step
+    # (a loaded 2-core CPU).
     steps = [
         Step("pre", "preflight: imports, gcc + Python.h, one Triton launch, free memory", 10, 30),
         Step("warm", "compile every kernel variant into Triton's cache, all cores", 90, 120),
         Step("a", "smoke: op vs reference, fwd + every grad, bf16/fp32", 10, 25),
         Step("b", "kernel test suites on the device (fuzz capped)", 100, 125),
-        Step("c", "benchmark subset (fused first), JSON + report + GB/s", 120, 130),
+        Step("c", "benchmark subset (fused first; dropout, r=32 rows), JSON + report + GB/s", 125, 130),
         Step("d", "CUDA C++ reference tests (nvcc)", 30, 35),
         Step("e", "CUDA graph: CGCModel decode step, replay == eager", 10, 15),
+        Step("f", "decode tok/s, mixed tasks: compiled (reduce-overhead) vs eager", 45, 70),
     ]
     if dry:
         for s in steps:
@@ -255,7 +275,7 @@ def step_bench(step: Step, out: Path, env: dict, dry: bool, stub: bool) -> None:
     size = "ci" if dry else "gpu"
     results = out / f"cgc-results-{size}.json"
     cmd = [PY, "-m", "pytest", *BENCH_FILES, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "-k", STUB_BENCH_SELECTION if stub else BENCH_SELECTION, f"--bench-size={size}",
+           "-k", bench_selection(dry, stub), f"--bench-size={size}",
            "--bench-rounds", "1" if dry else "10",
            "--bench-out", str(results), "--benchmark-json", str(out / "logs" / f"pytest-benchmark-{size}.json"),
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
@@ -276,9 +296,39 @@ def step_bench(step: Step, out: Path, env: dict, dry: bool, stub: bool) -> None:
     step.detail = summary
 
 
+def _extra(r: dict) -> str:
+    """What sets an extra case's row apart from the subset's case ("" for the subset's own rows)."""
+    what = [f"S{r['S']}K{r['K']}r{r['r']}"] if (r["S"], r["K"], r["r"]) != BENCH_EXPERTS else []
+    return " ".join(what + ([f"p={r['dropout_p']:g}"] if r.get("dropout_p") else []))
+
+
+def extra_ratios(rows: list[dict]) -> dict:
+    """Each extra row's time over the same provider's on the subset's case at the same M and shape
+    (p = 0, the subset's S, K, r): the cost of dropout, of the largest rank tier."""
+    import dataclasses
+
+    from benchmarks.cases import BenchCase
+
+    fields = {f.name for f in dataclasses.fields(BenchCase)}
+    by_key = {(q["level"], q["mode"], q["provider"], q["case"]): q for q in rows}
+    nums = {}
+    for row in rows:
+        if row["level"] != "op" or not _extra(row):
+            continue
+        case = BenchCase(**{k: row[k] for k in fields if k in row})
+        S, K, r = BENCH_EXPERTS
+        base = by_key.get(("op", row["mode"], row["provider"], dataclasses.replace(
+            case, S=S, K=K, r=r, dropout_p=0.0).name))
+        if base:
+            label = f"op {row['mode']} {row['case'].split('-T')[0]} {row['provider']} {_extra(row)} / base time"
+            nums[label] = round(row["median_s"] / base["median_s"], 2)
+    return nums
+
+
 def key_ratios(data: dict) -> dict:
-    """Fused op full pass: achieved GB/s and its share of the copy bandwidth; the fused op's time
-    over fused_v1's (the first kernels); layer step and decode speed against PEFT (where both ran)."""
+    """Fused op full pass: achieved GB/s and its share of the copy bandwidth; the extra rows' time
+    over the subset case's (dropout, the largest rank tier); the fused op's time over fused_v1's
+    (the first kernels); layer step and decode speed against PEFT (where both ran)."""
     env, rows = data["environment"], data["results"]
     nums: dict = {"copy GB/s": round(env["copy_bandwidth_bytes_per_s"] / 1e9, 1)}
 
@@ -293,7 +343,9 @@ def key_ratios(data: dict) -> dict:
         if r["level"] == "op" and r["provider"] == "fused" and r["mode"] == "full" and r.get("lora_bytes"):
             gbs = r["lora_bytes"] / r["median_s"] / 1e9
             share = 100 * gbs * 1e9 / env["copy_bandwidth_bytes_per_s"]
-            nums[f"op full {r['case'].split('-T')[0]} GB/s"] = f"{gbs:.0f} ({share:.0f}% copy)"
+            label = " ".join(x for x in (r["case"].split("-T")[0], _extra(r)) if x)
+            nums[f"op full {label} GB/s"] = f"{gbs:.0f} ({share:.0f}% copy)"
+    nums.update(extra_ratios(rows))
     for case in sorted({r["case"] for r in rows if r["level"] == "op" and r["provider"] == "fused_v1"}):
         for mode in ("forward", "backward", "full"):  # the GPU-filling kernels against the first ones
             f, v1 = med("op", mode, "fused", case), med("op", mode, "fused_v1", case)
@@ -335,6 +387,23 @@ def step_graph(step: Step, out: Path, env: dict, dry: bool) -> None:
     step.detail = _pytest_summary(out / "logs" / f"{step.key}.log") or step.detail
     if step.status == "pass" and "skipped" in step.detail and "passed" not in step.detail:
         step.status = "skip"
+
+
+def step_decode(step: Step, out: Path, env: dict, dry: bool) -> None:
+    """The decode row: on the GPU inductor with CUDA graphs; the dry run dynamo's eager backend."""
+    res = out / "logs" / "decode.json"  # in logs.tar.gz: no file beyond the 8 that come back
+    _run(step, [PY, "-m", "benchmarks.decode_speed", "--json", str(res)]
+         + (["--backend", "eager", "--repeats", "1"] if dry else []), out, env)
+    if not res.exists():
+        step.status = "fail" if step.status == "pass" else step.status
+        return
+    row = json.loads(res.read_text())
+    m = row["model"]
+    step.detail = (f"{m['num_hidden_layers']} layers d={m['hidden_size']} {row['dtype']}, {row['batch']} prompts of "
+                   f"{row['prompt']} over {row['tasks']} tasks, {row['new_tokens']} new tokens; torch.compile "
+                   f"{row['backend']}, mode {row['mode']}")
+    step.numbers = {"eager tok/s": round(row["eager_tok_s"], 1), "compiled tok/s": round(row["compiled_tok_s"], 1),
+                    "compiled/eager": round(row["speedup"], 2), "same tokens": row["same_tokens"]}
 
 
 def summary_table(steps: list[Step], header: dict) -> str:
@@ -431,7 +500,8 @@ def main(argv=None) -> int:
              "b": lambda s: step_tests(s, out, env, a.dry_run),
              "c": lambda s: step_bench(s, out, env, a.dry_run, stub),
              "d": lambda s: step_csrc(s, out, env, a.dry_run),
-             "e": lambda s: step_graph(s, out, env, a.dry_run)}
+             "e": lambda s: step_graph(s, out, env, a.dry_run),
+             "f": lambda s: step_decode(s, out, env, a.dry_run)}
     t0 = time.monotonic()
     for s in steps:
         try:

@@ -149,9 +149,10 @@ def _record_smoke(sink_file: str) -> None:
 
 
 def _record_bench(sink_file: str) -> None:
-    """The fused ops' launches in the benchmark subset at the "gpu" size (op and layer levels; the
-    model rows are not recorded and compile on first use), host side only: the checks' float64
-    references at those sizes would take CPU minutes."""
+    """The fused ops' launches in the benchmark subset at the "gpu" size (op and layer levels, and
+    the extra cases' op rows: dropout, the largest rank tier; the model rows are not recorded and
+    compile on first use), host side only: the checks' float64 references at those sizes would
+    take CPU minutes."""
     import torch
 
     from benchmarks import gpu_check
@@ -162,10 +163,11 @@ def _record_bench(sink_file: str) -> None:
     sink: list = []
     with recording(sink):
         for case in cases("gpu"):
-            if gpu_check.BENCH_CASE not in case.name:
+            extra = any(case.name.endswith(c) for c in gpu_check.EXTRA_CASES)  # the fused op's full pass only
+            if not extra and gpu_check.BENCH_CASE not in case.name:
                 continue
-            for provider in ("fused", "fused_v1"):  # "-k fused" selects both
-                for level in PROVIDERS[provider].levels:
+            for provider in ("fused",) if extra else ("fused", "fused_v1"):  # "-k fused" selects both
+                for level in ("op",) if extra else PROVIDERS[provider].levels:
                     p = build_problem(case, torch.device("cpu"), dtype_for("gpu"))
                     training = level != "infer"
                     with torch.set_grad_enabled(training), contextlib.suppress(Exception):

@@ -3,8 +3,8 @@ pytest-benchmark, measure its memory, and append one row to `RESULTS` (conftest.
 to a JSON file at the end).
 
 1. The provider's result is always checked against the reference backend on the same inputs
-   (outputs, and the input gradient when a backward runs); under `--benchmark-disable` (CI)
-   that is all that happens.
+   (outputs, and the input gradient when a backward runs; with dropout, given the mask the op
+   drew: providers.check_dropout); under `--benchmark-disable` (CI) that is all that happens.
 2. Otherwise it is timed (fixed warm-up and rounds, CUDA synchronized), its CUDA peak memory and
    the activation memory kept for the backward (any device) are measured.
 
@@ -20,7 +20,7 @@ from dataclasses import asdict
 import torch
 
 from benchmarks.cases import BenchCase, build_problem, device_for, dtype_for
-from benchmarks.providers import PROVIDERS, assert_matches, expected, make_runner
+from benchmarks.providers import PROVIDERS, assert_matches, check_dropout, expected, make_runner
 
 # ---- timing, memory, results ---------------------------------------------------------------
 
@@ -81,6 +81,12 @@ def run(benchmark, *, provider: str, level: str, mode: str, case: BenchCase, siz
 
     # 1. Correctness, always; under --benchmark-disable (CI) this is all, run through the fixture.
     def check():
+        if runner.check == "dropout":  # a backward in every mode: the mask is read off the input gradient
+            clear()
+            y = forward()
+            y.backward(p.dy)
+            check_dropout(p, y.detach(), x.grad, f"{provider} {level}")
+            return
         y_ref, dx_ref = expected(p, level, runner.check, backward) if runner.check != "none" else (None, None)
         clear()
         y = forward()

@@ -59,7 +59,8 @@ class Runner:
     fn: x [M, d_in] -> [M, d_out], differentiable (or under no_grad for inference).
     params: trainable tensors whose .grad is cleared between rounds.
     check: "same" (the CGC function: compared with the reference), "task0" (a single LoRA equal
-        to task 0's update: compared with the reference on all-task-0 ids), "none" (a floor).
+        to task 0's update: compared with the reference on all-task-0 ids), "dropout" (the op with
+        dropout: `check_dropout`), "none" (a floor).
     """
 
     fn: Callable[[torch.Tensor], torch.Tensor]
@@ -77,10 +78,13 @@ class Provider:
     cpu_case_filter: Callable[[BenchCase], bool] | None = None
     gpu_case_filter: Callable[[BenchCase], bool] | None = None
     modes: tuple[str, ...] = ("forward", "backward", "full")
+    dropout: bool = False  # runs a case's dropout_p (at the op level)
 
     def skip_reason(self, level: str, case: BenchCase, size: str, mode: str = "forward") -> str | None:
         if level not in self.levels:
             return f"{self.name} has no {level}-level benchmark"
+        if case.dropout_p and not (self.dropout and level == "op"):
+            return f"{self.name} has no dropout benchmark at the {level} level (only cgc_lora's backends, op level)"
         if mode not in self.modes:
             return f"{self.name} has no {mode} pass"
         if self.needs_cuda and not torch.cuda.is_available():
@@ -103,14 +107,15 @@ PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in [
         Provider("fused", "cgc_lora, Triton kernels (backend='triton')", ("op", "layer", "infer"),
-                 needs_cuda=True),
+                 needs_cuda=True, dropout=True),
         Provider("fused_v1", "the first kernel generation (benchmarks/fused_v1.py)", ("op",),
                  needs_cuda=True),
         Provider("cuda_ref", "csrc_ref's hand-written CUDA forward (fp32, no tensor cores)", ("op",),
                  needs_cuda=True, modes=("forward",)),
         Provider("torch", "cgc_lora, the fast PyTorch backend (backend='torch'; the CPU default)",
-                 ("op", "layer", "infer")),
-        Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer")),
+                 ("op", "layer", "infer"), dropout=True),
+        Provider("reference", "cgc_lora, PyTorch reference (backend='reference')", ("op", "layer", "infer"),
+                 dropout=True),
         Provider("moelora_loop", "MOELoRA-style: one Linear pair per expert, all experts on all tokens",
                  ("op", "layer", "infer")),
         Provider("torch_compile", "torch.compile of the reference op / layer (graph breaks allowed)",
@@ -140,8 +145,9 @@ def make_runner(provider: str, level: str, p: Problem) -> Runner:
         layer = p.cached(f"layer-{backend}", lambda: clone_layer(p.layer, backend))
         if level == "op":
             gates = p.gates.clone().requires_grad_()
-            fn = lambda x: cgc_lora(x, p.routing, gates, *_op_args(p, layer), backend=backend)
-            return Runner(fn, [gates, *_lora_params(layer)])
+            fn = lambda x: cgc_lora(x, p.routing, gates, *_op_args(p, layer), dropout_p=case.dropout_p,
+                                    backend=backend)
+            return Runner(fn, [gates, *_lora_params(layer)], check="dropout" if case.dropout_p else "same")
         return Runner(lambda x: layer(x, p.routing), list(layer.parameters()))
     if provider == "fused_v1":
         from benchmarks.fused_v1 import fused_v1
@@ -220,6 +226,26 @@ def expected(p: Problem, level: str, check: str, with_grad: bool):
         return y.detach(), x.grad
 
     return p.cached(key, build)
+
+
+def check_dropout(p: Problem, y: torch.Tensor, dx: torch.Tensor, what: str) -> None:
+    """The op with dropout (y and dx of one call given p.dy) against the reference given the same
+    mask. The op draws its mask itself, but the branch is linear in its input, so the mask can be
+    read off the input gradient: dx = keep * (L^T dy) / (1 - p), where L^T dy, the reference's dx
+    without dropout, is nonzero wherever a row is routed. The same mask must give y (forward and
+    backward drew the same one), and about 1 - p of the routed entries must be kept."""
+    drop = p.case.dropout_p
+    _, dx_plain = expected(p, "op", "same", True)
+    routed = (p.task_ids >= 0)[:, None] & (dx_plain != 0)
+    keep = (dx != 0) | ~routed
+    kept = keep[routed].float().mean().item()
+    assert abs(kept - (1 - drop)) < 0.02, f"{what}: kept {kept:.3f} of the routed inputs, expected {1 - drop:g}"
+    layer = p.cached("layer-expected", lambda: clone_layer(p.layer, "reference"))
+    x = p.x.clone().requires_grad_()
+    y_ref = reference.cgc_lora(x, p.task_ids, p.gates, *_op_args(p, layer), dropout_p=drop, dropout_mask=keep)
+    y_ref.backward(p.dy)
+    assert_matches(y, y_ref.detach(), f"{what} output (dropout, the mask read off dx)")
+    assert_matches(dx, x.grad, f"{what} input gradient (dropout)")
 
 
 def assert_matches(got: torch.Tensor, want: torch.Tensor, what: str) -> None:

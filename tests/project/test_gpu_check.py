@@ -28,10 +28,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     steps = {s["key"]: s for s in summary["steps"]}
-    assert list(steps) == ["pre", "warm", "a", "b", "c", "d", "e"]
+    assert list(steps) == ["pre", "warm", "a", "b", "c", "d", "e", "f"]
     assert all(s["status"] in ("pass", "skip") for s in steps.values()), [
         (s["key"], s["status"], s["detail"]) for s in steps.values()]
-    assert {k for k, s in steps.items() if s["status"] == "pass"} >= {"pre", "warm", "a", "b", "c"}
+    assert {k for k, s in steps.items() if s["status"] == "pass"} >= {"pre", "warm", "a", "b", "c", "f"}
     # the GPU plan: one 10-minute command holds it with the machine's start
     plan = gpu_check.plan(dry=False)
     assert sum(s.limit_s for s in plan) <= gpu_check.TOTAL_LIMIT_S and sum(s.planned_s for s in plan) <= 7 * 60
@@ -50,15 +50,41 @@ def test_gpu_check_dry_run(tmp_path):
     results = json.loads((out / "cgc-results-ci.json").read_text())
     assert results["results"] and results["environment"]["copy_bandwidth_bytes_per_s"] > 0
     assert (out / "ci.md").read_text().strip() and (out / "ci.png").exists()
+    # the extra training rows (the torch backend's in the rehearsal), each read against the same case
+    # at p = 0, r = 8: the time ratios in the summary are those of the results JSON's rows
+    full = {r["case"]: r["median_s"] for r in results["results"] if (r["level"], r["mode"], r["provider"]) == (
+        "op", "full", "torch")}
+    assert set(full) == {"M256-128x128-T4-S2K1r8-uniform", "M256-128x128-T4-S2K1r8-uniform-drop0.1",
+                         "M256-128x128-T4-S2K1r32-uniform"}, set(full)
+    base = full["M256-128x128-T4-S2K1r8-uniform"]
+    assert steps["c"]["numbers"]["op full M256-128x128 torch p=0.1 / base time"] == round(
+        full["M256-128x128-T4-S2K1r8-uniform-drop0.1"] / base, 2)
+    assert steps["c"]["numbers"]["op full M256-128x128 torch S2K1r32 / base time"] == round(
+        full["M256-128x128-T4-S2K1r32-uniform"] / base, 2)
+    # the decode row: compiled (dynamo's eager backend on CPU) and eager decode agree
+    decode = steps["f"]["numbers"]
+    assert decode["same tokens"] is True and decode["eager tok/s"] > 0 and decode["compiled tok/s"] > 0
     # what comes back from the device: at most 8 files of at most 16 MiB, the logs in one tarball
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(files) <= 8 and all(p.stat().st_size <= 16 * 2**20 for p in files), files
     assert summary["returned"]["fits"] and summary["returned"]["count"] == len(files)
     with tarfile.open(out / "logs.tar.gz") as tar:
         names = set(tar.getnames())
-    assert {f"logs/{k}.log" for k in ("pre", "warm", "a", "b", "c", "e")} <= names
+    assert {f"logs/{k}.log" for k in ("pre", "warm", "a", "b", "c", "e", "f")} | {"logs/decode.json"} <= names
     # the summary table is the last thing printed
-    assert res.stdout.rstrip().splitlines()[-1].startswith("| e |")
+    assert res.stdout.rstrip().splitlines()[-1].startswith("| f |")
+
+
+def test_the_large_rank_row_takes_the_largest_kernel_tier():
+    """Step c's r = 32 row exists to time the kernels' largest rank tier: its padded rank is beyond
+    every smaller tier of the forward and backward tables (bf16, the GPU sweep's dtype)."""
+    from benchmarks.cases import cases
+    from cgc_kernels.op.triton import backward, common, forward
+
+    (case,) = [c for c in cases("gpu") if c.name.endswith(gpu_check.EXTRA_CASES[1])]
+    size = common.rank_size(case.S * case.r, case.K * case.r)
+    for table in (forward.FORWARD_BLOCKS["half"], backward.BACKWARD_BLOCKS["half"]):
+        assert table[-2][0] < size <= table[-1][0], (size, [limit for limit, _ in table])
 
 
 def test_a_timed_out_step_kills_its_whole_process_group(tmp_path):
