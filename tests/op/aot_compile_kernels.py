@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from cgc_kernels.op.triton import backward, common, dropout, forward, reduce_parts  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
-INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64",
+INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64", "keep_ptr": "*u8",
               "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
               "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
 FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr", "zp_ptr", "dzp_ptr", "psa_ptr", "psb_ptr", "pta_ptr", "ptb_ptr"}
@@ -74,7 +74,8 @@ def signature(fn, dtype: str, constexprs: dict, pointer_types: dict) -> dict:
 
 
 def _dropout_mask_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
-    return [("dropout_mask", "default", 0, dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
+    return [("dropout_mask", "default", 0, dict(BLOCK_M=dropout._BITS_BLOCK_M, BLOCK_K=dropout._BITS_BLOCK_K),
+             dropout._BITS_WARPS, 1)]
 
 
 MATRICES = ("heavy", "reachable", "full")
@@ -177,9 +178,9 @@ KERNELS: dict[str, AotKernel] = {
     "bwd_weights": AotKernel(backward._bwd_weight_kernel, _space(backward.backward_config_space, "bwd_weights"),
                              dropout_rows="BLOCK_R"),
     "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel, _space(backward.backward_config_space, "bwd_reduce")),
-    "dropout_mask": AotKernel(dropout._keep_mask_kernel, lambda dt, matrix="heavy": [
+    "dropout_mask": AotKernel(dropout._keep_bits_kernel, lambda dt, matrix="heavy": [
         (c, consts, w, s) for _, c, _, consts, w, s in _dropout_mask_space(dt)], dtype_free=True,
-        pointer_types={"mask_ptr": "*i8"}),
+        pointer_types={"bits_ptr": "*u8"}),
 }
 
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
+from .dropout import load_keep
 
 
 @triton.jit
-def task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """A task program's scalars: its task and cluster index in int64 (t * stride overflows int32 for
-    large T * r * d; cluster 0 without task_cluster) and the dropout seed (0 without dropout)."""
+def task_cluster(t, cluster_ptr, HAS_CLUSTER: tl.constexpr):
+    """A task program's task and cluster index in int64 (t * stride overflows int32 for large
+    T * r * d; cluster 0 without task_cluster)."""
     t64 = t.to(tl.int64)
     if HAS_CLUSTER:
         c64 = tl.load(cluster_ptr + t).to(tl.int64)
     else:
         c64 = t64 * 0
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    return t64, c64, seed
+    return t64, c64
 
 
 @triton.jit
@@ -73,12 +70,12 @@ def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
 @triton.jit
 def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
                 sa_ptr, stride_sar, stride_sak, ta_ptr, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
-                seed, p_drop,
+                keep_ptr, stride_keep, p_drop,
                 HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 op_dtype: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr):
     """(z_s, z_t) fp32 = drop(x[rows, k_lo:k_hi]) @ A[:, k_lo:k_hi]^T for both sides, one read of
-    x. `k_lo` is a multiple of BLOCK_K (the dropout mask draws in aligned groups of columns)."""
+    x; dropped elements (keep-bits `keep_ptr`, dropout.py) are zero and kept ones scaled."""
     in_dtype = x_ptr.dtype.element_ty
     inv_keep = 1.0 / (1.0 - p_drop)
     z_s = tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32)
@@ -89,7 +86,7 @@ def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
         h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, kk, k_ok)
             h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
         h = h.to(op_dtype)
         if HAS_SHARED:
@@ -182,7 +179,7 @@ def expand_rows(zg_s, zg_t, rows, row_ok, n_lo, n_hi, d_out,
 
 @triton.jit
 def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, ta_ptr, stride_tar, stride_tak,
-             rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, seed, p_drop,
+             rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, keep_ptr, stride_keep, p_drop,
              HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              op_dtype: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[rows] = drop'(dzg @ A) for both sides, one d_in block at a time (the forward's mask)."""
@@ -196,7 +193,7 @@ def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, t
         if HAS_TASK:
             acc = dot_block(acc, dzg_t, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, kk, k_ok)
             acc = tl.where(keep, acc * inv_keep, 0.0)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
