@@ -81,16 +81,15 @@ def _dropout_mask_space(dtype_name: str) -> list[tuple[str, str, int, dict, int,
 MATRICES = ("heavy", "reachable", "full")
 
 
-def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
+def rank_splits(limit: int, lower: int, matrix: str) -> list[tuple[int, int]]:
     """(RS_PAD, RK_PAD) pairs the planner sends to the tier of `limit` (0: that side absent).
 
     Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
-    (previous limit, limit]. "full": every such pair; "reachable": the balanced pair at the limit and
+    (lower, limit] (lower: the table's previous limit). "full": every such pair; "reachable": the balanced pair at the limit and
     the most lopsided ones (one side as large as the tier allows, the other 16 or absent), where the
     register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
     the balanced pair alone."""
     pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
-    lower = max((lim for lim in TIER_LIMITS if lim < limit), default=0)
     pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]
     if matrix == "full":
         return pairs
@@ -101,17 +100,15 @@ def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
     return sorted(p for p in pairs if p in picked)
 
 
-TIER_LIMITS = (64, 2 * common.MAX_RANK_PAD)  # every tier table's limits (forward.py, backward.py)
-
-
-def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, matrix: str) -> list[tuple[str, dict]]:
+def _variants(kernel: str, fn, limit: int, lower: int, consts: dict, dtype_name: str,
+              matrix: str) -> list[tuple[str, dict]]:
     """(suffix, constexprs) of the flag and rank variants of one tier of `kernel`: every rank split,
     per-task and per-token gates, dropout on and off, where the tier's code path reads them (the dA
     launch reads no gate, the dB launch and the expand from z parts no x); the other flags at their
     heaviest (every output wanted, clusters, a base). fp16 differs from bf16 only in conversions:
     outside "full" it compiles each split with every flag on, as "heavy" does for every dtype."""
     args = set(fn.arg_names)
-    splits = rank_splits(limit, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
+    splits = rank_splits(limit, lower, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
     reads_gates = "PER_TOKEN_GATES" in args and not consts.get("DO_A")
     reads_x = "HAS_DROPOUT" in args and not consts.get("Z_FROM_PARTS") and consts.get("DO_A", True)
     light = matrix == "heavy" or dtype_name == "fp16" and matrix != "full"
@@ -138,10 +135,11 @@ def _space(config_space, kernel: str):
         fn = KERNELS[kernel].fn
         prec = "ieee" if dtype_name == "fp32" else "tf32"
         out = []
-        for k, cname, limit, consts, warps, stages in config_space(dtype_name):
-            if k != kernel:
-                continue
-            for suffix, flags in _variants(kernel, fn, limit, consts, dtype_name, matrix):
+        tiers = [t for t in config_space(dtype_name) if t[0] == kernel]
+        for k, cname, limit, consts, warps, stages in tiers:
+            table = re.sub(r"r\d+", "", cname)  # tiers of one table share their name but the limit
+            lower = max((t[2] for t in tiers if t[2] < limit and re.sub(r"r\d+", "", t[1]) == table), default=0)
+            for suffix, flags in _variants(kernel, fn, limit, lower, consts, dtype_name, matrix):
                 c = dict(consts, **flags)
                 if "DOT_PRECISION" in fn.arg_names:
                     c["DOT_PRECISION"] = prec

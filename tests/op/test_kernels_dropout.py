@@ -72,10 +72,11 @@ def test_dropout_mask_properties(device):
 def _read_keep_tiles(mask_ptr, bits_ptr, stride_bits, M, d_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     # What the matmul kernels do: read the keep-bits of a tile of original rows and columns.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(1) * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < d_in
-    keep = load_keep(bits_ptr, stride_bits, rows, row_ok, cols, col_ok)
+    keep = load_keep(bits_ptr, stride_bits, rows, row_ok, k0, BLOCK_K)
     tl.store(mask_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8), mask=row_ok[:, None] & col_ok[None, :])
 
 

@@ -231,7 +231,7 @@ def _bwd_weight_kernel(
                 h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
                 if HAS_DROPOUT:
-                    keep = load_keep(keep_ptr, stride_keep, rows, row_ok, kk, k_ok)
+                    keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
                     h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
                 h = h.to(op_dtype)
                 if HAS_SHARED:
@@ -332,14 +332,22 @@ class BackwardPlan:
 # Tiers (limit, config) keyed on padded rank (both sides in registers in every launch) and dtype
 # kind, in the format common.pick_tier reads; each compiled ahead of time at every rank split and
 # flag its limit admits, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
+# The half r32 and r64 tiers differ in the dB block alone: 256 columns of d_out hold the dB
+# accumulators of a 64-wide side at 255 registers and spill (276 B at S*r = 64 without task
+# experts); 128 columns do not, at the price of twice the dz parts per row (backward_plan weighs
+# those against a second read of dy).
+_HALF_SMALL = dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64, weight_warps=8,
+                   RBLOCK=128, num_stages=3)
 BACKWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64,
-                       WBLOCK_N=256, weight_warps=8, RBLOCK=128, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
+    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128)),
+             # 16 rows per weight step: with 32, the dB launch of a 128-wide side beside per-token gates
+             # spilled (8-92 B)
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
-    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill).
+    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill), not
+    # pipelined (with two stages the dA launch at 128 / 128 spilled 36 B on sm_90).
     "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
-                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
+                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=1))],
 }
 # dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
 # above it (and in fp32) the rows launch reads dy. The dB launch with parts is compiled ahead of

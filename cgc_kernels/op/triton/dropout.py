@@ -60,12 +60,17 @@ def _keep_bits_kernel(
 
 
 @triton.jit
-def load_keep(bits_ptr, stride_bits, rows, row_ok, kk, k_ok):
-    """[len(rows), len(kk)] bool keep-mask of original rows `rows` (int64) and columns `kk`, read
-    from the bits `keep_bits` wrote (row stride `stride_bits`); False where masked."""
-    byte = tl.load(bits_ptr + rows[:, None] * stride_bits + (kk // 8)[None, :],
-                   mask=row_ok[:, None] & k_ok[None, :], other=0)
-    return ((byte.to(tl.int32) >> (kk % 8)[None, :]) & 1) != 0
+def load_keep(bits_ptr, stride_bits, rows, row_ok, k0, BLOCK_K: tl.constexpr):
+    """[len(rows), BLOCK_K] bool keep-mask of original rows `rows` (int64) and columns
+    [k0, k0 + BLOCK_K) (k0 a multiple of 8), read from the bits `keep_bits` wrote (row stride
+    `stride_bits` = cdiv(d_in, 8)); False for masked rows. One byte load per 8 columns, unpacked in
+    registers: a load per column would hold a 64-bit address per element."""
+    G: tl.constexpr = BLOCK_K // 8
+    grp = k0 // 8 + tl.arange(0, G)
+    byte = tl.load(bits_ptr + rows[:, None] * stride_bits + grp[None, :],
+                   mask=row_ok[:, None] & (grp < stride_bits)[None, :], other=0)
+    bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # [R, G, 8]
+    return tl.reshape(bits, [rows.shape[0], BLOCK_K]) != 0
 
 
 # The mask kernel's tile: 64 x 128 elements over 4 warps is 16 Philox calls per thread.

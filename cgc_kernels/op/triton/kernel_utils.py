@@ -86,7 +86,7 @@ def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
         h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, kk, k_ok)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
             h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
         h = h.to(op_dtype)
         if HAS_SHARED:
@@ -193,7 +193,7 @@ def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, t
         if HAS_TASK:
             acc = dot_block(acc, dzg_t, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, kk, k_ok)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
             acc = tl.where(keep, acc * inv_keep, 0.0)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
