@@ -85,9 +85,9 @@ def rank_splits(limit: int, lower: int, matrix: str) -> list[tuple[int, int]]:
     """(RS_PAD, RK_PAD) pairs the planner sends to the tier of `limit` (0: that side absent).
 
     Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
-    (lower, limit] (lower: the table's previous limit). "full": every such pair; "reachable": the balanced pair at the limit and
-    the most lopsided ones (one side as large as the tier allows, the other 16 or absent), where the
-    register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
+    (lower, limit] (lower: the table's previous limit). "full": every such pair; "reachable": the
+    balanced pair at the limit and the most lopsided ones (one side as large as the tier allows, the
+    other 16 or absent), where the register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
     the balanced pair alone."""
     pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
     pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]
@@ -136,7 +136,7 @@ def _space(config_space, kernel: str):
         prec = "ieee" if dtype_name == "fp32" else "tf32"
         out = []
         tiers = [t for t in config_space(dtype_name) if t[0] == kernel]
-        for k, cname, limit, consts, warps, stages in tiers:
+        for _, cname, limit, consts, warps, stages in tiers:
             table = re.sub(r"r\d+", "", cname)  # tiers of one table share their name but the limit
             lower = max((t[2] for t in tiers if t[2] < limit and re.sub(r"r\d+", "", t[1]) == table), default=0)
             for suffix, flags in _variants(kernel, fn, limit, lower, consts, dtype_name, matrix):
@@ -208,13 +208,16 @@ def ptxas_options() -> list[str]:
 def compile_one(job):
     kname, cname, cap, dt, consts, warps, stages = job
     fn = KERNELS[kname].fn
-    consts = {**consts, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
+    # A tier's register cap (`maxnreg`) travels with its constexprs and is a compile option.
+    options = {k: consts[k] for k in ("maxnreg",) if consts.get(k)}
+    consts = {**{k: v for k, v in consts.items() if k != "maxnreg"},
+              **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
     sig = signature(fn, dt, consts, KERNELS[kname].pointer_types)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and (sig[n].startswith("*") or n in ALIGNED)}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                       options={"num_warps": warps, "num_stages": stages})
+                       options={"num_warps": warps, "num_stages": stages, **options})
     ptx = k.asm["ptx"]
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -235,7 +238,7 @@ def compile_one(job):
     mulhi = ptx.count("mul.hi.u32")
     rows = consts.get(KERNELS[kname].dropout_rows, 0)
     per_thread = rows * consts.get("BLOCK_K", 0) / (32 * warps)
-    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs,
+    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs, **options,
                 spill_stores=spill_st, spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
                 has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx, mulhi=mulhi,
                 dropout=bool(consts.get("HAS_DROPOUT")) or kname == "dropout_mask",

@@ -344,9 +344,10 @@ BACKWARD_BLOCKS = {
              # spilled (8-92 B)
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
-    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill), not
-    # pipelined (with two stages the dA launch at 128 / 128 spilled 36 B on sm_90).
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
+    # fp32 dots run on FMA units: one small tier (larger fp32 blocks spill), not pipelined (with two
+    # stages the dA launch at 128 / 128 spilled 36 B on sm_90), up to a padded rank of 128: above it
+    # every fp32 block tried spilled, and larger fp32 problems take the torch backend.
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=1))],
 }
 # dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
@@ -360,7 +361,7 @@ PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLO
 def max_rank_size(dtype: torch.dtype) -> int:
     """Largest padded rank (both sides together) the forward and backward configs take for `dtype`."""
     kind = common.tier_kind(dtype)
-    return common.version_rank_limit(kind, min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0]))
+    return min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0])
 
 
 def chunk_rows_for(M: int, T: int) -> int:
@@ -408,7 +409,6 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, in
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for limit, c in BACKWARD_BLOCKS[kind]:
-        limit = common.version_rank_limit(kind, limit)  # compiled at the largest rank it gets
         name = f"r{limit}"
         parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
         for dz_parts in (True, False) if parts_here else (False,):

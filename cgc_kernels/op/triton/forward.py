@@ -188,6 +188,7 @@ class ForwardPlan:
     k_split: int  # d_in parts of the shrink (1 for "fused")
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # ptxas register cap (None: ptxas picks)
 
     def grids(self, max_tiles: int) -> list[tuple[int, int]]:
         rows = max_tiles * self.sub
@@ -201,15 +202,22 @@ class ForwardPlan:
 # at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
 FORWARD_BLOCKS = {
     "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
-    # fp32 runs its dots on FMA units (no tensor cores): one small tier for every rank.
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
+             # 16 columns of d_in per step: with 64 (or 32), a 128-wide side beside a 16-wide one spilled
+             # 24-128 B on sm_80
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=64, num_warps=8, num_stages=2))],
+    # fp32 runs its dots on FMA units (no tensor cores): one small tier, up to a padded rank of 128
+    # (backward.max_rank_size: the backward's limit).
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 # No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
+# maxnreg 255: left to itself, ptxas holds the r256 split launches to 128 registers (two blocks per
+# SM) and spills 8-16 B at lopsided splits (sm_80, sm_90); with the cap at the hardware's 255 they
+# take ~190 and spill nothing.
 SPLIT_BLOCKS = {
     "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2,
+                                            maxnreg=255))],
     "fp32": [],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
@@ -264,14 +272,15 @@ def forced_plan(kind: str | None):
 
 def forward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config; tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
+    GPU config (the constexprs carry the tier's `maxnreg`, a compile option, None where ptxas picks);
+    tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for table, name in ((FORWARD_BLOCKS, "fused"), (SPLIT_BLOCKS, "split")):
         for limit, cfg in table[kind]:
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"])
+            blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], maxnreg=cfg.get("maxnreg"))
             out.append(("fwd", f"{name}-r{limit}", limit,
                         dict(blocks, Z_FROM_PARTS=name == "split", BLOCK_N=cfg["BLOCK_N"]), warps, stages))
             if name == "split":
@@ -322,7 +331,8 @@ def cgc_lora_forward(
                  T_PAD=common.next_pow2(T), HAS_CLUSTER=task_cluster is not None, HAS_DROPOUT=dropout_p > 0,
                  UPCAST=common.upcast_operands(), DOT_PRECISION=common.dot_precision(x.dtype),
                  BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K)
-    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages,
+                  **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}))
     grids = plan.grids(max_tiles)
     zp = y  # never read without Z_FROM_PARTS
     zp_strides = (0, 0, 0)
