@@ -13,7 +13,7 @@ along M when R_PAD <= BLOCK_M, else along the rank columns. With BLOCK_M 16, 8 w
 narrow side (R_PAD 16) last, every warp held the whole [16, 128] accumulator of the wide side: 8
 copies, 64 registers a thread instead of 8, and the r256 tier at RS_PAD 128 / RK_PAD 16 spilled
 (rows launch 244 B on sm_90, fused forward 72 B on sm_80). So the wider side's dot comes last; the
-two accumulators are separate, so the order changes no result.
+two accumulators are separate, so the order changes no result (equal widths: shared side first).
 """
 
 from __future__ import annotations
@@ -108,11 +108,11 @@ def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
             h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
         h = h.to(op_dtype)
         # The wider side's dot last: it sets both dots' warp layout (see WIDE_DOT_LAST above).
-        if HAS_TASK and RS_PAD >= RK_PAD:
+        if HAS_TASK and RS_PAD > RK_PAD:
             z_t = _shrink_dot(z_t, h, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_SHARED:
             z_s = _shrink_dot(z_s, h, sa_ptr, rs, rs_ok, stride_sar, kk, k_ok, stride_sak, op_dtype, DOT_PRECISION)
-        if HAS_TASK and RS_PAD < RK_PAD:
+        if HAS_TASK and RS_PAD <= RK_PAD:
             z_t = _shrink_dot(z_t, h, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
     return z_s, z_t
 
@@ -132,11 +132,11 @@ def dy_times_b(dy_ptr, stride_dym, stride_dyn, rows, row_ok, d_out,
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
         # The wider side's dot last: it sets both dots' warp layout (see WIDE_DOT_LAST above).
-        if HAS_TASK and RS_PAD >= RK_PAD:
+        if HAS_TASK and RS_PAD > RK_PAD:
             dz_t = dot_block(dz_t, dy, tb_ptr, nn, n_ok, stride_tbn, rk, rk_ok, stride_tbr, op_dtype, DOT_PRECISION)
         if HAS_SHARED:  # B block [BLOCK_N, RS_PAD]
             dz_s = dot_block(dz_s, dy, sb_ptr, nn, n_ok, stride_sbn, rs, rs_ok, stride_sbr, op_dtype, DOT_PRECISION)
-        if HAS_TASK and RS_PAD < RK_PAD:
+        if HAS_TASK and RS_PAD <= RK_PAD:
             dz_t = dot_block(dz_t, dy, tb_ptr, nn, n_ok, stride_tbn, rk, rk_ok, stride_tbr, op_dtype, DOT_PRECISION)
     return dz_s, dz_t
 
