@@ -87,7 +87,8 @@ def rank_splits(limit: int, lower: int, matrix: str) -> list[tuple[int, int]]:
     Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
     (lower, limit] (lower: the table's previous limit). "full": every such pair; "reachable": the
     balanced pair at the limit and the most lopsided ones (one side as large as the tier allows, the
-    other 16 or absent), where the register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
+    other 16 or absent), where the register allocation has differed most (e.g. 128 / 16 spilled
+    where 128 / 128 did not); "heavy":
     the balanced pair alone."""
     pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
     pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]

@@ -201,13 +201,14 @@ class ForwardPlan:
 # the one format common.pick_tier reads; each compiled ahead of time (tests/op/aot_compile_kernels.py)
 # at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
 FORWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-             # 16 columns of d_in per step: with 64 (or 32), a 128-wide side beside a 16-wide one spilled
-             # 24-128 B on sm_80
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=64, num_warps=8, num_stages=2))],
+    # r64 double-buffered: with three stages the 32 / 32 task-gate variant spilled 4 B on sm_90
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
     # fp32 runs its dots on FMA units (no tensor cores): one small tier, up to a padded rank of 128
-    # (backward.max_rank_size: the backward's limit).
-    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
+    # (backward.max_rank_size: the backward's limit). Left to itself ptxas holds it to 128 registers
+    # and spills 16-36 B; capped at 255 with 16-column output blocks it takes 212-226 and spills none.
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2,
+                                        maxnreg=255))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 # No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
