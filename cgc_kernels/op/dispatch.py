@@ -45,7 +45,7 @@ def resolve_backend(x: torch.Tensor, backend: str | None) -> str:
 
 def _rank_too_large(shared_a: torch.Tensor, task_a: torch.Tensor) -> bool:
     """Beyond the kernels' register budget: a side's padded stacked rank over MAX_RANK_PAD, or both
-    sides' together over the largest tier of this dtype and Triton version."""
+    sides' together over the largest tier of this dtype (backward.max_rank_size)."""
     return _rank_too_large_for(shared_a.shape[1], task_a.shape[1], shared_a.dtype)
 
 
@@ -152,9 +152,12 @@ def _check_call(chosen: str, call: CGCCall) -> CGCShapes:
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before cgc_kernels "
                              "is imported (Triton's interpreter); use a CUDA device or backend='torch'")
         if _rank_too_large(call.shared_a, call.task_a):
+            from .triton import backward
+
             raise ValueError(f"shared_a / task_a: stacked rank S*r = {shp.S * shp.r} or K*r = {shp.K * shp.r} "
-                             f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side, padded to "
-                             f"powers of two); use backend='torch'")
+                             f"exceeds the fused kernels' limit ({common.MAX_RANK_PAD} per side and "
+                             f"{backward.max_rank_size(x.dtype)} for both sides in {x.dtype}, each side padded "
+                             f"to a power of two); use backend='torch'")
     if isinstance(call.task_ids, TaskRouting) and call.task_ids.device != x.device:
         raise ValueError(f"task_ids (routing) is on {call.task_ids.device} but x is on {x.device}")
     return shp

@@ -36,7 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from cgc_kernels.op.triton import backward, common, dropout, forward, reduce_parts  # noqa: E402
 
 # Pointer element types by argument name; everything else ending in _ptr carries the input dtype.
-INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64",
+INDEX_PTRS = {"order_ptr": "*i64", "seed_ptr": "*i64", "keep_ptr": "*u8",
               "counts_ptr": "*i64", "starts_ptr": "*i64", "cluster_ptr": "*i64",
               "tile_task_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
 FP32_PTRS = {"z_ptr", "dzg_ptr", "g_ptr", "dg_ptr", "zp_ptr", "dzp_ptr", "psa_ptr", "psb_ptr", "pta_ptr", "ptb_ptr"}
@@ -74,22 +74,23 @@ def signature(fn, dtype: str, constexprs: dict, pointer_types: dict) -> dict:
 
 
 def _dropout_mask_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
-    return [("dropout_mask", "default", 0, dict(BLOCK_M=64, BLOCK_K=64), 4, 1)]
+    return [("dropout_mask", "default", 0, dict(BLOCK_M=dropout._BITS_BLOCK_M, BLOCK_K=dropout._BITS_BLOCK_K),
+             dropout._BITS_WARPS, 1)]
 
 
 MATRICES = ("heavy", "reachable", "full")
 
 
-def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
+def rank_splits(limit: int, lower: int, matrix: str) -> list[tuple[int, int]]:
     """(RS_PAD, RK_PAD) pairs the planner sends to the tier of `limit` (0: that side absent).
 
     Each side is padded to a power of two in 16..MAX_RANK_PAD and the tier serves padded sums in
-    (previous limit, limit]. "full": every such pair; "reachable": the balanced pair at the limit and
-    the most lopsided ones (one side as large as the tier allows, the other 16 or absent), where the
-    register allocation has differed most (e.g. 128 / 16 spilled where 128 / 128 did not); "heavy":
+    (lower, limit] (lower: the table's previous limit). "full": every such pair; "reachable": the
+    balanced pair at the limit and the most lopsided ones (one side as large as the tier allows, the
+    other 16 or absent), where the register allocation has differed most (e.g. 128 / 16 spilled
+    where 128 / 128 did not); "heavy":
     the balanced pair alone."""
     pads = [0] + [p for p in (16, 32, 64, 128) if p <= common.MAX_RANK_PAD]
-    lower = max((lim for lim in TIER_LIMITS if lim < limit), default=0)
     pairs = [(a, b) for a in pads for b in pads if lower < a + b <= limit]
     if matrix == "full":
         return pairs
@@ -100,17 +101,15 @@ def rank_splits(limit: int, matrix: str) -> list[tuple[int, int]]:
     return sorted(p for p in pairs if p in picked)
 
 
-TIER_LIMITS = (64, 2 * common.MAX_RANK_PAD)  # every tier table's limits (forward.py, backward.py)
-
-
-def _variants(kernel: str, fn, limit: int, consts: dict, dtype_name: str, matrix: str) -> list[tuple[str, dict]]:
+def _variants(kernel: str, fn, limit: int, lower: int, consts: dict, dtype_name: str,
+              matrix: str) -> list[tuple[str, dict]]:
     """(suffix, constexprs) of the flag and rank variants of one tier of `kernel`: every rank split,
     per-task and per-token gates, dropout on and off, where the tier's code path reads them (the dA
     launch reads no gate, the dB launch and the expand from z parts no x); the other flags at their
     heaviest (every output wanted, clusters, a base). fp16 differs from bf16 only in conversions:
     outside "full" it compiles each split with every flag on, as "heavy" does for every dtype."""
     args = set(fn.arg_names)
-    splits = rank_splits(limit, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
+    splits = rank_splits(limit, lower, matrix) if "RS_PAD" in args else [(limit // 2, limit // 2)]
     reads_gates = "PER_TOKEN_GATES" in args and not consts.get("DO_A")
     reads_x = "HAS_DROPOUT" in args and not consts.get("Z_FROM_PARTS") and consts.get("DO_A", True)
     light = matrix == "heavy" or dtype_name == "fp16" and matrix != "full"
@@ -137,10 +136,11 @@ def _space(config_space, kernel: str):
         fn = KERNELS[kernel].fn
         prec = "ieee" if dtype_name == "fp32" else "tf32"
         out = []
-        for k, cname, limit, consts, warps, stages in config_space(dtype_name):
-            if k != kernel:
-                continue
-            for suffix, flags in _variants(kernel, fn, limit, consts, dtype_name, matrix):
+        tiers = [t for t in config_space(dtype_name) if t[0] == kernel]
+        for _, cname, limit, consts, warps, stages in tiers:
+            table = re.sub(r"r\d+", "", cname)  # tiers of one table share their name but the limit
+            lower = max((t[2] for t in tiers if t[2] < limit and re.sub(r"r\d+", "", t[1]) == table), default=0)
+            for suffix, flags in _variants(kernel, fn, limit, lower, consts, dtype_name, matrix):
                 c = dict(consts, **flags)
                 if "DOT_PRECISION" in fn.arg_names:
                     c["DOT_PRECISION"] = prec
@@ -177,9 +177,9 @@ KERNELS: dict[str, AotKernel] = {
     "bwd_weights": AotKernel(backward._bwd_weight_kernel, _space(backward.backward_config_space, "bwd_weights"),
                              dropout_rows="BLOCK_R"),
     "bwd_reduce": AotKernel(reduce_parts._bwd_reduce_kernel, _space(backward.backward_config_space, "bwd_reduce")),
-    "dropout_mask": AotKernel(dropout._keep_mask_kernel, lambda dt, matrix="heavy": [
+    "dropout_mask": AotKernel(dropout._keep_bits_kernel, lambda dt, matrix="heavy": [
         (c, consts, w, s) for _, c, _, consts, w, s in _dropout_mask_space(dt)], dtype_free=True,
-        pointer_types={"mask_ptr": "*i8"}),
+        pointer_types={"bits_ptr": "*u8"}),
 }
 
 
@@ -209,13 +209,16 @@ def ptxas_options() -> list[str]:
 def compile_one(job):
     kname, cname, cap, dt, consts, warps, stages = job
     fn = KERNELS[kname].fn
-    consts = {**consts, **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
+    # A tier's register cap (`maxnreg`) travels with its constexprs and is a compile option.
+    options = {k: consts[k] for k in ("maxnreg",) if consts.get(k)}
+    consts = {**{k: v for k, v in consts.items() if k != "maxnreg"},
+              **{n: 1 for n in fn.arg_names if n in UNIT_STRIDES}}
     sig = signature(fn, dt, consts, KERNELS[kname].pointer_types)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if sig[n] != "constexpr" and (sig[n].startswith("*") or n in ALIGNED)}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                       options={"num_warps": warps, "num_stages": stages})
+                       options={"num_warps": warps, "num_stages": stages, **options})
     ptx = k.asm["ptx"]
     arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -236,7 +239,7 @@ def compile_one(job):
     mulhi = ptx.count("mul.hi.u32")
     rows = consts.get(KERNELS[kname].dropout_rows, 0)
     per_thread = rows * consts.get("BLOCK_K", 0) / (32 * warps)
-    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs,
+    return dict(kernel=kname, config=cname, cap=cap, dtype=dt, triton=triton.__version__, regs=regs, **options,
                 spill_stores=spill_st, spill_loads=spill_ld, shared=int(k.metadata.shared), num_warps=warps,
                 has_wgmma="wgmma" in ptx, has_mma="mma.sync" in ptx, mulhi=mulhi,
                 dropout=bool(consts.get("HAS_DROPOUT")) or kname == "dropout_mask",

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from cgc_kernels import reference
 from cgc_kernels.op.dispatch import cgc_lora
-from cgc_kernels.op.triton.dropout import GROUPED_MIN_TILE, dropout_keep_mask, keep_mask, new_seed
+from cgc_kernels.op.triton.dropout import dropout_keep_mask, keep_bits, load_keep, new_seed
 from tests.cases import DIFF, TOLERANCES, TRITON_DEVICES, Case, make_inputs
 
 DEVICES = TRITON_DEVICES
@@ -69,13 +69,15 @@ def test_dropout_mask_properties(device):
 
 
 @triton.jit
-def _small_tile_mask(mask_ptr, seed_ptr, p, M, d_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _read_keep_tiles(mask_ptr, bits_ptr, stride_bits, M, d_in, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # What the matmul kernels do: read the keep-bits of a tile of original rows and columns.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = tl.program_id(1) * BLOCK_K
     cols = k0 + tl.arange(0, BLOCK_K)
-    keep = keep_mask(tl.load(seed_ptr), rows, k0, d_in, p, BLOCK_K)
-    tl.store(mask_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8),
-             mask=(rows[:, None] < M) & (cols[None, :] < d_in))
+    row_ok = rows < M
+    col_ok = cols < d_in
+    keep = load_keep(bits_ptr, stride_bits, rows, row_ok, k0, BLOCK_K)
+    tl.store(mask_ptr + rows[:, None] * d_in + cols[None, :], keep.to(tl.int8), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _philox4x32_10(seed: int, c0: int, c1: int) -> tuple[int, int, int, int]:
@@ -108,11 +110,18 @@ def test_keep_mask_is_one_philox_call_per_8_elements(device):
                     expect[m, k] = ((words[j // 2] >> (16 * (j % 2))) & 0xFFFF) >= threshold
     got = dropout_keep_mask(seed, M, d_in, p, device).cpu()
     assert torch.equal(got, expect)
-    # Tiles under GROUPED_MIN_TILE elements draw per element: the same mask.
-    small = torch.empty(M, d_in, dtype=torch.int8, device=device)
-    seed_t = torch.tensor([seed], dtype=torch.int64, device=device)
-    _small_tile_mask[(triton.cdiv(M, 16), triton.cdiv(d_in, 16))](small, seed_t, p, M, d_in, BLOCK_M=16, BLOCK_K=16)
-    assert 16 * 16 < GROUPED_MIN_TILE and torch.equal(small.bool().cpu(), expect)
+    # The packed form: bit j of byte (m, g) is element (m, 8 g + j).
+    bits = keep_bits(seed, M, d_in, p, device).cpu()
+    assert bits.dtype == torch.uint8 and bits.shape == (M, groups)
+    for m, k in ((0, 0), (2, 9), (5, 20)):
+        assert bool((int(bits[m, k // 8]) >> (k % 8)) & 1) == bool(expect[m, k])
+    # Read back in tiles of 8 x 8 and of 16 x 16 columns (a tile ends mid-group at d_in = 21): the
+    # same mask.
+    for block in (8, 16):
+        read = torch.empty(M, d_in, dtype=torch.int8, device=device)
+        _read_keep_tiles[(triton.cdiv(M, block), triton.cdiv(d_in, block))](
+            read, bits.to(device), bits.stride(0), M, d_in, BLOCK_M=block, BLOCK_K=block)
+        assert torch.equal(read.bool().cpu(), expect), block
     # A function of (row, column) alone: fewer rows give the same leading rows.
     assert torch.equal(dropout_keep_mask(seed, 3, d_in, p, device).cpu(), expect[:3])
 
@@ -178,7 +187,7 @@ def test_no_integer_argument_that_changes_per_call_is_specialized():
         "import json\n"
         "from cgc_kernels.op.triton import backward, dropout, forward\n"
         "ks = [forward._fwd_kernel, forward._shrink_kernel, backward._bwd_rows_kernel,\n"
-        "      backward._bwd_weight_kernel, dropout._keep_mask_kernel]\n"
+        "      backward._bwd_weight_kernel, dropout._keep_bits_kernel]\n"
         "print(json.dumps({k.fn.__name__: [k.arg_names, [k.arg_names[i] if isinstance(i, int) else i\n"
         "                  for i in k.do_not_specialize]] for k in ks}))\n"
     )
@@ -188,6 +197,8 @@ def test_no_integer_argument_that_changes_per_call_is_specialized():
     assert res.returncode == 0, res.stderr[-2000:]
     kernels = json.loads(res.stdout.strip().splitlines()[-1])
     for name, (arg_names, unspecialized) in kernels.items():
-        assert "seed" not in arg_names and "seed_ptr" in arg_names, name
+        # the mask kernel reads the seed tensor, the matmul kernels its bits
+        assert "seed" not in arg_names and ("seed_ptr" in arg_names) == (name == "_keep_bits_kernel"), name
+        assert name == "_keep_bits_kernel" or "keep_ptr" in arg_names, name
         if "M" in arg_names:
             assert "M" in unspecialized, name

@@ -238,9 +238,8 @@ def test_gpu_block_configs(case, tile_rows, plan, device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_with_gpu_block_configs(device, monkeypatch):
-    # fp32's GPU tiers have 16 x 16 dropout tiles, which draw the mask per element rather than per
-    # group of 8 (dropout.GROUPED_MIN_TILE): the forward, dx and dA must still use the mask of
-    # dropout_keep_mask (drawn in 64 x 64 tiles).
+    # fp32's GPU tiers read the keep-bits in 16 x 16 tiles (two bytes per row, a column block
+    # starting mid-row): the forward, dx and dA must still use the mask of dropout_keep_mask.
     monkeypatch.setattr(common, "GPU_CONFIGS_IN_INTERPRETER", True)
     case = Case(M=24, d_in=40, d_out=24, T=2, S=1, K=1, r=4, ids="with_unrouted")
     assert forward.forward_plan(case.M, case.T, case.d_in, case.d_out, 32, torch.float32, 4, 16).BLOCK_K == 16

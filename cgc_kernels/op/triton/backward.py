@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import common, forward
-from .dropout import keep_mask
+from .dropout import kernel_keep_bits, load_keep
 from .kernel_utils import (
     dy_times_b,
     load_rank_gates,
@@ -41,7 +41,7 @@ from .kernel_utils import (
     store_rank_cols,
     store_task_grad,
     sum_row_parts,
-    task_cluster_seed,
+    task_cluster,
     write_dx,
 )
 from .reduce_parts import _bwd_reduce_kernel
@@ -65,7 +65,7 @@ def _bwd_rows_kernel(
     dzg_ptr, stride_dzm, stride_dzr,  # [M, S*r + K*r] fp32 out (WANT_DZ)
     dx_ptr, stride_dxm, stride_dxk,  # [M, d_in] out (WANT_DX)
     dg_ptr, stride_dgm, stride_dge,  # [M, S+K] per-token dgates, or [programs, E_PAD] partials (WANT_DGATE)
-    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    keep_ptr, stride_keep, p_drop, scaling,  # [M, cdiv(d_in, 8)] uint8 dropout keep-bits (HAS_DROPOUT)
     M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, sub, n_parts,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr,
     RS_PAD: tl.constexpr, RK_PAD: tl.constexpr, E_PAD: tl.constexpr, T_PAD: tl.constexpr,
@@ -105,7 +105,7 @@ def _bwd_rows_kernel(
                              tl.zeros([BLOCK_M, E_PAD], dtype=dg_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & (e < E)[None, :])
     else:
-        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
+        t64, c64 = task_cluster(t, cluster_ptr, HAS_CLUSTER)
         op_dtype = tl.float32 if UPCAST else sa_ptr.dtype.element_ty
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
@@ -162,8 +162,8 @@ def _bwd_rows_kernel(
             if WANT_DX:
                 write_dx(dzg_s.to(op_dtype), dzg_t.to(op_dtype), rows, row_ok, d_in,
                          sa_ptr + c64 * stride_sac, stride_sar, stride_sak, ta_ptr + t64 * stride_tat, stride_tar,
-                         stride_tak, rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, seed, p_drop,
-                         HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION, BLOCK_M, BLOCK_K)
+                         stride_tak, rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, keep_ptr, stride_keep,
+                         p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION, BLOCK_M, BLOCK_K)
     if WANT_DGATE:
         if not PER_TOKEN_GATES:
             dg_prog = tl.zeros([E_PAD], dtype=tl.float32)
@@ -195,7 +195,7 @@ def _bwd_weight_kernel(
     ptb_ptr, stride_ptbs, stride_ptbn, stride_ptbr,  # [chunks, d_out, K*r] fp32 task dB partials
     dta_ptr, stride_dtat, stride_dtar, stride_dtak,  # [T, K*r, d_in] out (single-chunk tasks)
     dtb_ptr, stride_dtbt, stride_dtbn, stride_dtbr,  # [T, d_out, K*r] out (single-chunk tasks)
-    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    keep_ptr, stride_keep, p_drop, scaling,  # [M, cdiv(d_in, 8)] uint8 dropout keep-bits (HAS_DROPOUT)
     d_in, d_out, r, RS, RK, S, T, chunk,
     DO_A: tl.constexpr,  # dA programs over d_in blocks; else dB (WANT_DB) and dz partials (WANT_DZP)
     WANT_DB: tl.constexpr, WANT_DZP: tl.constexpr,
@@ -208,7 +208,7 @@ def _bwd_weight_kernel(
     blk = tl.program_id(1)
     t, lo, hi, nt = chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD)
     if t >= 0:
-        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
+        t64, c64 = task_cluster(t, cluster_ptr, HAS_CLUSTER)
         slot64 = slot.to(tl.int64)
         in_dtype = x_ptr.dtype.element_ty
         op_dtype = tl.float32 if UPCAST else in_dtype
@@ -231,7 +231,7 @@ def _bwd_weight_kernel(
                 h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                             mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
                 if HAS_DROPOUT:
-                    keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
+                    keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
                     h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
                 h = h.to(op_dtype)
                 if HAS_SHARED:
@@ -332,14 +332,23 @@ class BackwardPlan:
 # Tiers (limit, config) keyed on padded rank (both sides in registers in every launch) and dtype
 # kind, in the format common.pick_tier reads; each compiled ahead of time at every rank split and
 # flag its limit admits, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
+# The half r32 and r64 tiers differ in the dB block alone: 256 columns of d_out hold the dB
+# accumulators of a 64-wide side at 255 registers and spill (276 B at S*r = 64 without task
+# experts); 128 columns do not, at the price of twice the dz parts per row (backward_plan weighs
+# those against a second read of dy).
+_HALF_SMALL = dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64, weight_warps=8,
+                   RBLOCK=128, num_stages=3)
 BACKWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64,
-                       WBLOCK_N=256, weight_warps=8, RBLOCK=128, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=32,
+    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128)),
+             # 16 rows per weight step: with 32, the dB launch of a 128-wide side beside per-token gates
+             # spilled (8-92 B)
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
-    # fp32 dots run on FMA units: one small tier for every rank (larger fp32 blocks spill).
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
-                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=2))],
+    # fp32 dots run on FMA units: one small tier (larger fp32 blocks spill), not pipelined (with two
+    # stages the dA launch at 128 / 128 spilled 36 B on sm_90), up to a padded rank of 128: above it
+    # every fp32 block tried spilled, and larger fp32 problems take the torch backend.
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
+                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=1))],
 }
 # dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
 # above it (and in fp32) the rows launch reads dy. The dB launch with parts is compiled ahead of
@@ -352,7 +361,7 @@ PINNED = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=64, rows_warps=4, BLOCK_R=64, WBLO
 def max_rank_size(dtype: torch.dtype) -> int:
     """Largest padded rank (both sides together) the forward and backward configs take for `dtype`."""
     kind = common.tier_kind(dtype)
-    return common.version_rank_limit(kind, min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0]))
+    return min(forward.FORWARD_BLOCKS[kind][-1][0], BACKWARD_BLOCKS[kind][-1][0])
 
 
 def chunk_rows_for(M: int, T: int) -> int:
@@ -400,7 +409,6 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, in
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for limit, c in BACKWARD_BLOCKS[kind]:
-        limit = common.version_rank_limit(kind, limit)  # compiled at the largest rank it gets
         name = f"r{limit}"
         parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
         for dz_parts in (True, False) if parts_here else (False,):
@@ -442,7 +450,7 @@ def cgc_lora_backward(
     r = (RS + RK) // E
     S = RS // r
     dev = x.device
-    seed = common.seed_tensor(seed, dev, counts)
+    keep, stride_keep = kernel_keep_bits(seed, M, d_in, dropout_p, counts)  # the forward's mask, again
     rs_pad, rk_pad = common.rank_pad(RS), common.rank_pad(RK)
     e_pad = common.next_pow2(E, 16)
     t_pad = common.next_pow2(T)
@@ -487,7 +495,7 @@ def cgc_lora_backward(
         gates, gates.stride(0), gates.stride(1), cl, order, counts, starts,
         psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
         dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
-        seed, float(dropout_p), float(scaling), d_in, d_out, r, RS, RK, S, T, plan.chunk)
+        keep, stride_keep, float(dropout_p), float(scaling), d_in, d_out, r, RS, RK, S, T, plan.chunk)
     weight_flags = dict(PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
                         HAS_DROPOUT=dropout_p > 0, BLOCK_R=plan.BLOCK_R,
                         BLOCK_K=plan.WBLOCK_K, BLOCK_N=plan.WBLOCK_N, **flags,
@@ -510,7 +518,7 @@ def cgc_lora_backward(
             task_a, *task_a.stride(), task_b, *task_b.stride(), gates, gates.stride(0), gates.stride(1),
             cl, order, tile_task, tile_start, tile_end, counts,
             z, *z.stride(), dzg_t, *dzg_t.stride(), dxt, *dxt.stride(), dgt, dgt.stride(0), dgt.stride(1),
-            seed, float(dropout_p), float(scaling),
+            keep, stride_keep, float(dropout_p), float(scaling),
             M, d_in, d_out, r, RS, RK, S, E, T, tile_rows_n, plan.sub, grids["dB"][1],
             E_PAD=e_pad, PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
             HAS_DROPOUT=dropout_p > 0, WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,

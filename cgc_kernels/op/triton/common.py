@@ -6,7 +6,6 @@ No kernels here. Importing this module does not import Triton.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -114,28 +113,3 @@ def seed_tensor(seed: torch.Tensor | int | None, device: torch.device, unused: t
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
-
-
-# Largest padded rank (both sides) per dtype kind where an installed Triton version spills at the
-# tables' own limit: Triton 3.6 spills the fp32 backward rows launch at 256 with dropout (sm_90,
-# 36 B; every block shape tried spills), so there fp32 stops at 128 and larger fp32 problems take
-# the torch backend.
-RANK_LIMIT_BY_VERSION = {(3, 6): {"fp32": 128}}
-
-
-def version_rank_limit(kind: str, limit: int) -> int:
-    """`limit` (a tier table's largest padded rank for dtype kind `kind`), lowered where the
-    installed Triton needs it (RANK_LIMIT_BY_VERSION)."""
-    return min(limit, RANK_LIMIT_BY_VERSION.get(triton_version(), {}).get(kind, limit))
-
-
-@functools.cache
-def triton_version() -> tuple[int, int]:
-    """(major, minor) of the installed Triton (config tables can differ by version), (0, 0) if none."""
-    try:
-        from importlib.metadata import version
-
-        major, minor = version("triton").split(".")[:2]
-        return int(major), int(minor)
-    except Exception:  # not installed, or an unusual version string
-        return (0, 0)

@@ -4,7 +4,7 @@ Two plans over the routing's tile table (tiles of same-task rows; the unused slo
 task -1 rows, see slots.py), chosen per shape by `forward_plan`:
 
     "fused" (many tiles), ONE launch, grid (tile x sub row parts, N_SPLIT d_out groups):
-        h      = drop(x[rows])                                  [BLOCK_M, d_in], mask from the seed
+        h      = drop(x[rows])                                  [BLOCK_M, d_in], keep-bits (dropout.py)
         z      = h @ [shared_a[c]; task_a[t]]^T                 one d_in loop for both sides, fp32
         save z                                                  [M, (S+K) r] fp32 (d_out group 0)
         y      = base[rows] + (z * g * s) @ [shared_b[c], task_b[t]]^T     over its d_out group
@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
-from .kernel_utils import expand_rows, load_rank_gates, shrink_rows, store_rank_cols, sum_row_parts, task_cluster_seed
+from . import common, dropout
+from .kernel_utils import expand_rows, load_rank_gates, shrink_rows, store_rank_cols, sum_row_parts, task_cluster
 from .slots import tile_rows
 
 # Per-call integers (M, the routing's tile rows, the plan's splits and the fp32 partials' strides,
@@ -53,7 +53,7 @@ def _fwd_kernel(
     base_ptr, stride_bm, stride_bn,  # [M, d_out] (HAS_BASE); may be y itself (IN_PLACE)
     y_ptr, stride_ym, stride_yn,  # [M, d_out] out: base + delta
     z_ptr, stride_zm, stride_zr,  # [M, S*r + K*r] fp32 out (SAVE_Z): z = A drop(x), shared first
-    seed_ptr, p_drop, scaling,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    keep_ptr, stride_keep, p_drop, scaling,  # [M, cdiv(d_in, 8)] uint8 dropout keep-bits (HAS_DROPOUT)
     M, d_in, d_out, r, RS, RK, S, T, tile_rows_n, sub, k_split, n_per_prog,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     T_PAD: tl.constexpr, PER_TOKEN_GATES: tl.constexpr, HAS_CLUSTER: tl.constexpr,
@@ -93,7 +93,7 @@ def _fwd_kernel(
                                         tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32),
                                         tl.zeros([BLOCK_M, RK_PAD], dtype=tl.float32), HAS_SHARED, HAS_TASK)
     else:
-        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
+        t64, c64 = task_cluster(t, cluster_ptr, HAS_CLUSTER)
         op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty  # interpreter: its bf16 dot is wrong
         for m0 in range(lo, hi, BLOCK_M):
             pos = m0 + tl.arange(0, BLOCK_M)
@@ -106,8 +106,8 @@ def _fwd_kernel(
                 z_s, z_t = shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, 0, d_in, d_in,
                                        sa_ptr + c64 * stride_sac, stride_sar, stride_sak,
                                        ta_ptr + t64 * stride_tat, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
-                                       seed, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION,
-                                       BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
+                                       keep_ptr, stride_keep, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype,
+                                       DOT_PRECISION, BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
             if SAVE_Z:
                 if pid_n == 0:
                     store_rank_cols(z_ptr, stride_zm, stride_zr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok, z_s, z_t,
@@ -136,7 +136,7 @@ def _shrink_kernel(
     cluster_ptr,  # [T] (HAS_CLUSTER)
     order_ptr, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,  # routing
     zp_ptr, stride_zps, stride_zpm, stride_zpr,  # [K_SPLIT, M, S*r + K*r] fp32 out
-    seed_ptr, p_drop,  # seed_ptr: [1] int64 dropout seed (read if HAS_DROPOUT)
+    keep_ptr, stride_keep, p_drop,  # [M, cdiv(d_in, 8)] uint8 dropout keep-bits (HAS_DROPOUT)
     M, d_in, RS, RK, T, tile_rows_n, sub, k_per_prog,
     HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr,
     T_PAD: tl.constexpr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -147,7 +147,7 @@ def _shrink_kernel(
     t, lo, hi = tile_rows(pid // sub, pid % sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
                           M, T, tile_rows_n, sub, T_PAD)
     if t >= 0:  # task -1 rows have no z; the expand writes their output
-        t64, c64, seed = task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER, HAS_DROPOUT)
+        t64, c64 = task_cluster(t, cluster_ptr, HAS_CLUSTER)
         op_dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty
         rs = tl.arange(0, RS_PAD)
         rk = tl.arange(0, RK_PAD)
@@ -162,8 +162,8 @@ def _shrink_kernel(
             z_s, z_t = shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
                                    sa_ptr + c64 * stride_sac, stride_sar, stride_sak,
                                    ta_ptr + t64 * stride_tat, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
-                                   seed, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype, DOT_PRECISION,
-                                   BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
+                                   keep_ptr, stride_keep, p_drop, HAS_SHARED, HAS_TASK, HAS_DROPOUT, op_dtype,
+                                   DOT_PRECISION, BLOCK_M, BLOCK_K, RS_PAD, RK_PAD)
             store_rank_cols(zp_ptr + ks * stride_zps, stride_zpm, stride_zpr, rows, row_ok, RS, rs, rs_ok, rk, rk_ok,
                             z_s, z_t, HAS_SHARED, HAS_TASK)
 
@@ -188,6 +188,7 @@ class ForwardPlan:
     k_split: int  # d_in parts of the shrink (1 for "fused")
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None  # ptxas register cap (None: ptxas picks)
 
     def grids(self, max_tiles: int) -> list[tuple[int, int]]:
         rows = max_tiles * self.sub
@@ -200,16 +201,24 @@ class ForwardPlan:
 # the one format common.pick_tier reads; each compiled ahead of time (tests/op/aot_compile_kernels.py)
 # at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
 FORWARD_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+    # r64 double-buffered: with three stages the 32 / 32 task-gate variant spilled 4 B on sm_90
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
-    # fp32 runs its dots on FMA units (no tensor cores): one small tier for every rank.
-    "fp32": [(2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=32, num_warps=8, num_stages=2))],
+    # fp32 runs its dots on FMA units (no tensor cores): one small tier, up to a padded rank of 128
+    # (backward.max_rank_size: the backward's limit). Left to itself ptxas holds it to 128 registers
+    # and spills 16-36 B; capped at 255 with 16-column output blocks it takes 212-226 and spills none.
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2,
+                                        maxnreg=255))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 # No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
+# maxnreg 255: left to itself, ptxas holds the r256 split launches to 128 registers (two blocks per
+# SM) and spills 8-16 B at lopsided splits (sm_80, sm_90); with the cap at the hardware's 255 they
+# take ~190 and spill nothing.
 SPLIT_BLOCKS = {
     "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2))],
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2,
+                                            maxnreg=255))],
     "fp32": [],
 }
 # The interpreter's config: few, large programs (it pays per program and per loop iteration).
@@ -264,14 +273,15 @@ def forced_plan(kind: str | None):
 
 def forward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config; tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
+    GPU config (the constexprs carry the tier's `maxnreg`, a compile option, None where ptxas picks);
+    tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for table, name in ((FORWARD_BLOCKS, "fused"), (SPLIT_BLOCKS, "split")):
         for limit, cfg in table[kind]:
             cfg = dict(cfg)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"])
+            blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], maxnreg=cfg.get("maxnreg"))
             out.append(("fwd", f"{name}-r{limit}", limit,
                         dict(blocks, Z_FROM_PARTS=name == "split", BLOCK_N=cfg["BLOCK_N"]), warps, stages))
             if name == "split":
@@ -306,7 +316,7 @@ def cgc_lora_forward(
     r = (RS + RK) // E
     S = RS // r
     y = out if out is not None else torch.empty(M, d_out, dtype=x.dtype, device=x.device)
-    seed = common.seed_tensor(seed, x.device, counts)
+    keep, stride_keep = dropout.kernel_keep_bits(seed, M, d_in, dropout_p, counts)
     z = torch.empty(M, RS + RK, dtype=torch.float32, device=x.device) if save_z else None
     if M == 0:
         return y, z
@@ -322,7 +332,8 @@ def cgc_lora_forward(
                  T_PAD=common.next_pow2(T), HAS_CLUSTER=task_cluster is not None, HAS_DROPOUT=dropout_p > 0,
                  UPCAST=common.upcast_operands(), DOT_PRECISION=common.dot_precision(x.dtype),
                  BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K)
-    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages)
+    launch = dict(num_warps=plan.num_warps, num_stages=plan.num_stages,
+                  **({"maxnreg": plan.maxnreg} if plan.maxnreg else {}))
     grids = plan.grids(max_tiles)
     zp = y  # never read without Z_FROM_PARTS
     zp_strides = (0, 0, 0)
@@ -333,7 +344,7 @@ def cgc_lora_forward(
         _shrink_kernel[grids[0]](
             x, *x.stride(), shared_a, *shared_a.stride(), task_a, *task_a.stride(), cl,
             order, tile_task, tile_start, tile_end, counts,
-            zp, *zp_strides, seed, float(dropout_p),
+            zp, *zp_strides, keep, stride_keep, float(dropout_p),
             M, d_in, RS, RK, T, tile_rows_n, plan.sub, k_per,
             **flags, **launch,
         )
@@ -345,7 +356,7 @@ def cgc_lora_forward(
         order, tile_task, tile_start, tile_end, counts,
         zp, *zp_strides,
         b, b.stride(0), b.stride(1), y, y.stride(0), y.stride(1), zt, zt.stride(0), zt.stride(1),
-        seed, float(dropout_p), float(scaling),
+        keep, stride_keep, float(dropout_p), float(scaling),
         M, d_in, d_out, r, RS, RK, S, T, tile_rows_n, plan.sub, plan.k_split, n_per,
         PER_TOKEN_GATES=per_token_gates, HAS_BASE=base is not None, IN_PLACE=in_place, SAVE_Z=save_z,
         Z_FROM_PARTS=plan.kind == "split", BLOCK_N=plan.BLOCK_N, **flags, **launch,

@@ -5,6 +5,15 @@ Conventions: `rows` [BLOCK_M] int64 original row indices, `row_ok` their mask; `
 [RS_PAD] / [RK_PAD] rank-column indices of the shared and task side with masks `rs_ok` / `rk_ok`;
 expert pointers (`sa_ptr`, `tb_ptr`, ...) already point at the expert's [R, d] block (the caller
 adds cluster / task * stride, in int64). A side whose flag is off returns zeros and loads nothing.
+
+WIDE_DOT_LAST: where both sides' dots share an operand in one loop (dy_times_b, shrink_rows), Triton
+(3.6, 3.7) treats them as chained and gives both the warp layout it picks for the dot it converts
+first, which is the LAST one in program order: for a [BLOCK_M, R_PAD] result it puts all warps
+along M when R_PAD <= BLOCK_M, else along the rank columns. With BLOCK_M 16, 8 warps and the
+narrow side (R_PAD 16) last, every warp held the whole [16, 128] accumulator of the wide side: 8
+copies, 64 registers a thread instead of 8, and the r256 tier at RS_PAD 128 / RK_PAD 16 spilled
+(rows launch 244 B on sm_90, fused forward 72 B on sm_80). So the wider side's dot comes last; the
+two accumulators are separate, so the order changes no result (equal widths: shared side first).
 """
 
 from __future__ import annotations
@@ -12,22 +21,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
+from .dropout import load_keep
 
 
 @triton.jit
-def task_cluster_seed(t, cluster_ptr, seed_ptr, HAS_CLUSTER: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """A task program's scalars: its task and cluster index in int64 (t * stride overflows int32 for
-    large T * r * d; cluster 0 without task_cluster) and the dropout seed (0 without dropout)."""
+def task_cluster(t, cluster_ptr, HAS_CLUSTER: tl.constexpr):
+    """A task program's task and cluster index in int64 (t * stride overflows int32 for large
+    T * r * d; cluster 0 without task_cluster)."""
     t64 = t.to(tl.int64)
     if HAS_CLUSTER:
         c64 = tl.load(cluster_ptr + t).to(tl.int64)
     else:
         c64 = t64 * 0
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    return t64, c64, seed
+    return t64, c64
 
 
 @triton.jit
@@ -71,14 +77,23 @@ def load_rank_gates(g_ptr, stride_gm, stride_ge, t64, rows, row_ok, e, col_ok,
 
 
 @triton.jit
+def _shrink_dot(acc, h, a_ptr, rr, r_ok, stride_ar, kk, k_ok, stride_ak, op_dtype: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """acc + h @ A[rr, kk]^T: one expert side's step of shrink_rows (A read as [len(kk), len(rr)])."""
+    a = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
+                mask=r_ok[None, :] & k_ok[:, None], other=0.0)
+    return tl.dot(h, a.to(op_dtype), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
                 sa_ptr, stride_sar, stride_sak, ta_ptr, stride_tar, stride_tak, rs, rs_ok, rk, rk_ok,
-                seed, p_drop,
+                keep_ptr, stride_keep, p_drop,
                 HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 op_dtype: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RS_PAD: tl.constexpr, RK_PAD: tl.constexpr):
     """(z_s, z_t) fp32 = drop(x[rows, k_lo:k_hi]) @ A[:, k_lo:k_hi]^T for both sides, one read of
-    x. `k_lo` is a multiple of BLOCK_K (the dropout mask draws in aligned groups of columns)."""
+    x; dropped elements (keep-bits `keep_ptr`, dropout.py) are zero and kept ones scaled."""
     in_dtype = x_ptr.dtype.element_ty
     inv_keep = 1.0 / (1.0 - p_drop)
     z_s = tl.zeros([BLOCK_M, RS_PAD], dtype=tl.float32)
@@ -89,17 +104,16 @@ def shrink_rows(x_ptr, stride_xm, stride_xk, rows, row_ok, k_lo, k_hi, d_in,
         h = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
             h = tl.where(keep, h.to(tl.float32) * inv_keep, 0.0).to(in_dtype)
         h = h.to(op_dtype)
+        # The wider side's dot last: it sets both dots' warp layout (see WIDE_DOT_LAST above).
+        if HAS_TASK and RS_PAD > RK_PAD:
+            z_t = _shrink_dot(z_t, h, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_SHARED:
-            a = tl.load(sa_ptr + rs[None, :] * stride_sar + kk[:, None] * stride_sak,
-                        mask=rs_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, RS_PAD]
-            z_s = tl.dot(h, a.to(op_dtype), z_s, input_precision=DOT_PRECISION)
-        if HAS_TASK:
-            a = tl.load(ta_ptr + rk[None, :] * stride_tar + kk[:, None] * stride_tak,
-                        mask=rk_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, RK_PAD]
-            z_t = tl.dot(h, a.to(op_dtype), z_t, input_precision=DOT_PRECISION)
+            z_s = _shrink_dot(z_s, h, sa_ptr, rs, rs_ok, stride_sar, kk, k_ok, stride_sak, op_dtype, DOT_PRECISION)
+        if HAS_TASK and RS_PAD <= RK_PAD:
+            z_t = _shrink_dot(z_t, h, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
     return z_s, z_t
 
 
@@ -117,9 +131,12 @@ def dy_times_b(dy_ptr, stride_dym, stride_dyn, rows, row_ok, d_out,
         n_ok = nn < d_out
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + nn[None, :] * stride_dyn,
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(op_dtype)
+        # The wider side's dot last: it sets both dots' warp layout (see WIDE_DOT_LAST above).
+        if HAS_TASK and RS_PAD > RK_PAD:
+            dz_t = dot_block(dz_t, dy, tb_ptr, nn, n_ok, stride_tbn, rk, rk_ok, stride_tbr, op_dtype, DOT_PRECISION)
         if HAS_SHARED:  # B block [BLOCK_N, RS_PAD]
             dz_s = dot_block(dz_s, dy, sb_ptr, nn, n_ok, stride_sbn, rs, rs_ok, stride_sbr, op_dtype, DOT_PRECISION)
-        if HAS_TASK:
+        if HAS_TASK and RS_PAD <= RK_PAD:
             dz_t = dot_block(dz_t, dy, tb_ptr, nn, n_ok, stride_tbn, rk, rk_ok, stride_tbr, op_dtype, DOT_PRECISION)
     return dz_s, dz_t
 
@@ -182,7 +199,7 @@ def expand_rows(zg_s, zg_t, rows, row_ok, n_lo, n_hi, d_out,
 
 @triton.jit
 def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, ta_ptr, stride_tar, stride_tak,
-             rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, seed, p_drop,
+             rs, rs_ok, rk, rk_ok, dx_ptr, stride_dxm, stride_dxk, keep_ptr, stride_keep, p_drop,
              HAS_SHARED: tl.constexpr, HAS_TASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              op_dtype: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx[rows] = drop'(dzg @ A) for both sides, one d_in block at a time (the forward's mask)."""
@@ -196,7 +213,7 @@ def write_dx(dzg_s, dzg_t, rows, row_ok, d_in, sa_ptr, stride_sar, stride_sak, t
         if HAS_TASK:
             acc = dot_block(acc, dzg_t, ta_ptr, rk, rk_ok, stride_tar, kk, k_ok, stride_tak, op_dtype, DOT_PRECISION)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, k0, d_in, p_drop, BLOCK_K)
+            keep = load_keep(keep_ptr, stride_keep, rows, row_ok, k0, BLOCK_K)
             acc = tl.where(keep, acc * inv_keep, 0.0)
         tl.store(dx_ptr + rows[:, None] * stride_dxm + kk[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
