@@ -85,7 +85,7 @@ def keep_bits(seed: torch.Tensor | int, M: int, d_in: int, p: float, device: tor
     bits = torch.empty(M, n_groups, dtype=torch.uint8, device=device)
     if M == 0 or n_groups == 0:
         return bits
-    seed = torch.as_tensor(seed, dtype=torch.int64).reshape(1).to(device)
+    seed = common.seed_tensor(seed, bits.device, bits)
     grid = (triton.cdiv(M, _BITS_BLOCK_M), triton.cdiv(d_in, _BITS_BLOCK_K))
     with common.device_guard(bits):
         _keep_bits_kernel[grid](bits, seed, float(p), M, n_groups, BLOCK_M=_BITS_BLOCK_M, BLOCK_K=_BITS_BLOCK_K,
@@ -102,7 +102,7 @@ def kernel_keep_bits(seed: torch.Tensor | int | None, M: int, d_in: int, p: floa
         return unused, 0
     if seed is None:
         raise ValueError(f"dropout_p={p} needs a dropout seed")
-    bits = keep_bits(common.seed_tensor(seed, unused.device, unused), M, d_in, p, unused.device)
+    bits = keep_bits(seed, M, d_in, p, unused.device)
     return bits, bits.stride(0)
 
 
