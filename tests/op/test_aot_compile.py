@@ -1,6 +1,6 @@
 """Every kernel compiles ahead of time for sm_80 and sm_90 (fp16, bf16, fp32) without a GPU, at
 every block config the planner can choose (MATRIX below: which rank splits and flags), and spills no
-registers but the few bytes listed in OCCUPANCY_SPILLS, under the installed Triton (scripts/test
+registers, under the installed Triton (scripts/test
 runs this under Triton 3.7 in .venv and 3.6 in .venv-triton36). It also reports the Philox
 multiplies per dropout element: only the keep-bits kernel runs the generator.
 
@@ -34,24 +34,6 @@ def _ptxas_available() -> bool:
         return False
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
-
-# The spills left, all in the backward rows launch at <= 128 registers: ptxas, free to use 255,
-# holds these to 128 (two blocks per SM) and spills a few bytes rather than halve the occupancy; a
-# register cap of 255 removes them under one Triton version and adds others under the other.
-# (Triton version, kernel, config, cap, dtype) -> spill store bytes seen. Anything else that spills,
-# or any of these spilling more or at more than 128 registers, fails the test.
-OCCUPANCY_SPILLS = {
-    ("3.7", "bwd_rows", "r64-parts 64/0 token-g", 90, "bf16"): 28,
-    ("3.7", "bwd_rows", "r64-dy 64/0 token-g", 90, "bf16"): 16,
-    ("3.7", "bwd_rows", "r64-dy 64/0 token-g drop", 90, "bf16"): 4,
-    ("3.7", "bwd_rows", "r64-dy 64/0 token-g drop", 90, "fp16"): 4,
-    ("3.7", "bwd_rows", "r64-parts 32/32 task-g", 90, "bf16"): 8,
-    ("3.7", "bwd_rows", "r256-dy 16/128 token-g", 90, "bf16"): 16,
-    ("3.7", "bwd_rows", "r256-dy 16/128 token-g drop", 90, "bf16"): 8,
-    ("3.7", "bwd_rows", "r256-dy 16/128 token-g drop", 90, "fp16"): 8,
-    ("3.7", "bwd_rows", "r256-dy 128/0 task-g drop", 80, "bf16"): 8,
-    ("3.6", "bwd_rows", "r64-parts 64/0 token-g", 90, "bf16"): 12,
-}
 
 # Philox multiplies (mul.hi.u32) per dropout element in the PTX, sm_90 bf16, when every dropout
 # kernel ran the generator itself (tl.rand: one full Philox per element), by kernel and tier.
@@ -87,11 +69,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
     assert {(r["cap"], r["dtype"]) for r in rows if r["kernel"] == "fwd"} == {
         (c, d) for c in (80, 90) for d in ("fp16", "bf16", "fp32")}
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    unexpected = [r for r in spilled
-                  if r["spill_stores"] > OCCUPANCY_SPILLS.get((".".join(r["triton"].split(".")[:2]), r["kernel"],
-                                                               r["config"], r["cap"], r["dtype"]), 0)
-                  or r["regs"] > 128]
-    assert not unexpected, f"register spills: {unexpected}"
+    assert not spilled, f"register spills: {spilled}"
     # Shared memory within the smallest of the targets' per-block limits (sm_80: 163 KiB).
     assert max(r["shared"] for r in rows) <= 163 * 1024
     # Tensor cores are used for half inputs: wgmma on sm_90 where the tile allows, mma.sync on sm_80.

@@ -48,6 +48,17 @@ from .reduce_parts import _bwd_reduce_kernel
 from .slots import chunk_rows, tile_rows
 
 
+@triton.jit
+def add_expert_sums(acc, p, cols, col_ok, r, e_first, n_experts, e):
+    """acc [BLOCK_M, E_PAD] plus p [BLOCK_M, R_PAD] summed per expert: column j belongs to expert
+    e_first + j // r. One masked row sum per expert (a loop, not unrolled): the one-hot dot it
+    replaces held p, the [R_PAD, E_PAD] map and both in FMA-dot layouts, and spilled."""
+    for i in range(0, n_experts):
+        part = tl.sum(tl.where(((cols // r == i) & col_ok)[None, :], p, 0.0), axis=1)
+        acc = tl.where((e == e_first + i)[None, :], acc + part[:, None], acc)
+    return acc
+
+
 # Per-call integers (M, the routing's tile rows and row parts) are not specialized: one compiled
 # variant serves every batch size.
 @triton.jit(do_not_specialize=["M", "tile_rows_n", "sub"])
@@ -135,8 +146,7 @@ def _bwd_rows_kernel(
                     z_s = tl.load(z_ptr + rows[:, None] * stride_zm + rs[None, :] * stride_zr,
                                   mask=row_ok[:, None] & rs_ok[None, :], other=0.0)
                     if PER_TOKEN_GATES:
-                        oh_s = ((rs[:, None] // r == e[None, :]) & rs_ok[:, None]).to(tl.float32)
-                        dg_rows = tl.dot(dz_s * z_s, oh_s, dg_rows, input_precision="ieee")
+                        dg_rows = add_expert_sums(dg_rows, dz_s * z_s, rs, rs_ok, r, 0, S, e)
                     else:
                         col_s += tl.sum(dz_s * z_s, axis=0)
             if HAS_TASK:
@@ -147,8 +157,7 @@ def _bwd_rows_kernel(
                     z_t = tl.load(z_ptr + rows[:, None] * stride_zm + (RS + rk)[None, :] * stride_zr,
                                   mask=row_ok[:, None] & rk_ok[None, :], other=0.0)
                     if PER_TOKEN_GATES:
-                        oh_t = (((S + rk[:, None] // r) == e[None, :]) & rk_ok[:, None]).to(tl.float32)
-                        dg_rows = tl.dot(dz_t * z_t, oh_t, dg_rows, input_precision="ieee")
+                        dg_rows = add_expert_sums(dg_rows, dz_t * z_t, rk, rk_ok, r, S, E - S, e)
                     else:
                         col_t += tl.sum(dz_t * z_t, axis=0)
             if WANT_DZ:
@@ -318,6 +327,7 @@ class BackwardPlan:
     RBLOCK: int  # reduce launch: d block
     num_stages: int
     dz_parts: bool = True  # dz from the dB launch's partials (else the rows launch reads dy again)
+    rows_maxnreg: int | None = None  # ptxas register cap of the rows launch (None: ptxas picks)
 
     def chunk_slots(self, M: int, T: int) -> int:
         return triton.cdiv(M, self.chunk) + T
@@ -332,18 +342,22 @@ class BackwardPlan:
 # Tiers (limit, config) keyed on padded rank (both sides in registers in every launch) and dtype
 # kind, in the format common.pick_tier reads; each compiled ahead of time at every rank split and
 # flag its limit admits, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
-# The half r32 and r64 tiers differ in the dB block alone: 256 columns of d_out hold the dB
-# accumulators of a 64-wide side at 255 registers and spill (276 B at S*r = 64 without task
-# experts); 128 columns do not, at the price of twice the dz parts per row (backward_plan weighs
-# those against a second read of dy).
+# The half r32 and r64 tiers differ in the dB block (256 columns of d_out hold the dB accumulators
+# of a 64-wide side at 255 registers and spill, 276 B at S*r = 64 without task experts; 128 do not,
+# at the price of twice the dz parts per row, which backward_plan weighs against a second read of
+# dy) and in the rows launch's register cap: left to itself, ptxas holds the r64 and r256 rows
+# launches to 128 registers (two blocks of 8 warps per SM) and, under triton 3.7, spills 16-48 B at
+# lopsided splits (32 / 32 with per-token gates, 128 / 0 with dropout on sm_80); capped at the
+# hardware's 255 they take 212-241 and spill nothing. r32 (<= 173) and fp32 (<= 229) need no cap.
 _HALF_SMALL = dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64, weight_warps=8,
                    RBLOCK=128, num_stages=3)
 BACKWARD_BLOCKS = {
-    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128)),
+    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128, rows_maxnreg=255)),
              # 16 rows per weight step: with 32, the dB launch of a 128-wide side beside per-token gates
              # spilled (8-92 B)
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
-                                            WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2))],
+                                            WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2,
+                                            rows_maxnreg=255))],
     # fp32 dots run on FMA units: one small tier (larger fp32 blocks spill), not pipelined (with two
     # stages the dA launch at 128 / 128 spilled 36 B on sm_90), up to a padded rank of 128: above it
     # every fp32 block tried spilled, and larger fp32 problems take the torch backend.
@@ -405,14 +419,16 @@ def set_forced_chunk(chunk: int | None) -> int | None:
 
 def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config; tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
+    GPU config (the rows constexprs carry the tier's `maxnreg`, a compile option, None where ptxas
+    picks); tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for limit, c in BACKWARD_BLOCKS[kind]:
         name = f"r{limit}"
         parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
         for dz_parts in (True, False) if parts_here else (False,):
-            rows = dict(DZ_FROM_PARTS=dz_parts, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"])
+            rows = dict(DZ_FROM_PARTS=dz_parts, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
+                        maxnreg=c.get("rows_maxnreg"))
             out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), limit, rows, c["rows_warps"],
                         c["num_stages"]))
         for do_a in (True, False):
@@ -524,6 +540,7 @@ def cgc_lora_backward(
             HAS_DROPOUT=dropout_p > 0, WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,
             DZ_FROM_PARTS=dz_parts, BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K,
             BLOCK_N=plan.BLOCK_N, **flags, num_warps=plan.rows_warps, num_stages=plan.num_stages,
+            **({"maxnreg": plan.rows_maxnreg} if plan.rows_maxnreg else {}),
         )
     if need_gates and not per_token_gates:
         # Per-task sum of the per-program partials: a one-hot product in fp64, in a fixed order
