@@ -1,8 +1,8 @@
-"""Every kernel compiles ahead of time for sm_80 and sm_90 (fp16, bf16, fp32) without a GPU, at
-every block config the planner can choose (MATRIX below: which rank splits and flags), and spills no
-registers, under the installed Triton (scripts/test
-runs this under Triton 3.7 in .venv and 3.6 in .venv-triton36). It also reports the Philox
-multiplies per dropout element: only the keep-bits kernel runs the generator.
+"""Every kernel compiles ahead of time for sm_80 and sm_90 (fp16, bf16, fp32) without a GPU at the
+block configs the planner can choose (MATRIX below: which rank splits and flags), with no register
+spill and no 64-bit division, under the installed Triton (scripts/test runs this under Triton 3.7
+in .venv and 3.6 in .venv-triton36). It also reports the Philox multiplies per dropout element:
+only the keep-bits kernel runs the generator.
 
 The compile runs in a subprocess without TRITON_INTERPRET: the interpreter replaces @triton.jit
 functions by Python, so they cannot be compiled in this (interpreted) test process.
@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).with_name("aot_compile_kernels.py")
-# The rank splits and flags compiled per tier (aot_compile_kernels.rank_splits): "reachable" (every
-# tier's balanced and most lopsided splits, per-task and per-token gates, dropout on and off: ~410
-# compiles, about 2 minutes per Triton version on 2 cores) in the test command; CGC_AOT_MATRIX=heavy
-# compiles the balanced split with every flag on (~90), "full" every split (~2000).
+# The rank splits and flags compiled per tier (aot_compile_kernels.rank_splits, _variants):
+# "reachable" in the test command (~1000 compiles, about 4 minutes per Triton version on 2 cores):
+# bf16 at every split and flag, fp16 and fp32 at each tier's balanced and most lopsided splits;
+# "full" (CGC_AOT_MATRIX=full, ~2100, about 12 minutes) every split and flag of every dtype, to run
+# when a kernel or a tier changes; "heavy" the balanced split with every flag on (~90).
 MATRIX = os.environ.get("CGC_AOT_MATRIX", "reachable")
 
 
@@ -70,6 +71,8 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
         (c, d) for c in (80, 90) for d in ("fp16", "bf16", "fp32")}
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"register spills: {spilled}"
+    # No 64-bit integer division (a subroutine call; index math divides in int32).
+    assert not [r for r in rows if r["div64"]], [(r["kernel"], r["config"]) for r in rows if r["div64"]]
     # Shared memory within the smallest of the targets' per-block limits (sm_80: 163 KiB).
     assert max(r["shared"] for r in rows) <= 163 * 1024
     # Tensor cores are used for half inputs: wgmma on sm_90 where the tile allows, mma.sync on sm_80.

@@ -327,7 +327,7 @@ class BackwardPlan:
     RBLOCK: int  # reduce launch: d block
     num_stages: int
     dz_parts: bool = True  # dz from the dB launch's partials (else the rows launch reads dy again)
-    rows_maxnreg: int | None = None  # ptxas register cap of the rows launch (None: ptxas picks)
+    maxnreg: int | None = None  # ptxas register cap of the rows and weight launches (None: ptxas picks)
 
     def chunk_slots(self, M: int, T: int) -> int:
         return triton.cdiv(M, self.chunk) + T
@@ -342,27 +342,28 @@ class BackwardPlan:
 # Tiers (limit, config) keyed on padded rank (both sides in registers in every launch) and dtype
 # kind, in the format common.pick_tier reads; each compiled ahead of time at every rank split and
 # flag its limit admits, spill-free on sm_80 / sm_90 (triton 3.6 and 3.7).
-# The half r32 and r64 tiers differ in the dB block (256 columns of d_out hold the dB accumulators
-# of a 64-wide side at 255 registers and spill, 276 B at S*r = 64 without task experts; 128 do not,
-# at the price of twice the dz parts per row, which backward_plan weighs against a second read of
-# dy) and in the rows launch's register cap: left to itself, ptxas holds the r64 and r256 rows
-# launches to 128 registers (two blocks of 8 warps per SM) and, under triton 3.7, spills 16-48 B at
-# lopsided splits (32 / 32 with per-token gates, 128 / 0 with dropout on sm_80); capped at the
-# hardware's 255 they take 212-241 and spill nothing. r32 (<= 173) and fp32 (<= 229) need no cap.
+# The half r32 and r64 tiers differ in the dB block: 256 columns of d_out hold the dB accumulators
+# of a 64-wide side at 255 registers and spill (276 B at S*r = 64 without task experts); 128 do not,
+# at the price of twice the dz parts per row (backward_plan weighs those against a second read of
+# dy). Half tiers cap ptxas at the hardware's 255 registers (`maxnreg`) in the rows and weight
+# launches: left to itself it held some splits of them to 128 (two blocks of 8 warps per SM) and
+# spilled 12-48 B (rows 32 / 32 with per-token gates, dB 16 / 0 and 64 / 32 on sm_80, ...).
 _HALF_SMALL = dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, rows_warps=8, BLOCK_R=32, WBLOCK_K=64, weight_warps=8,
-                   RBLOCK=128, num_stages=3)
+                   RBLOCK=128, num_stages=3, maxnreg=255)
 BACKWARD_BLOCKS = {
-    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128, rows_maxnreg=255)),
+    "half": [(32, dict(_HALF_SMALL, WBLOCK_N=256)), (64, dict(_HALF_SMALL, WBLOCK_N=128)),
              # 16 rows per weight step: with 32, the dB launch of a 128-wide side beside per-token gates
              # spilled (8-92 B)
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
                                             WBLOCK_K=32, WBLOCK_N=32, weight_warps=8, RBLOCK=32, num_stages=2,
-                                            rows_maxnreg=255))],
+                                            maxnreg=255))],
     # fp32 dots run on FMA units: one small tier (larger fp32 blocks spill), not pipelined (with two
     # stages the dA launch at 128 / 128 spilled 36 B on sm_90), up to a padded rank of 128: above it
-    # every fp32 block tried spilled, and larger fp32 problems take the torch backend.
+    # every fp32 block tried spilled, and larger fp32 problems take the torch backend. Capped at 255
+    # registers like the half tiers (uncapped, the rows launch spilled 4-16 B at 16 / 16 - 32 / 16).
     "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, rows_warps=8, BLOCK_R=16,
-                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=1))],
+                                            WBLOCK_K=16, WBLOCK_N=16, weight_warps=8, RBLOCK=16, num_stages=1,
+                                            maxnreg=255))],
 }
 # dz parts pay only with wide d_out blocks (few parts per row), which only the half r64 tier has;
 # above it (and in fp32) the rows launch reads dy. The dB launch with parts is compiled ahead of
@@ -419,7 +420,7 @@ def set_forced_chunk(chunk: int | None) -> int | None:
 
 def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config (the rows constexprs carry the tier's `maxnreg`, a compile option, None where ptxas
+    GPU config (the rows and weight constexprs carry the tier's `maxnreg`, a compile option, None where ptxas
     picks); tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
@@ -428,12 +429,12 @@ def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, in
         parts_here = limit <= DZ_PARTS_MAX_RANK[kind]
         for dz_parts in (True, False) if parts_here else (False,):
             rows = dict(DZ_FROM_PARTS=dz_parts, BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
-                        maxnreg=c.get("rows_maxnreg"))
+                        maxnreg=c.get("maxnreg"))
             out.append(("bwd_rows", name + ("-parts" if dz_parts else "-dy"), limit, rows, c["rows_warps"],
                         c["num_stages"]))
         for do_a in (True, False):
             weights = dict(DO_A=do_a, WANT_DB=not do_a, WANT_DZP=not do_a and parts_here, BLOCK_R=c["BLOCK_R"],
-                           BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"])
+                           BLOCK_K=c["WBLOCK_K"], BLOCK_N=c["WBLOCK_N"], maxnreg=c.get("maxnreg"))
             out.append(("bwd_weights", name + ("-dA" if do_a else "-dB"), limit, weights, c["weight_warps"],
                         c["num_stages"]))
         out.append(("bwd_reduce", name, limit, dict(BLOCK_K=c["RBLOCK"], BLOCK_N=c["RBLOCK"]), 4, 1))
@@ -512,10 +513,11 @@ def cgc_lora_backward(
         psa, *as3(psa), psb, *as3(psb), pta, *as3(pta), ptb, *as3(ptb),
         dta_t, *dta_t.stride(), dtb_t, *dtb_t.stride(),
         keep, stride_keep, float(dropout_p), float(scaling), d_in, d_out, r, RS, RK, S, T, plan.chunk)
+    cap = {"maxnreg": plan.maxnreg} if plan.maxnreg else {}  # a launch option, like num_warps
     weight_flags = dict(PER_TOKEN_GATES=per_token_gates, HAS_CLUSTER=task_cluster is not None,
                         HAS_DROPOUT=dropout_p > 0, BLOCK_R=plan.BLOCK_R,
                         BLOCK_K=plan.WBLOCK_K, BLOCK_N=plan.WBLOCK_N, **flags,
-                        num_warps=plan.weight_warps, num_stages=plan.num_stages)
+                        num_warps=plan.weight_warps, num_stages=plan.num_stages, **cap)
 
     # ---- launch 1: dB and (dz_parts) this d_out block's share of dz, one read of dy ----
     dz_parts = plan.dz_parts and want_rows
@@ -540,7 +542,7 @@ def cgc_lora_backward(
             HAS_DROPOUT=dropout_p > 0, WANT_DX=need_x, WANT_DGATE=need_gates, WANT_DZ=need_a,
             DZ_FROM_PARTS=dz_parts, BLOCK_M=plan.BLOCK_M, BLOCK_K=plan.BLOCK_K,
             BLOCK_N=plan.BLOCK_N, **flags, num_warps=plan.rows_warps, num_stages=plan.num_stages,
-            **({"maxnreg": plan.rows_maxnreg} if plan.rows_maxnreg else {}),
+            **cap,
         )
     if need_gates and not per_token_gates:
         # Per-task sum of the per-program partials: a one-hot product in fp64, in a fixed order

@@ -201,22 +201,27 @@ class ForwardPlan:
 # the one format common.pick_tier reads; each compiled ahead of time (tests/op/aot_compile_kernels.py)
 # at every rank split and flag its limit admits, spill-free on sm_80 / sm_90.
 FORWARD_BLOCKS = {
-    # r64 double-buffered: with three stages the 32 / 32 task-gate variant spilled 4 B on sm_90
-    "half": [(64, dict(BLOCK_M=32, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=8, num_stages=2))],
+    # Both half tiers cap ptxas at 255 registers with 8 warps and 32-wide d_in blocks: 4 warps at
+    # r64 spilled up to 188 B at lopsided splits (16 / 32, 32 / 16), and r256 with 64-wide d_in
+    # blocks up to 80 B under triton 3.6 even at 255; left to itself ptxas held some splits to 128
+    # registers and spilled (64 / 64 with per-token gates, 16 / 64 on sm_90).
+    "half": [(64, dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=255)),
+             (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2,
+                                            maxnreg=255))],
     # fp32 runs its dots on FMA units (no tensor cores): one small tier, up to a padded rank of 128
     # (backward.max_rank_size: the backward's limit). Left to itself ptxas holds it to 128 registers
-    # and spills 16-36 B; capped at 255 with 16-column output blocks it takes 212-226 and spills none.
-    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=2,
+    # and spills 16-36 B; capped at 255 with 16-column output blocks, unpipelined, it takes <= 208
+    # and spills none (two stages took 255 and spilled 8 B at 32 / 64 with per-token gates, sm_90).
+    "fp32": [(common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, num_warps=8, num_stages=1,
                                         maxnreg=255))],
 }
 # Decode / small M: shrink blocks of 16 rows (tl.dot's minimum) and d_in parts of several BLOCK_K.
 # No fp32 tier (its shrink spills at every block size tried): fp32 takes the fused plan.
-# maxnreg 255: left to itself, ptxas holds the r256 split launches to 128 registers (two blocks per
-# SM) and spills 8-16 B at lopsided splits (sm_80, sm_90); with the cap at the hardware's 255 they
-# take ~190 and spill nothing.
+# maxnreg 255: left to itself, ptxas holds the split launches to 128 registers at some lopsided
+# splits (two blocks per SM) and spills 8-16 B (r64 16 / 32 with per-token gates on sm_80, r256 on
+# sm_80 and sm_90); with the cap at the hardware's 255 they take <= 205 and spill nothing.
 SPLIT_BLOCKS = {
-    "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3)),
+    "half": [(64, dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=3, maxnreg=255)),
              (2 * common.MAX_RANK_PAD, dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=64, num_warps=8, num_stages=2,
                                             maxnreg=255))],
     "fp32": [],

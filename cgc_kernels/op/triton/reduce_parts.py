@@ -55,7 +55,7 @@ def _bwd_reduce_kernel(
             acc_b = tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32)
             slot0 = 0
             for tt in range(0, T):  # the cluster's tasks in index order, each task's chunks in order
-                n = ((tl.load(counts_ptr + tt) + chunk - 1) // chunk).to(tl.int32)
+                n = (tl.load(counts_ptr + tt).to(tl.int32) + chunk - 1) // chunk  # int32: see slots.load_counts
                 if HAS_CLUSTER:
                     n_mine = tl.where(tl.load(cluster_ptr + tt) == owner, n, 0)
                 else:

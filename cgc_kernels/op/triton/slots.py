@@ -22,6 +22,14 @@ import triton.language as tl
 
 
 @triton.jit
+def load_counts(counts_ptr, tt, T):
+    """Rows per task [T_PAD] (0 past T) in int32: the routing stores int64, and a 64-bit integer
+    division is a called subroutine on NVIDIA GPUs whose call saves live registers to the stack
+    (12-24 B of "spills" in otherwise small kernels). Counts are at most M, an int32 argument."""
+    return tl.load(counts_ptr + tt, mask=tt < T, other=0).to(tl.int32)
+
+
+@triton.jit
 def tile_rows(slot, sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr,
               M, T, tile_rows_n, sub_parts, T_PAD: tl.constexpr):
     """(task, lo, hi): positions [lo, hi) of `order` owned by part `sub` (of `sub_parts`) of
@@ -34,7 +42,7 @@ def tile_rows(slot, sub, tile_task_ptr, tile_start_ptr, tile_end_ptr, counts_ptr
     end = tl.load(tile_end_ptr + slot)
     if t < 0:
         tt = tl.arange(0, T_PAD)
-        cnt = tl.load(counts_ptr + tt, mask=tt < T, other=0)
+        cnt = load_counts(counts_ptr, tt, T)
         n_routed = tl.sum(cnt, axis=0)
         n_used = tl.sum((cnt + tile_rows_n - 1) // tile_rows_n, axis=0)
         u_start = n_routed + (slot - n_used) * tile_rows_n
@@ -52,7 +60,7 @@ def chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD: tl.constexpr):
     """(task, lo, hi, n_chunks of that task) of weight-gradient chunk `slot`; task -1 if unused."""
     tt = tl.arange(0, T_PAD)
     t_ok = tt < T
-    cnt = tl.load(counts_ptr + tt, mask=t_ok, other=0)
+    cnt = load_counts(counts_ptr, tt, T)
     n_chunks = (cnt + chunk - 1) // chunk
     cum = tl.cumsum(n_chunks, axis=0)  # inclusive
     task = tl.sum((cum <= slot).to(tl.int32) & t_ok.to(tl.int32), axis=0)
@@ -71,7 +79,7 @@ def chunk_rows(slot, counts_ptr, starts_ptr, T, chunk, T_PAD: tl.constexpr):
 def task_chunk_span(task, counts_ptr, T, chunk, T_PAD: tl.constexpr):
     """(first slot, number of chunks) of `task` in the chunk table."""
     tt = tl.arange(0, T_PAD)
-    cnt = tl.load(counts_ptr + tt, mask=tt < T, other=0)
+    cnt = load_counts(counts_ptr, tt, T)
     n_chunks = (cnt + chunk - 1) // chunk
     cum = tl.cumsum(n_chunks, axis=0)
     hit = tt == task
