@@ -420,8 +420,9 @@ def set_forced_chunk(chunk: int | None) -> int | None:
 
 def backward_config_space(dtype_name: str) -> list[tuple[str, str, int, dict, int, int]]:
     """(kernel, tier name, tier limit, constexprs fixed by the tier, num_warps, num_stages) of every
-    GPU config (the rows and weight constexprs carry the tier's `maxnreg`, a compile option, None where ptxas
-    picks); tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can meet."""
+    GPU config (the rows and weight constexprs carry the tier's `maxnreg`, a compile option, None
+    where ptxas picks); tests/op/aot_compile_kernels.py adds the rank pads and flags each tier can
+    meet."""
     kind = "fp32" if dtype_name == "fp32" else "half"
     out = []
     for limit, c in BACKWARD_BLOCKS[kind]:
